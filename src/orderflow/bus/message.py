@@ -1,0 +1,153 @@
+"""The bus's message and the stream wire format v1 (CloudEvents binary mode, Kafka names)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+#: The stream field holding the JSON payload; the only required one.
+DATA_FIELD = "data"
+#: Fields of wire format v1 besides ``data``; other fields are kept as headers too.
+KNOWN_HEADERS = (
+    "ce_id",
+    "ce_type",
+    "ce_source",
+    "ce_specversion",
+    "ce_time",
+    "content-type",
+    "traceparent",
+)
+#: Upper bound of one encoded entry; larger entries are refused by publishers and
+#: dead-lettered by consumers.
+MAX_ENTRY_BYTES = 256 * 1024
+MAX_HEADERS = 32
+MAX_HEADER_BYTES = 1024
+
+
+class DecodeError(ValueError):
+    """A stream entry or payload that is not a valid wire format v1 message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An event: a unique id, string headers and a JSON-object payload."""
+
+    data: Mapping[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, Mapping):
+            raise TypeError(f"Message.data must be a mapping, got {type(self.data).__name__}")
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError("Message.id must be a non-empty string")
+        for key, value in self.headers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"Message header {key!r} must map str to str")
+            if key == DATA_FIELD:
+                raise ValueError(f"Message header may not be named {DATA_FIELD!r}")
+
+    @property
+    def type(self) -> str | None:
+        """The CloudEvents type, if the producer gave one."""
+        return self.headers.get("ce_type")
+
+    @classmethod
+    def event(
+        cls,
+        type: str,
+        data: Mapping[str, Any],
+        *,
+        source: str,
+        id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Message:
+        """A message with the CloudEvents attributes of wire format v1 filled in."""
+        event_id = id or str(uuid.uuid4())
+        attributes = {
+            "ce_id": event_id,
+            "ce_type": type,
+            "ce_source": source,
+            "ce_specversion": "1.0",
+            "ce_time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "content-type": "application/json",
+        }
+        attributes.update(headers or {})
+        return cls(data=data, headers=attributes, id=event_id)
+
+
+def dumps(data: Mapping[str, Any]) -> bytes:
+    """Encode a payload as compact UTF-8 JSON (decimals and datetimes as strings)."""
+    return orjson.dumps(data, default=_json_default)
+
+
+def _json_default(value: object) -> object:
+    # Decimal is the one non-native type the project puts in payloads; keep it exact.
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode(message: Message) -> dict[str, bytes | str]:
+    """The stream entry fields of a message; raises ValueError when it is too large."""
+    fields: dict[str, bytes | str] = {DATA_FIELD: dumps(message.data)}
+    fields.update(message.headers)
+    if "ce_id" not in fields:
+        fields["ce_id"] = message.id
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    if size > MAX_ENTRY_BYTES:
+        raise ValueError(f"message {message.id} is {size} bytes, over the {MAX_ENTRY_BYTES} limit")
+    return fields
+
+
+def decode_data(raw: bytes | str) -> dict[str, Any]:
+    """Parse a JSON-object payload, raising DecodeError naming what is wrong."""
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise DecodeError(f"payload is {len(raw)} bytes, over the {MAX_ENTRY_BYTES} limit")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"data is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DecodeError(f"data must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def decode(fields: Mapping[bytes, bytes] | Mapping[str, str], entry_id: str) -> Message:
+    """Decode stream entry fields tolerantly: only ``data`` is required.
+
+    The message id is ``ce_id`` when present, else the stream entry id.
+    """
+    headers: dict[str, str] = {}
+    raw_data: bytes | str | None = None
+    if len(fields) > MAX_HEADERS + 1:
+        raise DecodeError(f"entry has {len(fields)} fields, over the {MAX_HEADERS + 1} limit")
+    for key, value in fields.items():
+        name = _text(key, "field name")
+        if name == DATA_FIELD:
+            raw_data = value
+            continue
+        text = _text(value, f"field {name!r}")
+        if len(text) > MAX_HEADER_BYTES:
+            raise DecodeError(f"field {name!r} is over {MAX_HEADER_BYTES} bytes")
+        headers[name] = text
+    if raw_data is None:
+        raise DecodeError(f"entry has no {DATA_FIELD!r} field")
+    data = decode_data(raw_data)
+    message_id = headers.get("ce_id") or entry_id
+    return Message(data=data, headers=headers, id=message_id)
+
+
+def _text(value: bytes | str, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"{what} is not valid UTF-8") from None

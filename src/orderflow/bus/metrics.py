@@ -1,0 +1,34 @@
+"""Prometheus metrics of the bus (objects only: nothing is served or connected here)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PUBLISHED = Counter("orderflow_published_total", "Entries appended to a stream.", ["stream"])
+CONSUMED = Counter(
+    "orderflow_consumed_total", "Deliveries handed to a handler.", ["stream", "group"]
+)
+ACKED = Counter("orderflow_acked_total", "Entries acknowledged.", ["stream", "group"])
+RETRIED = Counter(
+    "orderflow_retried_total", "Failed deliveries scheduled for a retry.", ["stream", "group"]
+)
+DEAD_LETTERED = Counter(
+    "orderflow_dead_lettered_total", "Entries moved to the dead-letter stream.", ["stream", "group"]
+)
+CLAIMED = Counter(
+    "orderflow_claimed_total", "Idle entries claimed from other consumers.", ["stream", "group"]
+)
+HANDLER_SECONDS = Histogram(
+    "orderflow_handler_seconds",
+    "Time a handler took per delivery.",
+    ["stream", "group"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STREAM_OVER_CAP = Gauge(
+    "orderflow_stream_over_cap",
+    "1 when a lagging consumer group keeps a stream over its length cap.",
+    ["stream"],
+)
+REDIS_ERRORS = Counter(
+    "orderflow_redis_errors_total", "Redis connection errors survived.", ["component"]
+)

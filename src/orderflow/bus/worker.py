@@ -1,0 +1,645 @@
+"""The consumer-group worker: at-least-once handling of a Redis stream.
+
+One worker is one consumer of one group. It reads new entries (``>``) in batches,
+runs the handler on each with bounded concurrency, acknowledges after success
+(acks are batched), retries failures with exponential backoff and jitter without
+holding up other entries, dead-letters an entry after too many deliveries (atomically
+with its ack), claims entries that other consumers left idle, keeps its own entries
+from being claimed while it is alive, and survives Redis going away.
+
+Delivery counts are Redis's own (the group's pending entries list), so they survive a
+restart of the worker and, with AOF, of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orderflow.bus import metrics
+from orderflow.bus.keys import StreamKeys
+from orderflow.bus.message import DecodeError, Message, decode
+from orderflow.bus.streams import ensure_group
+
+log = logging.getLogger(__name__)
+
+#: Errors after which the worker waits and tries again instead of giving up.
+TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+_HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, ResponseError)
+
+# Refreshes the idle time of the entries this consumer still owns, so that a long
+# handler or a pending retry is not claimed by another consumer while this one lives.
+# Checks the owner first, in the same atomic step, so it never steals an entry back.
+# Returns the ids this consumer no longer owns.
+_HEARTBEAT_SCRIPT = """
+local lost = {}
+for i = 1, #ARGV - 1 do
+  local id = ARGV[i + 1]
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #row == 1 and row[1][2] == ARGV[#ARGV] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[#ARGV], 0, id, 'JUSTID')
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+# Deletes consumers of a group that are idle and own nothing, atomically, so a
+# consumer that reads an entry in between is never deleted with it.
+_PRUNE_SCRIPT = """
+local deleted = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0
+     and tonumber(info['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(deleted, info['name'])
+  end
+end
+return deleted
+"""
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a failure that no retry can fix: dead-letter at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of a message to a handler."""
+
+    message: Message
+    entry_id: str
+    stream: str
+    #: 1 on the first delivery; Redis's count, so it survives restarts.
+    deliveries: int = 1
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+def consumer_name() -> str:
+    """A unique consumer name: host, process and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What a worker consumes and how; validated on construction."""
+
+    stream: str
+    group: str
+    consumer: str = field(default_factory=consumer_name)
+    #: Where a new group starts: ``0`` so nothing published before it existed is missed.
+    start_id: str = "0"
+    concurrency: int = 64
+    batch_size: int = 100
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    #: How often to look for idle entries to claim; default: a quarter of claim_idle_ms.
+    claim_interval_ms: int | None = None
+    max_deliveries: int = 5
+    retry_base_ms: int = 200
+    retry_max_ms: int = 30_000
+    shutdown_timeout_s: float = 10.0
+    dlq_maxlen: int = 100_000
+    #: Consumers idle this long with nothing pending are removed from the group.
+    prune_idle_ms: int | None = 3_600_000
+    reconnect_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        StreamKeys(self.stream)
+        for name in ("group", "consumer", "start_id"):
+            value = getattr(self, name)
+            if not value or any(ch.isspace() for ch in value):
+                raise ValueError(f"WorkerConfig.{name} must be non-empty without spaces")
+        positive = {
+            "concurrency": self.concurrency,
+            "batch_size": self.batch_size,
+            "block_ms": self.block_ms,
+            "claim_idle_ms": self.claim_idle_ms,
+            "max_deliveries": self.max_deliveries,
+            "retry_base_ms": self.retry_base_ms,
+            "retry_max_ms": self.retry_max_ms,
+            "dlq_maxlen": self.dlq_maxlen,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"WorkerConfig.{name} must be a positive integer, got {value!r}")
+        if self.claim_interval_ms is not None and self.claim_interval_ms < 1:
+            raise ValueError("WorkerConfig.claim_interval_ms must be positive")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError("WorkerConfig.shutdown_timeout_s must not be negative")
+        if self.prune_idle_ms is not None and self.prune_idle_ms < self.claim_idle_ms:
+            raise ValueError("WorkerConfig.prune_idle_ms must be at least claim_idle_ms")
+
+    @property
+    def keys(self) -> StreamKeys:
+        """The stream's keys (and its dead-letter stream)."""
+        return StreamKeys(self.stream)
+
+    @property
+    def claim_interval_s(self) -> float:
+        """Seconds between two looks for idle entries."""
+        if self.claim_interval_ms is not None:
+            return self.claim_interval_ms / 1000
+        return max(0.05, self.claim_idle_ms / 4000)
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """Seconds between two refreshes of the idle time of held entries."""
+        return max(0.02, self.claim_idle_ms / 3000)
+
+    def backoff_s(self, deliveries: int) -> float:
+        """Delay before delivery ``deliveries + 1``: exponential, capped, full jitter."""
+        ceiling = min(self.retry_max_ms, self.retry_base_ms * 2 ** (deliveries - 1))
+        return random.uniform(ceiling / 2, ceiling) / 1000
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counts of what one worker did, for tests, status lines and burst runs."""
+
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    acked: int = 0
+    redis_errors: int = 0
+
+
+class StreamWorker:
+    """One consumer in a consumer group, running ``handler`` on every entry."""
+
+    def __init__(self, redis: aioredis.Redis, config: WorkerConfig, handler: Handler) -> None:
+        self._redis = redis
+        self.config = config
+        self._handler = handler
+        self.stats = WorkerStats()
+        self._labels = (config.stream, config.group)
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._retrying: dict[str, asyncio.TimerHandle] = {}
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._acks: list[str] = []
+        self._ack_wakeup = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._semaphore = asyncio.Semaphore(config.concurrency)
+        self._heartbeat = redis.register_script(_HEARTBEAT_SCRIPT)
+        self._prune = redis.register_script(_PRUNE_SCRIPT)
+        self._burst = False
+        self._started = asyncio.Event()
+
+    @property
+    def consumer(self) -> str:
+        """This worker's consumer name in its group."""
+        return self.config.consumer
+
+    @property
+    def held(self) -> int:
+        """Entries this worker owns right now: running or waiting for a retry."""
+        return len(self._inflight) + len(self._retrying)
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new reads, in-flight work finishes, acks flushed."""
+        self._stopping.set()
+        self._capacity.set()
+
+    async def wait_started(self) -> None:
+        """Return once the worker's group exists and it is reading."""
+        await self._started.wait()
+
+    async def run(self, *, burst: bool = False) -> WorkerStats:
+        """Consume until ``stop()``; with ``burst``, until the stream is drained."""
+        self._burst = burst
+        await self._ensure_group()
+        self._started.set()
+        background = [
+            asyncio.create_task(self._ack_loop(), name="orderflow-acks"),
+            asyncio.create_task(self._heartbeat_loop(), name="orderflow-heartbeat"),
+        ]
+        readers = [asyncio.create_task(self._read_loop(), name="orderflow-read")]
+        if not burst:
+            readers.append(asyncio.create_task(self._claim_loop(), name="orderflow-claim"))
+            if self.config.prune_idle_ms is not None:
+                readers.append(asyncio.create_task(self._prune_loop(), name="orderflow-prune"))
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown(readers, background)
+        return self.stats
+
+    # -- reading and claiming ------------------------------------------------------
+
+    def _free(self) -> int:
+        # Entries waiting for a retry count too, so a failing handler applies
+        # backpressure instead of letting the worker hoard the stream.
+        return self.config.concurrency * 2 - self.held
+
+    async def _wait_capacity(self) -> None:
+        while self._free() <= 0 and not self._stopping.is_set():
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    async def _read_loop(self) -> None:
+        cfg = self.config
+        failures = 0
+        while not self._stopping.is_set():
+            await self._wait_capacity()
+            if self._stopping.is_set():
+                return
+            count = min(cfg.batch_size, self._free())
+            try:
+                reply: Any = await self._redis.xreadgroup(
+                    cfg.group,
+                    cfg.consumer,
+                    {cfg.stream: ">"},
+                    count=count,
+                    block=cfg.block_ms if not self._burst else 1,
+                )
+                failures = 0
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                log.warning("group %s on %s vanished; creating it again", cfg.group, cfg.stream)
+                await self._ensure_group()
+                continue
+            except TRANSIENT_REDIS_ERRORS as exc:
+                failures += 1
+                await self._redis_down("read", exc, failures)
+                continue
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                self._start(_text(entry_id), fields, 1)
+            if not entries and self._burst and not self.held:
+                self.stop()
+
+    async def _claim_loop(self) -> None:
+        cfg = self.config
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._claim_idle()
+                failures = 0
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                await self._ensure_group()
+            except TRANSIENT_REDIS_ERRORS as exc:
+                failures += 1
+                await self._redis_down("claim", exc, failures)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), cfg.claim_interval_s)
+
+    async def _claim_idle(self) -> None:
+        """Claim entries other consumers left idle, as many as there is room for."""
+        cfg = self.config
+        start = "0-0"
+        while self._free() > 0 and not self._stopping.is_set():
+            reply = await self._redis.xautoclaim(
+                cfg.stream, cfg.group, cfg.consumer, cfg.claim_idle_ms, start, self._free()
+            )
+            start = _text(reply[0])
+            claimed = [(_text(i), f) for i, f in reply[1] if i is not None and f is not None]
+            claimed = [(i, f) for i, f in claimed if i not in self._inflight]
+            if claimed:
+                counts = await self._delivery_counts(i for i, _ in claimed)
+                self.stats.claimed += len(claimed)
+                metrics.CLAIMED.labels(*self._labels).inc(len(claimed))
+                log.info("claimed %d idle entries of %s", len(claimed), cfg.stream)
+                for entry_id, fields in claimed:
+                    self._start(entry_id, fields, counts.get(entry_id, 1))
+            if start == "0-0":
+                return
+
+    async def _delivery_counts(self, entry_ids: Iterable[str]) -> dict[str, int]:
+        ids = sorted(entry_ids, key=_id_key)
+        rows = await self._redis.xpending_range(
+            self.config.stream,
+            self.config.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) + self.held,
+            consumername=self.config.consumer,
+        )
+        return {_text(cast(bytes, row["message_id"])): int(row["times_delivered"]) for row in rows}
+
+    # -- handling ------------------------------------------------------------------
+
+    def _start(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+        task = asyncio.create_task(self._process(entry_id, fields, deliveries))
+        self._inflight[entry_id] = task
+        task.add_done_callback(lambda _t: self._finished(entry_id))
+
+    def _finished(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        self._capacity.set()
+
+    async def _process(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+        cfg = self.config
+        async with self._semaphore:
+            try:
+                message = decode(fields, entry_id)
+            except DecodeError as exc:
+                await self._dead_letter(entry_id, fields, f"malformed entry: {exc}", deliveries)
+                return
+            if deliveries > cfg.max_deliveries:
+                reason = (
+                    f"delivered {deliveries} times without success (limit {cfg.max_deliveries})"
+                )
+                await self._dead_letter(entry_id, fields, reason, deliveries)
+                return
+            metrics.CONSUMED.labels(*self._labels).inc()
+            started = time.perf_counter()
+            try:
+                await self._handler(Delivery(message, entry_id, cfg.stream, deliveries))
+            except PermanentError as exc:
+                self.stats.failed += 1
+                await self._dead_letter(entry_id, fields, f"permanent failure: {exc}", deliveries)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.failed += 1
+                reason = f"{type(exc).__name__}: {exc}"
+                if deliveries >= cfg.max_deliveries:
+                    await self._dead_letter(entry_id, fields, reason, deliveries)
+                else:
+                    self._schedule_retry(entry_id, deliveries, reason)
+                return
+            finally:
+                metrics.HANDLER_SECONDS.labels(*self._labels).observe(time.perf_counter() - started)
+        self.stats.handled += 1
+        self._ack(entry_id)
+
+    def _ack(self, entry_id: str) -> None:
+        self._acks.append(entry_id)
+        self._ack_wakeup.set()
+
+    # -- retries -------------------------------------------------------------------
+
+    def _schedule_retry(self, entry_id: str, deliveries: int, reason: str) -> None:
+        delay = self.config.backoff_s(deliveries)
+        self.stats.retried += 1
+        metrics.RETRIED.labels(*self._labels).inc()
+        log.info(
+            "entry %s of %s failed (delivery %d): %s; retrying in %.2fs",
+            entry_id,
+            self.config.stream,
+            deliveries,
+            reason,
+            delay,
+        )
+        loop = asyncio.get_running_loop()
+        self._retrying[entry_id] = loop.call_later(delay, self._retry_due, entry_id)
+
+    def _retry_due(self, entry_id: str) -> None:
+        if self._retrying.pop(entry_id, None) is None or self._stopping.is_set():
+            return
+        task = asyncio.create_task(self._retry(entry_id))
+        # Count it as in flight at once, so the capacity stays right meanwhile.
+        self._inflight[entry_id] = task
+        self._retry_tasks.add(task)
+        task.add_done_callback(self._retry_tasks.discard)
+        task.add_done_callback(lambda _t: self._finished(entry_id))
+
+    async def _retry(self, entry_id: str) -> None:
+        cfg = self.config
+        attempt = 0
+        while True:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.xclaim(cfg.stream, cfg.group, cfg.consumer, 0, [entry_id])
+                pipe.xpending_range(
+                    cfg.stream, cfg.group, entry_id, entry_id, 1, consumername=cfg.consumer
+                )
+                claimed, pending = await pipe.execute()
+                break
+            except TRANSIENT_REDIS_ERRORS as exc:
+                if self._stopping.is_set():
+                    return
+                attempt += 1
+                await self._redis_down("retry", exc, attempt)
+        entries = [(i, f) for i, f in claimed if i is not None and f is not None]
+        if not entries:
+            # Deleted from the stream or acknowledged elsewhere: nothing left to do.
+            self._ack(entry_id)
+            return
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        await self._process(entry_id, entries[0][1], deliveries)
+
+    # -- dead letters --------------------------------------------------------------
+
+    async def _dead_letter(
+        self, entry_id: str, fields: Mapping[bytes, bytes], reason: str, deliveries: int
+    ) -> None:
+        """Move an entry to the dead-letter stream and ack it, in one transaction."""
+        cfg = self.config
+        record: dict[bytes | str, bytes | str] = {
+            k: v for k, v in fields.items() if not _is_dlq_field(k)
+        }
+        record.update(
+            {
+                "dlq_reason": reason[:1000],
+                "dlq_time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "dlq_stream": cfg.stream,
+                "dlq_group": cfg.group,
+                "dlq_consumer": cfg.consumer,
+                "dlq_deliveries": str(deliveries),
+                "dlq_source_id": entry_id,
+            }
+        )
+        attempt = 0
+        while True:
+            try:
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.xadd(
+                    cfg.keys.dlq,
+                    cast(Any, record),
+                    maxlen=cfg.dlq_maxlen,
+                    approximate=True,
+                )
+                pipe.xack(cfg.stream, cfg.group, entry_id)
+                await pipe.execute()
+                break
+            except TRANSIENT_REDIS_ERRORS as exc:
+                attempt += 1
+                if self._stopping.is_set() and attempt > 3:
+                    log.warning("could not dead-letter %s before stopping", entry_id)
+                    return
+                await self._redis_down("dead-letter", exc, attempt)
+        self.stats.dead_lettered += 1
+        metrics.DEAD_LETTERED.labels(*self._labels).inc()
+        log.warning("dead-lettered entry %s of %s: %s", entry_id, cfg.stream, reason)
+
+    # -- background loops ----------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            try:
+                await self._flush_acks()
+                failures = 0
+            except TRANSIENT_REDIS_ERRORS as exc:
+                failures += 1
+                self._ack_wakeup.set()
+                await self._redis_down("ack", exc, failures)
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            ids, self._acks = self._acks, []
+            try:
+                await self._redis.xack(self.config.stream, self.config.group, *ids)
+            except BaseException:
+                self._acks[:0] = ids
+                raise
+            self.stats.acked += len(ids)
+            metrics.ACKED.labels(*self._labels).inc(len(ids))
+
+    async def _heartbeat_loop(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval_s)
+            held = list(self._inflight) + list(self._retrying)
+            if not held:
+                continue
+            try:
+                lost = await self._heartbeat(
+                    keys=[cfg.stream], args=[cfg.group, *held, cfg.consumer]
+                )
+            except _HEARTBEAT_ERRORS as exc:
+                log.debug("heartbeat failed: %s", exc)
+                continue
+            for raw in lost:
+                entry_id = _text(raw)
+                handle = self._retrying.pop(entry_id, None)
+                if handle is not None:
+                    # Another consumer owns it now; its retry is theirs to do.
+                    handle.cancel()
+                    self._capacity.set()
+
+    async def _prune_loop(self) -> None:
+        cfg = self.config
+        assert cfg.prune_idle_ms is not None
+        interval = max(1.0, cfg.prune_idle_ms / 10_000)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS, ResponseError):
+                deleted = await self._prune(
+                    keys=[cfg.stream], args=[cfg.group, cfg.prune_idle_ms, cfg.consumer]
+                )
+                if deleted:
+                    log.info("removed idle consumers %s", [_text(d) for d in deleted])
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                if await ensure_group(
+                    self._redis,
+                    self.config.stream,
+                    self.config.group,
+                    start_id=self.config.start_id,
+                ):
+                    log.info("created group %s on %s", self.config.group, self.config.stream)
+                return
+            except TRANSIENT_REDIS_ERRORS as exc:
+                attempt += 1
+                if self._stopping.is_set():
+                    return
+                await self._redis_down("group", exc, attempt)
+
+    async def _redis_down(self, what: str, exc: BaseException, attempt: int) -> None:
+        self.stats.redis_errors += 1
+        metrics.REDIS_ERRORS.labels("worker").inc()
+        delay = min(self.config.reconnect_max_s, 0.05 * 2 ** min(attempt, 10))
+        delay = random.uniform(delay / 2, delay)
+        if attempt == 1 or attempt % 20 == 0:
+            log.warning("Redis unavailable (%s: %s); retrying in %.2fs", what, exc, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _shutdown(
+        self, readers: list[asyncio.Task[None]], background: list[asyncio.Task[None]]
+    ) -> None:
+        cfg = self.config
+        # Stop reading: the reader returns after its current BLOCK at most.
+        done, pending = await asyncio.wait(readers, timeout=cfg.block_ms / 1000 + 1)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("worker loop failed", exc_info=task.exception())
+        # Entries waiting for a retry stay pending: another consumer will claim them.
+        for handle in self._retrying.values():
+            handle.cancel()
+        self._retrying.clear()
+        inflight = list(self._inflight.values())
+        if inflight:
+            _, unfinished = await asyncio.wait(inflight, timeout=cfg.shutdown_timeout_s)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+            if unfinished:
+                log.warning("%d entries left pending for other consumers", len(unfinished))
+        for _ in range(3):
+            try:
+                await self._flush_acks()
+                break
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("could not flush acks on stop: %s", exc)
+                await asyncio.sleep(0.2)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+
+
+def _is_nogroup(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+def _is_dlq_field(name: bytes | str) -> bool:
+    return (name.decode(errors="replace") if isinstance(name, bytes) else name).startswith("dlq_")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

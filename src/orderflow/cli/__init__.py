@@ -1,0 +1,62 @@
+"""``orderflow``: one entry point for running and operating everything."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from orderflow.cli import email, orders, pubsub
+from orderflow.cli.common import CommandError, UsageError
+from orderflow.config import ConfigError
+
+#: Modules that add a command group; each has ``register(subparsers)``.
+COMMAND_MODULES = [orders, email, pubsub]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``orderflow`` command."""
+    parser = argparse.ArgumentParser(
+        prog="orderflow",
+        description="Event-driven orders and confirmation emails on Redis Streams.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default: INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; exit codes: 0 done, 1 failed, 2 bad usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(asyncio.run(args.handler(args)) or 0)
+    except UsageError as exc:
+        parser.exit(2, f"orderflow: error: {exc}\n")
+    except ValidationError as exc:
+        parser.exit(2, f"orderflow: error: invalid configuration: {_first_error(exc)}\n")
+    except (CommandError, ConfigError) as exc:
+        print(f"orderflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}"

@@ -1,0 +1,83 @@
+"""Settings for every orderflow component, from ``ORDERFLOW_*`` variables and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for configuration; validated when built, so a bad value fails at start."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERFLOW_", extra="ignore", frozen=True)
+
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL; unset means the embedded Redis in the data dir.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None, description="SQLAlchemy URL; unset means SQLite in the data dir."
+    )
+    smtp_url: SecretStr | None = Field(
+        default=None, description="smtp:// or smtps:// URL; unset means the embedded sink."
+    )
+    data_dir: Path = Path(".orderflow")
+    transport: Literal["streams", "pubsub"] = "streams"
+    claim_idle_ms: int = Field(default=60_000, ge=100)
+    max_deliveries: int = Field(default=5, ge=1)
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+
+    stream: str = Field(default="orders", min_length=1)
+    group: str = Field(default="email-service", min_length=1)
+    email_events_stream: str = Field(default="email-events", min_length=1)
+    orders_group: str = Field(default="order-service", min_length=1)
+    channel: str = Field(default="orders", min_length=1)
+    stream_maxlen: int = Field(default=100_000, ge=1, description="Approximate length cap.")
+    dlq_maxlen: int = Field(default=100_000, ge=1)
+    mail_from: str = "orderflow <orders@orderflow.localhost>"
+    reconcile_after_s: float = Field(default=300.0, gt=0)
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+
+    @field_validator("stream", "group", "email_events_stream", "orders_group", "channel")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must not contain whitespace")
+        return value
+
+    @property
+    def database_url_value(self) -> str:
+        """The database URL, with the SQLite default in the data dir filled in."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'orders.db').resolve()}"
+
+    @property
+    def mail_dir(self) -> Path:
+        """The Maildir the embedded SMTP sink delivers into."""
+        return self.data_dir / "mail"
+
+
+class ConfigError(RuntimeError):
+    """A configuration that cannot work, with what to do about it."""
+
+
+#: Where `orderflow up` records the URL of the embedded Redis it runs.
+REDIS_URL_FILE = "redis.url"
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """The Redis URL to use: configured, else the embedded server's from the data dir."""
+    if settings.redis_url is not None:
+        return settings.redis_url.get_secret_value()
+    recorded = settings.data_dir / REDIS_URL_FILE
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    raise ConfigError(
+        f"no Redis: set ORDERFLOW_REDIS_URL (e.g. redis://localhost:6379/0) or run "
+        f"`orderflow up` with the data dir {settings.data_dir} first"
+    )

@@ -1,0 +1,1 @@
+"""Servers orderflow runs itself when the user configured none: Redis and an SMTP sink."""
