@@ -5,6 +5,7 @@ object payload, carried in wire format v1 (see ``orderflow.bus.message``).
 """
 
 from orderflow.bus.connection import connect, redact_url
+from orderflow.bus.guarantees import PUBSUB, STREAMS, Guarantees
 from orderflow.bus.keys import StreamKeys
 from orderflow.bus.message import DecodeError, Message, decode, encode
 from orderflow.bus.pubsub import PubSubPublisher, PubSubSubscriber
@@ -19,8 +20,11 @@ from orderflow.bus.worker import (
 )
 
 __all__ = [
+    "PUBSUB",
+    "STREAMS",
     "DecodeError",
     "Delivery",
+    "Guarantees",
     "Handler",
     "Message",
     "PermanentError",

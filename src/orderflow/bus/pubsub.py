@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from orderflow.bus.guarantees import PUBSUB, Guarantees
 from orderflow.bus.message import DecodeError, Message, decode_data, dumps
 from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 
@@ -25,6 +26,8 @@ PubSubHandler = Callable[[Message], Awaitable[None]]
 
 class PubSubPublisher:
     """Publishes messages' payloads to a channel; subscribers that are down miss them."""
+
+    guarantees: Guarantees = PUBSUB
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis

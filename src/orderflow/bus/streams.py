@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from orderflow.bus import metrics
+from orderflow.bus.guarantees import STREAMS, Guarantees
 from orderflow.bus.message import Message, encode
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class TrimResult:
 
 class StreamPublisher:
     """Appends messages to streams with XADD; a batch is one pipelined round trip."""
+
+    guarantees: Guarantees = STREAMS
 
     def __init__(self, redis: aioredis.Redis, *, retention: Retention | None = None) -> None:
         self._redis = redis

@@ -207,6 +207,7 @@ class StreamWorker:
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._acks: list[str] = []
         self._ack_wakeup = asyncio.Event()
+        self._ack_lock = asyncio.Lock()
         self._capacity = asyncio.Event()
         self._stopping = asyncio.Event()
         self._semaphore = asyncio.Semaphore(config.concurrency)
@@ -214,6 +215,7 @@ class StreamWorker:
         self._prune = redis.register_script(_PRUNE_SCRIPT)
         self._burst = False
         self._started = asyncio.Event()
+        self._failure: BaseException | None = None
 
     @property
     def consumer(self) -> str:
@@ -248,11 +250,25 @@ class StreamWorker:
             readers.append(asyncio.create_task(self._claim_loop(), name="orderflow-claim"))
             if self.config.prune_idle_ms is not None:
                 readers.append(asyncio.create_task(self._prune_loop(), name="orderflow-prune"))
+        for task in readers + background:
+            task.add_done_callback(self._loop_ended)
         try:
             await self._stopping.wait()
         finally:
             await self._shutdown(readers, background)
+        if self._failure is not None:
+            raise self._failure
         return self.stats
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        # A loop only ends by itself on a bug or an unexpected Redis reply: stop the
+        # worker and let run() raise it, rather than live on without reading.
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._failure is None:
+            self._failure = task.exception()
+            log.error("worker loop %s failed; stopping", task.get_name(), exc_info=self._failure)
+        self.stop()
 
     # -- reading and claiming ------------------------------------------------------
 
@@ -514,6 +530,11 @@ class StreamWorker:
                 await self._redis_down("ack", exc, failures)
 
     async def _flush_acks(self) -> None:
+        # One flush at a time: the final flush on stop waits for one in flight.
+        async with self._ack_lock:
+            await self._flush_acks_locked()
+
+    async def _flush_acks_locked(self) -> None:
         while self._acks:
             ids, self._acks = self._acks, []
             try:
@@ -597,13 +618,10 @@ class StreamWorker:
     ) -> None:
         cfg = self.config
         # Stop reading: the reader returns after its current BLOCK at most.
-        done, pending = await asyncio.wait(readers, timeout=cfg.block_ms / 1000 + 1)
+        _, pending = await asyncio.wait(readers, timeout=cfg.block_ms / 1000 + 1)
         for task in pending:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("worker loop failed", exc_info=task.exception())
         # Entries waiting for a retry stay pending: another consumer will claim them.
         for handle in self._retrying.values():
             handle.cancel()
@@ -629,7 +647,8 @@ class StreamWorker:
 
 
 def _is_nogroup(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
+    # UNBLOCKED: the stream was deleted under a blocked read; the group went with it.
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def _is_dlq_field(name: bytes | str) -> bool:
