@@ -1,0 +1,46 @@
+"""The Email Service: renders and sends each order's confirmation email, once.
+
+Pieces: ``order`` (the event as validated at the consumer), ``render`` (Jinja2
+templates to a multipart email), ``sender`` (the sender port and its SMTP adapter),
+``ledger`` (the per-order Redis ledger that makes sending idempotent) and ``service``
+(the consumer-group worker tying them together).
+"""
+
+from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
+from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, OrderItem, parse_order
+from orderflow.email.render import Renderer, message_id_for
+from orderflow.email.sender import (
+    PermanentSendError,
+    Sender,
+    SendError,
+    SmtpConfig,
+    SmtpSender,
+    TransientSendError,
+    resolve_smtp_url,
+)
+from orderflow.email.service import EMAIL_FAILED, EMAIL_SENT, EmailService, OrderBusy
+
+__all__ = [
+    "EMAIL_FAILED",
+    "EMAIL_SENT",
+    "ORDER_CREATED",
+    "Claim",
+    "ClaimState",
+    "EmailLedger",
+    "EmailService",
+    "InvalidOrder",
+    "Order",
+    "OrderBusy",
+    "OrderItem",
+    "PermanentSendError",
+    "Renderer",
+    "SendError",
+    "Sender",
+    "SmtpConfig",
+    "SmtpSender",
+    "TransientSendError",
+    "ledger_key",
+    "message_id_for",
+    "parse_order",
+    "resolve_smtp_url",
+]

@@ -1,0 +1,259 @@
+"""Sending emails: the sender port, its SMTP adapter (aiosmtplib), and error classes.
+
+Failures are sorted into two kinds that the Email Service treats differently:
+:class:`TransientSendError` (4xx replies, refused or dropped connections, timeouts:
+retry later) and :class:`PermanentSendError` (5xx replies to this message, a refused
+recipient, an address the server cannot take: no retry will help).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiosmtplib
+
+from orderflow.bus import redact_url
+from orderflow.config import ConfigError, Settings
+from orderflow.embedded.smtp_sink import DEFAULT_SINK_PORT, SMTP_URL_FILE
+
+log = logging.getLogger(__name__)
+
+#: Seconds an SMTP command may take before the send counts as a transient failure.
+DEFAULT_TIMEOUT_S = 30.0
+#: Idle pooled connections older than this are closed rather than reused, since
+#: servers drop idle clients (RFC 5321 allows 5 minutes) and a dead one costs a retry.
+MAX_IDLE_S = 60.0
+
+
+class SendError(Exception):
+    """Sending one email failed; ``permanent`` says whether a retry could help."""
+
+    permanent = False
+
+    def __init__(self, reason: str, *, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: The SMTP reply code, when the server gave one.
+        self.code = code
+
+
+class TransientSendError(SendError):
+    """A failure that may pass: 4xx, connection refused or lost, timeout."""
+
+
+class PermanentSendError(SendError):
+    """A failure no retry can fix: 5xx to this message, recipient refused."""
+
+    permanent = True
+
+
+class Sender(Protocol):
+    """The port through which the Email Service sends: one message, one recipient."""
+
+    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
+        """Deliver ``message`` to exactly ``recipient``; raise SendError on failure."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """Where and how to connect, parsed from an ``smtp://`` or ``smtps://`` URL.
+
+    ``smtp://user:pass@host:587`` upgrades with STARTTLS when the server offers it;
+    ``smtps://host:465`` is TLS from the start. Query options: ``timeout`` (seconds),
+    ``verify=false`` (accept any certificate: local test servers only).
+    """
+
+    host: str
+    port: int
+    use_tls: bool
+    username: str | None
+    password: str | None
+    timeout_s: float
+    validate_certs: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> SmtpConfig:
+        """Parse ``url``; ConfigError names what is wrong (without the password)."""
+        shown = redact_url(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"SMTP URL {shown!r} is invalid: {exc}") from None
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ConfigError(f"SMTP URL {shown!r} must start with smtp:// or smtps://")
+        if not parts.hostname:
+            raise ConfigError(f"SMTP URL {shown!r} has no host")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(options) - {"timeout", "verify"}
+        if unknown:
+            raise ConfigError(f"SMTP URL {shown!r}: unknown option(s) {sorted(unknown)}")
+        try:
+            timeout = float(options.get("timeout", DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise ConfigError(f"SMTP URL {shown!r}: timeout must be a number") from None
+        if not timeout > 0:
+            raise ConfigError(f"SMTP URL {shown!r}: timeout must be positive")
+        verify = options.get("verify", "true").lower()
+        if verify not in ("true", "false", "1", "0"):
+            raise ConfigError(f"SMTP URL {shown!r}: verify must be true or false")
+        use_tls = parts.scheme == "smtps"
+        return cls(
+            host=parts.hostname,
+            port=port or (465 if use_tls else 25),
+            use_tls=use_tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            timeout_s=timeout,
+            validate_certs=verify in ("true", "1"),
+        )
+
+
+def resolve_smtp_url(settings: Settings) -> str:
+    """The SMTP URL: configured, else the embedded sink's (recorded in the data dir,
+    else its default address on loopback)."""
+    if settings.smtp_url is not None:
+        return settings.smtp_url.get_secret_value()
+    recorded = settings.data_dir / SMTP_URL_FILE
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    return f"smtp://127.0.0.1:{DEFAULT_SINK_PORT}"
+
+
+def classify(exc: BaseException) -> SendError:
+    """The SendError an aiosmtplib (or socket) exception amounts to."""
+    if isinstance(exc, SendError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        detail = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+        if any(code >= 500 for code in codes):
+            return PermanentSendError(f"recipient refused: {detail}", code=max(codes))
+        return TransientSendError(f"recipient deferred: {detail}", code=min(codes or [0]))
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        # Raised before anything is sent when the address needs SMTPUTF8 and the
+        # server lacks it: this server will never take this address.
+        return PermanentSendError(f"not supported by the server: {exc}")
+    # Authentication and greeting failures are the server's or our configuration's,
+    # not this email's: retry (and dead-letter after the bus's limit), never drop.
+    if isinstance(
+        exc,
+        aiosmtplib.SMTPAuthenticationError
+        | aiosmtplib.SMTPHeloError
+        | aiosmtplib.SMTPConnectResponseError,
+    ):
+        return TransientSendError(f"SMTP session failed: {exc.code} {exc.message}", code=exc.code)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"{exc.code} {exc.message}"
+        if 500 <= exc.code < 600:
+            return PermanentSendError(f"rejected: {text}", code=exc.code)
+        return TransientSendError(f"deferred: {text}", code=exc.code)
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return TransientSendError(f"timed out: {exc or type(exc).__name__}")
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+        return TransientSendError(f"connection failed: {exc or type(exc).__name__}")
+    return TransientSendError(f"{type(exc).__name__}: {exc}")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
+
+
+class SmtpSender:
+    """The SMTP adapter: a pool of at most ``pool_size`` reused aiosmtplib connections.
+
+    A send takes an idle connection (or opens one), and gives it back on success; a
+    connection that failed is closed and replaced on the next send.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be positive, got {pool_size}")
+        self.config = SmtpConfig.from_url(url)
+        self.url = redact_url(url)
+        self.pool_size = pool_size
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        #: Connections opened so far, for tests and metrics.
+        self.connections_opened = 0
+        # aiosmtplib would otherwise call socket.getfqdn(), a DNS lookup per connection.
+        self._local_hostname = socket.gethostname() or "localhost"
+
+    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
+        """Send ``message`` to ``recipient`` only (the envelope ignores its headers)."""
+        async with self._slots:
+            client, reused = await self._acquire()
+            try:
+                await client.send_message(message, sender=sender, recipients=[recipient])
+            except asyncio.CancelledError:
+                client.close()
+                raise
+            except Exception as exc:
+                client.close()
+                if not (reused and _is_connection_error(exc)):
+                    raise classify(exc) from exc
+                # The server dropped a pooled connection while it was idle; a
+                # fresh one is what a retry would do anyway, so do it now.
+                log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
+                client = await self._connect()
+                try:
+                    await client.send_message(message, sender=sender, recipients=[recipient])
+                except asyncio.CancelledError:
+                    client.close()
+                    raise
+                except Exception as exc2:
+                    client.close()
+                    raise classify(exc2) from exc2
+            self._idle.append((client, asyncio.get_running_loop().time()))
+
+    async def _acquire(self) -> tuple[aiosmtplib.SMTP, bool]:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            client, since = self._idle.pop()
+            if client.is_connected and now - since < MAX_IDLE_S:
+                return client, True
+            client.close()
+        return await self._connect(), False
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        cfg = self.config
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            username=cfg.username,
+            password=cfg.password,
+            use_tls=cfg.use_tls,
+            # None: STARTTLS when the server offers it (never on smtps://).
+            start_tls=False if cfg.use_tls else None,
+            validate_certs=cfg.validate_certs,
+            timeout=cfg.timeout_s,
+            local_hostname=self._local_hostname,
+        )
+        try:
+            await client.connect()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+        self.connections_opened += 1
+        return client
+
+    async def close(self) -> None:
+        """Say QUIT on idle connections and close them."""
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.quit(), timeout=1.0)
+            client.close()

@@ -1,0 +1,283 @@
+"""The Email Service: a consumer-group worker that sends each order's confirmation once.
+
+For every ``order.created`` entry of the orders stream (or an entry with only ``data``,
+from any producer) it validates the order, claims the order in the email ledger,
+renders and sends the email, marks the order sent, and publishes ``email.sent`` to the
+email-events stream. Invalid orders and permanent SMTP failures publish ``email.failed``
+and are dead-lettered; transient failures are retried by the bus with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orderflow.bus import (
+    Delivery,
+    Message,
+    PermanentError,
+    Retention,
+    StreamPublisher,
+    StreamWorker,
+    WorkerConfig,
+    WorkerStats,
+)
+from orderflow.config import Settings
+from orderflow.email import metrics
+from orderflow.email.ledger import Claim, ClaimState, EmailLedger
+from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, parse_order
+from orderflow.email.render import Renderer
+from orderflow.email.sender import Sender, SendError
+
+log = logging.getLogger(__name__)
+
+#: The ``ce_source`` of the events this service publishes.
+SOURCE = "orderflow/email"
+EMAIL_SENT = "email.sent"
+EMAIL_FAILED = "email.failed"
+DEFAULT_CONCURRENCY = 32
+
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+
+class OrderBusy(Exception):
+    """Another live sender holds the order's lease; retry later (it will likely send)."""
+
+
+class EmailService:
+    """Consumes orders and sends confirmations, at most once per order in the ledger.
+
+    ``sender`` is the port emails leave through (``SmtpSender`` in production).
+    The caller owns ``redis`` and ``sender`` and closes them after :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        sender: Sender,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        consumer: str | None = None,
+        worker_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sender = sender
+        self.renderer = Renderer(settings.mail_from)
+        # The lease is the ledger's twin of the bus's claim timeout: a sender silent
+        # for that long is presumed dead in both places, so its order and its entry
+        # become available again at about the same time.
+        self.ledger = EmailLedger(redis, lease_ms=settings.claim_idle_ms)
+        self.publisher = StreamPublisher(redis, retention=Retention(maxlen=settings.stream_maxlen))
+        config = WorkerConfig(
+            stream=settings.stream,
+            group=settings.group,
+            concurrency=concurrency,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            dlq_maxlen=settings.dlq_maxlen,
+        )
+        if consumer is not None:
+            config = replace(config, consumer=consumer)
+        if worker_options:
+            config = replace(config, **worker_options)
+        self.worker = StreamWorker(redis, config, self.handle)
+
+    @property
+    def consumer(self) -> str:
+        """This service's consumer name in the group."""
+        return self.worker.consumer
+
+    async def run(self, *, burst: bool = False) -> WorkerStats:
+        """Consume until :meth:`stop`; with ``burst``, until the stream is drained."""
+        log.info(
+            "email worker %s consuming %s as group %s",
+            self.consumer,
+            self.settings.stream,
+            self.settings.group,
+        )
+        return await self.worker.run(burst=burst)
+
+    async def wait_started(self) -> None:
+        """Return once the worker reads the stream."""
+        await self.worker.wait_started()
+
+    def stop(self) -> None:
+        """Stop reading; in-flight sends finish and are acknowledged."""
+        self.worker.stop()
+
+    # -- handling one entry --------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> None:
+        """The bus handler: one delivery of an orders-stream entry."""
+        message = delivery.message
+        if message.type not in (None, ORDER_CREATED):
+            # Other events on the stream are not ours: acknowledge and move on.
+            log.debug("ignoring %s event %s", message.type, message.id)
+            return
+        try:
+            order = parse_order(message.data)
+        except InvalidOrder as exc:
+            metrics.FAILED.labels("invalid").inc()
+            if exc.order_id is not None:
+                await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
+            raise PermanentError(exc.reason) from None
+        await self._deliver(order, delivery)
+
+    async def _deliver(self, order: Order, delivery: Delivery) -> None:
+        token = f"{self.consumer}:{uuid.uuid4().hex}"
+        claim = await self._claim(order, token)
+        if claim.state is ClaimState.SENT:
+            metrics.DUPLICATES.inc()
+            log.debug("order %s: email already sent, not sending again", order.id)
+            await self._publish_sent(
+                order, claim.message_id or self.renderer.message_id(order.id), claim.at
+            )
+            return
+        message_id = self.renderer.message_id(order.id)
+        try:
+            email = self.renderer.render(order)
+            await self._send_holding_lease(order, token, email)
+        except SendError as exc:
+            await self._release(order, token)
+            if exc.permanent:
+                metrics.FAILED.labels("rejected").inc()
+                await self._publish_failed(order.id, order.email, exc.reason, message_id)
+                raise PermanentError(f"order {order.id}: {exc.reason}") from exc
+            metrics.DEFERRED.inc()
+            if delivery.deliveries >= self.worker.config.max_deliveries:
+                # The bus dead-letters it after this; the Order Service must hear of it.
+                metrics.FAILED.labels("gave_up").inc()
+                reason = f"gave up after {delivery.deliveries} deliveries: {exc.reason}"
+                await self._publish_failed(order.id, order.email, reason, message_id)
+            raise
+        except BaseException:
+            await self._release(order, token)
+            raise
+        at = _now()
+        await self._mark_sent(order, token, message_id, at)
+        metrics.SENT.inc()
+        await self._publish_sent(order, message_id, at)
+
+    async def _claim(self, order: Order, token: str) -> Claim:
+        """Claim the order; while another sender holds it, wait for its outcome."""
+        deadline = time.monotonic() + self.ledger.lease_ms / 1000 + 1.0
+        pause = 0.01
+        while True:
+            claim = await self.ledger.claim(order.id, token)
+            if claim.state is not ClaimState.BUSY:
+                return claim
+            # Usually the other sender finishes within milliseconds (a duplicate entry
+            # or a race); if it died, its lease runs out. Either way, waiting here is
+            # cheaper than a retry through the bus, which could give up meanwhile.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OrderBusy(f"order {order.id} is being sent by another worker")
+            await asyncio.sleep(min(pause, left, claim.lease_left_ms / 1000 + 0.005))
+            pause = min(pause * 2, 0.5)
+
+    async def _send_holding_lease(self, order: Order, token: str, email: EmailMessage) -> None:
+        """Send, renewing the order's lease while the send runs, so no one steals it."""
+        send = asyncio.ensure_future(
+            self.sender.send(
+                email, sender=self.renderer.envelope_sender, recipient=order.envelope_recipient
+            )
+        )
+        interval = self.ledger.lease_ms / 3000
+        started = time.perf_counter()
+        try:
+            while True:
+                done, _ = await asyncio.wait({send}, timeout=interval)
+                if done:
+                    send.result()
+                    return
+                try:
+                    held = await self.ledger.renew(order.id, token)
+                except _REDIS_ERRORS as exc:
+                    log.warning("order %s: could not renew the send lease: %s", order.id, exc)
+                    continue
+                if not held:
+                    log.warning(
+                        "order %s: send lease lost while sending; another worker may send "
+                        "a duplicate (Message-ID %s)",
+                        order.id,
+                        self.renderer.message_id(order.id),
+                    )
+        finally:
+            metrics.SEND_SECONDS.observe(time.perf_counter() - started)
+            if not send.done():
+                send.cancel()
+                with contextlib.suppress(BaseException):
+                    await send
+
+    async def _mark_sent(self, order: Order, token: str, message_id: str, at: str) -> None:
+        # SMTP accepted the email: recording it is what keeps a retry from sending it
+        # again, so ride out a short Redis outage here rather than fail the delivery.
+        delay = 0.05
+        for attempt in range(12):
+            try:
+                held = await self.ledger.mark_sent(order.id, token, message_id, at)
+                break
+            except _REDIS_ERRORS as exc:
+                if attempt == 11:
+                    log.error("order %s: email sent but not recorded: %s", order.id, exc)
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if not held:
+            log.warning(
+                "order %s: lease had expired before the send was recorded; a duplicate "
+                "may exist (Message-ID %s)",
+                order.id,
+                message_id,
+            )
+
+    async def _release(self, order: Order, token: str) -> None:
+        # Best effort: if Redis is away the lease simply runs out.
+        try:
+            await self.ledger.release(order.id, token)
+        except _REDIS_ERRORS as exc:
+            log.warning("order %s: could not release the send lease: %s", order.id, exc)
+
+    # -- outcome events ------------------------------------------------------------
+
+    async def _publish_sent(self, order: Order, message_id: str, at: str | None) -> None:
+        data = {
+            "order_id": order.id,
+            "email": order.email,
+            "message_id": message_id,
+            "at": at or _now(),
+        }
+        await self.publisher.publish(
+            self.settings.email_events_stream, Message.event(EMAIL_SENT, data, source=SOURCE)
+        )
+
+    async def _publish_failed(
+        self, order_id: int, email: str | None, reason: str, message_id: str | None
+    ) -> None:
+        data: dict[str, Any] = {
+            "order_id": order_id,
+            "email": email,
+            "reason": reason[:1000],
+            "message_id": message_id,
+            "at": _now(),
+        }
+        await self.publisher.publish(
+            self.settings.email_events_stream, Message.event(EMAIL_FAILED, data, source=SOURCE)
+        )
+        log.warning("order %s: email failed: %s", order_id, reason)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

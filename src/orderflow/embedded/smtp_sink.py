@@ -1,0 +1,194 @@
+"""The embedded SMTP sink: an aiosmtpd server that delivers every message into a Maildir.
+
+``orderflow up`` runs it when no SMTP server is configured, so confirmation emails
+land in ``<data dir>/mail/new`` where a person (or a test) can read them. It runs in
+the caller's event loop: nothing is started at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import mailbox
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+log = logging.getLogger(__name__)
+
+#: Where the sink listens unless told otherwise.
+DEFAULT_SINK_PORT = 8025
+#: File in the data dir where a running sink records its ``smtp://`` URL.
+SMTP_URL_FILE = "smtp.url"
+#: Largest message accepted (bytes).
+DATA_SIZE_LIMIT = 10 * 1024 * 1024
+
+
+class _TrackedSMTP(SMTP):
+    """An aiosmtpd session that leaves its server's set of sessions when it ends."""
+
+    def __init__(self, handler: Any, sessions: set[SMTP], **options: Any) -> None:
+        super().__init__(handler, **options)
+        self._tracked_in = sessions
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._tracked_in.discard(self)
+        super().connection_lost(error)
+
+
+class SmtpServer:
+    """An aiosmtpd server in the running event loop, for any aiosmtpd ``handler``.
+
+    Unlike a bare ``asyncio.Server``, :meth:`stop` also closes open client
+    connections, so stopping really makes the server unreachable.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_SINK_PORT,
+        hostname: str = "orderflow.localhost",
+        **smtp_options: Any,
+    ) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.hostname = hostname
+        self._options: dict[str, Any] = {
+            "enable_SMTPUTF8": True,
+            "data_size_limit": DATA_SIZE_LIMIT,
+            **smtp_options,
+        }
+        self._server: asyncio.Server | None = None
+        self._sessions: set[SMTP] = set()
+
+    @property
+    def url(self) -> str:
+        """The ``smtp://`` URL clients connect to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"smtp://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while it accepts connections."""
+        return self._server is not None
+
+    def _protocol(self) -> SMTP:
+        protocol = _TrackedSMTP(
+            self.handler,
+            self._sessions,
+            hostname=self.hostname,
+            loop=asyncio.get_running_loop(),
+            **self._options,
+        )
+        self._sessions.add(protocol)
+        return protocol
+
+    async def start(self) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one, then ``port`` is it)."""
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("SMTP server listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Stop listening and close every open client connection."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        self._sessions.clear()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> SmtpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class MaildirHandler:
+    """An aiosmtpd handler delivering each message into a Maildir, like an MDA does."""
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = Path(maildir)
+        # mailbox.Maildir creates tmp/new/cur only when the root itself is missing.
+        for sub in ("tmp", "new", "cur"):
+            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
+        self._box = mailbox.Maildir(self.maildir, create=False)
+        #: Messages delivered since start.
+        self.delivered = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Store the message with ``Return-Path`` and ``Delivered-To`` for its envelope."""
+        content = envelope.original_content or b""
+        trace = f"Return-Path: <{envelope.mail_from or ''}>\r\n"
+        trace += "".join(f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
+        # A Maildir write is a small file and a rename: quick enough to do inline.
+        try:
+            self._box.add(trace.encode("utf-8") + content)
+        except OSError as exc:
+            # A full or unwritable disk is temporary from the client's point of view;
+            # aiosmtpd would answer 500 (permanent) to an exception.
+            log.error("cannot deliver into %s: %s", self.maildir, exc)
+            return "451 Requested action aborted: local error in processing"
+        self.delivered += 1
+        return "250 Message accepted for delivery"
+
+
+class SmtpSink(SmtpServer):
+    """The embedded sink: an SMTP server (SMTPUTF8 on) delivering into ``maildir``."""
+
+    def __init__(
+        self, maildir: Path, host: str = "127.0.0.1", port: int = DEFAULT_SINK_PORT
+    ) -> None:
+        self.maildir = Path(maildir)
+        super().__init__(MaildirHandler(self.maildir), host=host, port=port)
+
+    @property
+    def delivered(self) -> int:
+        """Messages delivered since start."""
+        handler: MaildirHandler = self.handler
+        return handler.delivered
+
+
+def iter_maildir(maildir: Path) -> Iterator[EmailMessage]:
+    """Every message in the Maildir (new and cur), parsed with the modern email API."""
+    if not (Path(maildir) / "new").is_dir():
+        return
+    box = mailbox.Maildir(maildir, factory=None, create=False)
+    for key in box.iterkeys():
+        try:
+            raw = box.get_bytes(key)
+        except KeyError:  # removed by a reader meanwhile
+            continue
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        yield message
+
+
+def read_maildir(maildir: Path, message_id: str | None = None) -> list[EmailMessage]:
+    """The delivered messages, or only those with Message-ID ``message_id``."""
+    return [
+        m
+        for m in iter_maildir(maildir)
+        if message_id is None or (m.get("Message-ID") or "").strip() == message_id
+    ]
+
+
+def count_delivered(maildir: Path, message_id: str | None = None) -> int:
+    """How many messages (with that Message-ID, if given) the Maildir holds."""
+    return len(read_maildir(maildir, message_id))
