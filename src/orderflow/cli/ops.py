@@ -1,9 +1,503 @@
-"""Operator commands: ``streams info``, ``dlq``, ``group reset`` (being built)."""
+"""Operator commands: ``streams info``, ``dlq list|replay|purge``, ``group reset``.
+
+Thin wrappers over :mod:`orderflow.operations`: they parse and check arguments (a bad
+one exits 2 before anything changes), print rich tables or ``--json``, and map a
+missing group or an unusable key to exit 1.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
+
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from orderflow import operations as ops
+from orderflow.bus import StreamKeys, redact_url
+from orderflow.cli.common import CommandError, UsageError, load_settings, redis_client
+from orderflow.config import Settings, resolve_redis_url
+
+#: Replays of more dead letters than this show a progress bar (on a terminal).
+PROGRESS_THRESHOLD = 20
+#: Narrowest a wrapping table column gets; ids and names are never cut.
+MIN_TEXT_WIDTH = 12
+#: Width of tables written to a pipe or file, which has no width of its own.
+PIPE_WIDTH = 160
+
+_RESET_HELP = """\
+Move a consumer group's last delivered id, as Kafka's offset reset does: the group's
+consumers then read every entry after it again (they must be idempotent).
+--to takes an entry id (<ms>-<seq>: entries after it are delivered), a time (ISO-8601,
+UTC when no offset is given, or epoch milliseconds: entries at or after it are
+delivered), 'beginning' or 'end' (only new entries).
+Pending entries stay pending: the reset neither acknowledges nor re-delivers them;
+consumers still claim them after the idle timeout.
+"""
 
 
 def register(commands: Any) -> None:
-    """Add this module's commands (none yet)."""
+    """Add the ``streams``, ``dlq`` and ``group`` command groups."""
+    streams = commands.add_parser("streams", help="inspect streams, groups and consumers")
+    streams_sub = streams.add_subparsers(dest="streams_command", metavar="ACTION", required=True)
+    info = streams_sub.add_parser(
+        "info",
+        help="length, memory, groups, lag, pending, consumers and dead letters",
+        description="Describe streams: length, memory, first and last entry; per group "
+        "lag, pending, oldest pending age, last delivered; per consumer pending and "
+        "idle; dead-letter count. --json keys are documented in orderflow.operations.",
+    )
+    info.add_argument(
+        "--stream",
+        dest="streams",
+        action="append",
+        metavar="STREAM",
+        help="a stream to describe, repeatable "
+        "(default: ORDERFLOW_STREAM and ORDERFLOW_EMAIL_EVENTS_STREAM)",
+    )
+    info.add_argument("--json", action="store_true", help="print JSON for scripts")
+    info.set_defaults(handler=streams_info_command)
+
+    dlq = commands.add_parser("dlq", help="list, replay or purge dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    listing = dlq_sub.add_parser("list", help="show the oldest dead letters of a stream")
+    _stream_option(listing)
+    listing.add_argument(
+        "--limit", type=_positive_int, default=20, help="most entries shown (default: 20)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    listing.set_defaults(handler=dlq_list_command)
+
+    replay = dlq_sub.add_parser(
+        "replay",
+        help="republish dead letters to their source stream",
+        description="Republish dead letters to their source stream with their original "
+        "fields, deleting each from the dead letters in the same atomic step.",
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (see dlq list)")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    _stream_option(replay)
+    replay.set_defaults(handler=dlq_replay_command)
+
+    purge = dlq_sub.add_parser("purge", help="delete dead letters for good")
+    purge.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (see dlq list)")
+    purge.add_argument("--all", action="store_true", help="delete every dead letter")
+    purge.add_argument("--yes", action="store_true", help="do not ask before --all")
+    _stream_option(purge)
+    purge.set_defaults(handler=dlq_purge_command)
+
+    group = commands.add_parser("group", help="steer consumer groups")
+    group_sub = group.add_subparsers(dest="group_command", metavar="ACTION", required=True)
+    reset = group_sub.add_parser(
+        "reset",
+        help="replay a group from a point (pending entries stay pending)",
+        description=_RESET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reset.add_argument("group", metavar="GROUP", help="the consumer group")
+    reset.add_argument(
+        "--to", required=True, metavar="ID|TIME|beginning|end", help="where the group resumes"
+    )
+    reset.add_argument("--stream", help="the group's stream (default: ORDERFLOW_STREAM)")
+    reset.set_defaults(handler=group_reset_command)
+
+
+def _stream_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stream", help="the source stream whose dead letters to use (default: ORDERFLOW_STREAM)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@contextmanager
+def _operation_errors() -> Iterator[None]:
+    """Bad arguments found by an operation exit 2; Redis refusing exits 1."""
+    try:
+        yield
+    except ops.OperationError as exc:
+        raise CommandError(str(exc)) from None
+    except RedisError as exc:
+        raise CommandError(f"Redis error: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_stream(name: str) -> str:
+    try:
+        StreamKeys(name)
+    except ValueError as exc:
+        raise UsageError(f"--stream: {exc}") from None
+    return name
+
+
+def _dlq_source(args: argparse.Namespace, settings: Settings) -> str:
+    stream = _check_stream(args.stream or settings.stream)
+    try:
+        ops.dead_letter_stream(stream)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return stream
+
+
+def _ids(values: Sequence[str]) -> list[str]:
+    try:
+        return [ops.parse_entry_id(v) for v in values]
+    except ValueError as exc:
+        raise UsageError(f"ID {exc}") from None
+
+
+def _ids_or_all(args: argparse.Namespace, action: str) -> list[str] | None:
+    if args.all and args.ids:
+        raise UsageError(f"dlq {action}: give either IDs or --all, not both")
+    if not args.all and not args.ids:
+        raise UsageError(f"dlq {action}: give the dead-letter IDs (see `dlq list`) or --all")
+    return None if args.all else _ids(args.ids)
+
+
+# -- streams info ----------------------------------------------------------------------
+
+
+async def streams_info_command(args: argparse.Namespace) -> int:
+    """Print what each stream holds and how far its groups are."""
+    names = [_check_stream(s) for s in args.streams or []]
+    settings = load_settings()
+    names = list(dict.fromkeys(names or [settings.stream, settings.email_events_stream]))
+    url = redact_url(resolve_redis_url(settings))
+    async with redis_client(settings) as client:
+        with _operation_errors():
+            infos = await ops.stream_info(client, names)
+    if args.json:
+        print(json.dumps({"redis": url, "streams": [i.to_json() for i in infos]}, indent=2))
+        return 0
+    console = _console()
+    console.print(_streams_table(infos, url))
+    groups = [(i, g) for i in infos for g in i.groups]
+    if groups:
+        console.print(_groups_table(groups))
+    consumers = [(i, g, c) for i, g in groups for c in g.consumers]
+    if consumers:
+        console.print(_consumers_table(consumers))
+    return 0
+
+
+def _table(
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str | Text]],
+    *,
+    right: Sequence[str] = (),
+    whole: Sequence[str] = (),
+) -> Table:
+    """A table of plain text (never rich markup); ``whole`` columns (ids) never wrap.
+
+    Other columns keep at least :data:`MIN_TEXT_WIDTH` characters on narrow screens.
+    """
+    table = Table(title=Text(title), title_justify="left")
+    for index, header in enumerate(headers):
+        if header in whole:
+            width = max([len(header), *(len(row[index]) for row in rows)])
+        else:
+            width = min(MIN_TEXT_WIDTH, max([len(header), *(len(row[index]) for row in rows)]))
+        table.add_column(
+            header,
+            justify="right" if header in right else "left",
+            no_wrap=header in whole,
+            min_width=width,
+        )
+    for row in rows:
+        table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
+    return table
+
+
+def _streams_table(infos: Sequence[ops.StreamInfo], url: str) -> Table:
+    rows: list[Sequence[str | Text]] = []
+    for info in infos:
+        if not info.exists:
+            rows.append([info.name, "-", "-", "(no such stream)", "-", str(info.dead_letters)])
+            continue
+        rows.append(
+            [
+                info.name,
+                str(info.length),
+                _size(info.memory_bytes),
+                info.first_entry_id or "-",
+                info.last_entry_id or "-",
+                Text(str(info.dead_letters), style="bold red" if info.dead_letters else ""),
+            ]
+        )
+    return _table(
+        f"Streams on {url}",
+        ["stream", "length", "memory", "first entry", "last entry", "dlq"],
+        rows,
+        right=["length", "memory", "dlq"],
+        whole=["stream", "length", "memory", "first entry", "last entry", "dlq"],
+    )
+
+
+def _groups_table(groups: Sequence[tuple[ops.StreamInfo, ops.GroupInfo]]) -> Table:
+    rows = []
+    for info, group in groups:
+        oldest = "-"
+        if group.oldest_pending_age_ms is not None:
+            oldest = f"{_duration(group.oldest_pending_age_ms)} old"
+            if group.oldest_pending_idle_ms is not None:
+                oldest += f", idle {_duration(group.oldest_pending_idle_ms)}"
+        rows.append(
+            [
+                info.name,
+                group.name,
+                _lag(group),
+                str(group.pending),
+                oldest,
+                group.last_delivered_id,
+            ]
+        )
+    return _table(
+        "Consumer groups",
+        ["stream", "group", "lag", "pending", "oldest pending", "last delivered"],
+        rows,
+        right=["lag", "pending"],
+        whole=["stream", "group", "lag", "last delivered"],
+    )
+
+
+def _consumers_table(
+    consumers: Sequence[tuple[ops.StreamInfo, ops.GroupInfo, ops.ConsumerInfo]],
+) -> Table:
+    rows = [
+        [info.name, group.name, consumer.name, str(consumer.pending), _duration(consumer.idle_ms)]
+        for info, group, consumer in consumers
+    ]
+    return _table(
+        "Consumers",
+        ["stream", "group", "consumer", "pending", "idle"],
+        rows,
+        right=["pending", "idle"],
+        whole=["stream", "group"],
+    )
+
+
+def _console() -> Console:
+    """A console for stdout; tables sent to a pipe are not cut to 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
+
+
+def _short_time(text: str | None) -> str:
+    if not text:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _lag(group: ops.GroupInfo) -> str:
+    if group.lag is None:
+        return "unknown"
+    return f"≥{group.lag}" if group.lag_source == "at-least" else str(group.lag)
+
+
+def _duration(ms: int) -> str:
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+async def dlq_list_command(args: argparse.Namespace) -> int:
+    """Print the oldest dead letters: ids, reason, deliveries, time, payload preview."""
+    settings = load_settings()
+    stream = _dlq_source(args, settings)
+    async with redis_client(settings) as client:
+        with _operation_errors():
+            page = await ops.list_dead_letters(client, stream, limit=args.limit)
+    if args.json:
+        document = {
+            "stream": page.stream,
+            "dead_letter_stream": page.dead_letter_stream,
+            "total": page.total,
+            "entries": [entry.to_json() for entry in page.entries],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    console = _console()
+    if not page.entries:
+        console.print(f"no dead letters in {page.dead_letter_stream}", markup=False)
+        return 0
+    rows = [
+        [
+            entry.id,
+            entry.source_id or "-",
+            ops.preview(entry.reason or "-", 60),
+            str(entry.deliveries) if entry.deliveries is not None else "-",
+            _short_time(entry.time),
+            entry.preview,
+        ]
+        for entry in page.entries
+    ]
+    table = _table(
+        f"Dead letters in {page.dead_letter_stream} (oldest first)",
+        ["id", "source id", "reason", "deliveries", "time", "payload"],
+        rows,
+        right=["deliveries"],
+        whole=["id", "source id", "deliveries"],
+    )
+    console.print(table)
+    if page.total > len(page.entries):
+        console.print(
+            f"showing {len(page.entries)} of {page.total}; use --limit to see more", markup=False
+        )
+    return 0
+
+
+async def dlq_replay_command(args: argparse.Namespace) -> int:
+    """Republish dead letters to their source stream, each moved atomically."""
+    ids = _ids_or_all(args, "replay")
+    settings = load_settings()
+    stream = _dlq_source(args, settings)
+    dlq = StreamKeys(stream).dlq
+    async with redis_client(settings) as client:
+        with _operation_errors():
+            total = len(ids) if ids is not None else await ops.count_dead_letters(client, stream)
+            with _progress(total) as advance:
+                result = await ops.replay_dead_letters(client, stream, ids, progress=advance)
+    for entry_id in result.unknown:
+        print(
+            f"orderflow: no dead letter {entry_id} in {dlq}; nothing done for it", file=sys.stderr
+        )
+    for entry_id, why in result.failed.items():
+        print(f"orderflow: could not replay {entry_id}: {why}", file=sys.stderr)
+    count = len(result.replayed)
+    print(f"replayed {count} dead letter{'' if count == 1 else 's'} from {dlq}")
+    return 1 if result.unknown or result.failed else 0
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[ops.ProgressCallback | None]:
+    """A progress bar on stderr when there are many and it is a terminal."""
+    console = Console(stderr=True)
+    if total <= PROGRESS_THRESHOLD or not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("replay", total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
+async def dlq_purge_command(args: argparse.Namespace) -> int:
+    """Delete dead letters; ``--all`` needs ``--yes`` or an interactive confirmation."""
+    ids = _ids_or_all(args, "purge")
+    interactive = sys.stdin.isatty()
+    if ids is None and not args.yes and not interactive:
+        raise UsageError("dlq purge --all deletes every dead letter: add --yes to confirm")
+    settings = load_settings()
+    stream = _dlq_source(args, settings)
+    dlq = StreamKeys(stream).dlq
+    async with redis_client(settings) as client:
+        with _operation_errors():
+            if ids is not None:
+                result = await ops.purge_dead_letters(client, stream, ids)
+            else:
+                count = await ops.count_dead_letters(client, stream)
+                # Only what exists now is purged, so entries arriving while the
+                # operator reads the question are kept.
+                up_to = await ops.last_dead_letter_id(client, stream)
+                if up_to is None:
+                    print(f"no dead letters in {dlq}")
+                    return 0
+                if not args.yes and not _confirm(f"Delete all {count} dead letters in {dlq}?"):
+                    print("nothing purged")
+                    return 1
+                result = await ops.purge_all_dead_letters(client, stream, up_to=up_to)
+    for entry_id in result.unknown:
+        print(
+            f"orderflow: no dead letter {entry_id} in {dlq}; nothing done for it", file=sys.stderr
+        )
+    print(f"purged {result.deleted} dead letter{'' if result.deleted == 1 else 's'} from {dlq}")
+    return 1 if result.unknown else 0
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+# -- group reset -----------------------------------------------------------------------
+
+
+async def group_reset_command(args: argparse.Namespace) -> int:
+    """Move a group's last delivered id to an id, a time, the beginning or the end."""
+    group = args.group
+    if not group or any(ch.isspace() for ch in group):
+        raise UsageError(f"GROUP {group!r} must be non-empty, without spaces")
+    try:
+        position = ops.parse_position(args.to)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    settings = load_settings()
+    stream = _check_stream(args.stream or settings.stream)
+    async with redis_client(settings) as client:
+        with _operation_errors():
+            reset = await ops.reset_group(client, stream, group, position)
+    lag = "an unknown number of" if reset.lag is None else str(reset.lag)
+    print(
+        f"group {group} on {stream}: last delivered id {reset.previous_id} → {reset.new_id} "
+        f"({position.description}); {lag} entries to deliver"
+    )
+    if reset.pending:
+        print(
+            f"{reset.pending} pending entries stay pending "
+            "(claimed by consumers after the idle timeout)"
+        )
+    return 0

@@ -1,0 +1,684 @@
+"""Operator operations on the bus: inspect streams, steer dead letters and consumer groups.
+
+Pure async functions over a ``redis.asyncio`` client (bytes responses), shared by the
+CLI (``orderflow streams|dlq|group``) and usable from a web console or metrics. They
+know nothing of orders or email; bad arguments raise ``ValueError`` before anything
+changes, a missing group raises :class:`NoSuchGroup`.
+
+JSON shape of :func:`stream_info` (``StreamInfo.to_json()``; stable keys, times in ms)::
+
+    {
+      "name": "orders", "exists": true, "length": 3, "memory_bytes": 2104,
+      "first_entry_id": "1700000000000-0", "last_entry_id": "1700000000002-0",
+      "last_generated_id": "1700000000002-0", "entries_added": 3,
+      "dead_letter_stream": "orders:dlq", "dead_letters": 1,
+      "groups": [{
+        "name": "email-service", "pending": 1, "last_delivered_id": "1700000000002-0",
+        "entries_read": 3, "lag": 0,
+        "lag_source": "redis",          # redis | counted | at-least | unknown
+        "oldest_pending_id": "1700000000001-0", "oldest_pending_age_ms": 5123,
+        "oldest_pending_idle_ms": 812, "oldest_pending_consumer": "host-1-ab12cd",
+        "oldest_pending_deliveries": 2,
+        "consumers": [{"name": "host-1-ab12cd", "pending": 1, "idle_ms": 812,
+                       "inactive_ms": null}]
+      }]
+    }
+
+``lag`` is Redis's own (``XINFO GROUPS``, Redis 7+). When Redis cannot tell (older
+servers, or after deletions or a ``group reset``), it is counted on the server up to
+:data:`LAG_COUNT_LIMIT` entries (``counted``), or reported as that many at least
+(``at-least``); ``unknown`` (``lag`` null) only when even that failed. The age of the
+oldest pending entry is measured from the time in its id (when it was added), against
+the Redis server's clock; its idle time is since its last delivery.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from orderflow.bus.keys import DLQ_SUFFIX, StreamKeys
+
+#: Most entries counted on the server when Redis does not report a group's lag.
+LAG_COUNT_LIMIT = 10_000
+#: Dead letters read and replayed per round trip.
+BATCH_SIZE = 100
+#: Largest value of either part of a stream entry id.
+MAX_ID_PART = 2**64 - 1
+
+_ID_RE = re.compile(r"^(\d+)-(\d+)$")
+#: The last millisecond of the year 9999, the latest time a position may name.
+_MAX_TIME_MS = 253_402_300_799_999
+
+# Counts a group's undelivered entries when Redis does not report its lag, on the
+# server, so no entry travels over the network; bounded, so Redis is never busy long.
+_COUNT_AFTER_SCRIPT = """
+return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
+"""
+
+# Moves one dead letter back to its source stream: XADD its original fields (the
+# dlq_* ones stripped) and XDEL it, in one atomic step, after checking it is still
+# there. So a crash never loses or doubles it, and neither do two concurrent replays.
+# Returns the new entry id, or false when the dead letter is gone.
+_REPLAY_SCRIPT = """
+local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #rows == 0 then return false end
+local fields = rows[1][2]
+local original = {}
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 4) ~= 'dlq_' then
+    table.insert(original, fields[i])
+    table.insert(original, fields[i + 1])
+  end
+end
+if #original == 0 then
+  return redis.error_reply('ERR dead letter ' .. ARGV[1] .. ' has no original fields')
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(original))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
+
+
+class OperationError(RuntimeError):
+    """An operation that cannot be done on the current state of Redis."""
+
+
+class NoSuchGroup(OperationError):
+    """The consumer group (or its stream) does not exist."""
+
+
+# -- ids, positions and names ----------------------------------------------------------
+
+
+def parse_entry_id(text: str) -> str:
+    """A full stream entry id ``<ms>-<seq>``, normalised, or a ValueError saying why."""
+    match = _ID_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a stream entry id (<milliseconds>-<sequence>)")
+    ms, seq = int(match[1]), int(match[2])
+    if ms > MAX_ID_PART or seq > MAX_ID_PART:
+        raise ValueError(f"{text!r} is out of range for a stream entry id")
+    return f"{ms}-{seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a group reset puts a group: the id given to ``XGROUP SETID``."""
+
+    #: ``0``, ``$`` or an entry id; entries after it are delivered next.
+    id: str
+    #: What the operator asked for, for messages.
+    description: str
+    #: The time asked for (epoch ms), when the position is a time.
+    time_ms: int | None = None
+
+
+def parse_position(text: str) -> Position:
+    """``beginning``, ``end``, an entry id, or a time (ISO-8601, naive = UTC, or epoch ms).
+
+    A time becomes the id just before the first entry at that millisecond, so the
+    entries added at or after that time are delivered again.
+    """
+    value = text.strip()
+    if value == "beginning":
+        return Position("0", "the beginning of the stream")
+    if value == "end":
+        return Position("$", "the end of the stream (only new entries)")
+    if _ID_RE.match(value):
+        try:
+            entry_id = parse_entry_id(value)
+        except ValueError as exc:
+            raise ValueError(f"--to {exc}") from None
+        return Position(entry_id, f"entry {entry_id}")
+    if value.isdigit():
+        ms = int(value)
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"--to {text!r} is not an entry id (<milliseconds>-<sequence>), "
+                "a time (ISO-8601 or epoch milliseconds), 'beginning' or 'end'"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        ms = round(moment.timestamp() * 1000)
+        if ms < 0:
+            raise ValueError(f"--to {text!r} is before 1970, when stream ids begin")
+    if ms > _MAX_TIME_MS:
+        raise ValueError(f"--to {text!r} is after the year 9999")
+    when = _format_time(ms)
+    if ms == 0:
+        return Position("0", f"time {when}", ms)
+    return Position(f"{ms - 1}-{MAX_ID_PART}", f"time {when}", ms)
+
+
+def dead_letter_stream(stream: str) -> str:
+    """The dead-letter stream of source ``stream``, or a ValueError for a bad name."""
+    if stream.endswith(DLQ_SUFFIX):
+        raise ValueError(
+            f"--stream {stream!r} names a dead-letter stream; "
+            f"name its source stream instead ({stream[: -len(DLQ_SUFFIX)]!r})"
+        )
+    return StreamKeys(stream).dlq
+
+
+# -- stream info -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    """One consumer of a group."""
+
+    name: str
+    pending: int
+    idle_ms: int
+    #: Since its last successful read (Redis 7.2+), else None.
+    inactive_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group of a stream, with what it still has to do."""
+
+    name: str
+    pending: int
+    last_delivered_id: str
+    entries_read: int | None
+    lag: int | None
+    lag_source: str
+    oldest_pending_id: str | None
+    oldest_pending_age_ms: int | None
+    oldest_pending_idle_ms: int | None
+    oldest_pending_consumer: str | None
+    oldest_pending_deliveries: int | None
+    consumers: list[ConsumerInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """One stream: its size, bounds, groups and dead letters."""
+
+    name: str
+    exists: bool
+    length: int
+    memory_bytes: int | None
+    first_entry_id: str | None
+    last_entry_id: str | None
+    last_generated_id: str | None
+    entries_added: int | None
+    dead_letter_stream: str
+    dead_letters: int
+    groups: list[GroupInfo] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON form documented in this module's docstring."""
+        return asdict(self)
+
+
+async def stream_info(redis: aioredis.Redis, streams: Sequence[str]) -> list[StreamInfo]:
+    """Describe each stream; a missing stream is reported with ``exists`` false.
+
+    Raises ValueError for a bad stream name, OperationError for a key that is not a stream.
+    """
+    for name in streams:
+        StreamKeys(name)
+    now_ms = await _server_time_ms(redis)
+    return [await _one_stream_info(redis, name, now_ms) for name in streams]
+
+
+async def _one_stream_info(redis: aioredis.Redis, name: str, now_ms: int) -> StreamInfo:
+    dlq = StreamKeys(name).dlq
+    kind = _text(await redis.type(name))
+    dead_letters = await _stream_length(redis, dlq)
+    if kind == "none":
+        return StreamInfo(name, False, 0, None, None, None, None, None, dlq, dead_letters)
+    if kind != "stream":
+        raise OperationError(f"key {name!r} is a {kind}, not a stream")
+    info: Mapping[str, Any] = await redis.xinfo_stream(name)
+    memory = await redis.memory_usage(name)
+    groups = [
+        await _group_info(redis, name, group, now_ms) for group in await redis.xinfo_groups(name)
+    ]
+    first, last = info.get("first-entry"), info.get("last-entry")
+    added = info.get("entries-added")
+    return StreamInfo(
+        name=name,
+        exists=True,
+        length=int(info["length"]),
+        memory_bytes=int(memory) if memory is not None else None,
+        first_entry_id=_text(first[0]) if first else None,
+        last_entry_id=_text(last[0]) if last else None,
+        last_generated_id=_opt_text(info.get("last-generated-id")),
+        entries_added=int(added) if added is not None else None,
+        dead_letter_stream=dlq,
+        dead_letters=dead_letters,
+        groups=groups,
+    )
+
+
+async def _group_info(
+    redis: aioredis.Redis, stream: str, group: Mapping[str, Any], now_ms: int
+) -> GroupInfo:
+    name = _text(group["name"])
+    last_delivered = _text(group["last-delivered-id"])
+    lag, lag_source = await _lag(redis, stream, group, last_delivered)
+    summary = await redis.xpending(stream, name)
+    oldest_id = _opt_text(summary.get("min"))
+    age = idle = deliveries = None
+    owner = None
+    if oldest_id is not None:
+        age = max(0, now_ms - _id_ms(oldest_id))
+        rows = await redis.xpending_range(stream, name, min=oldest_id, max=oldest_id, count=1)
+        if rows:
+            idle = int(rows[0]["time_since_delivered"])
+            owner = _text(rows[0]["consumer"])
+            deliveries = int(rows[0]["times_delivered"])
+    consumers = [
+        ConsumerInfo(
+            name=_text(c["name"]),
+            pending=int(c["pending"]),
+            idle_ms=int(c["idle"]),
+            inactive_ms=int(c["inactive"]) if c.get("inactive") is not None else None,
+        )
+        for c in await redis.xinfo_consumers(stream, name)
+    ]
+    entries_read = group.get("entries-read")
+    return GroupInfo(
+        name=name,
+        pending=int(group["pending"]),
+        last_delivered_id=last_delivered,
+        entries_read=int(entries_read) if entries_read is not None else None,
+        lag=lag,
+        lag_source=lag_source,
+        oldest_pending_id=oldest_id,
+        oldest_pending_age_ms=age,
+        oldest_pending_idle_ms=idle,
+        oldest_pending_consumer=owner,
+        oldest_pending_deliveries=deliveries,
+        consumers=consumers,
+    )
+
+
+async def _lag(
+    redis: aioredis.Redis, stream: str, group: Mapping[str, Any], last_delivered: str
+) -> tuple[int | None, str]:
+    reported = group.get("lag")
+    if reported is not None:
+        return int(reported), "redis"
+    try:
+        counted = int(
+            await cast(Any, redis).eval(
+                _COUNT_AFTER_SCRIPT, 1, stream, last_delivered, LAG_COUNT_LIMIT
+            )
+        )
+    except ResponseError:
+        # Scripting disabled or refused (e.g. a restricted ACL user): say we do not know.
+        return None, "unknown"
+    return counted, "at-least" if counted >= LAG_COUNT_LIMIT else "counted"
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead letter: why it failed, and the original entry's fields."""
+
+    id: str
+    source_stream: str | None
+    source_id: str | None
+    group: str | None
+    consumer: str | None
+    reason: str | None
+    deliveries: int | None
+    time: str | None
+    #: The original fields (``dlq_*`` stripped); bytes that are not UTF-8 are escaped.
+    fields: dict[str, str]
+
+    @property
+    def preview(self) -> str:
+        """A short, printable view of the payload (``data``, else all fields)."""
+        body = self.fields.get("data")
+        if body is None:
+            body = " ".join(f"{k}={v}" for k, v in self.fields.items())
+        return preview(body)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object with every attribute and the preview."""
+        return {**asdict(self), "preview": self.preview}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    """The first dead letters of a stream, and how many there are in all."""
+
+    stream: str
+    dead_letter_stream: str
+    total: int
+    entries: list[DeadLetter]
+
+
+async def list_dead_letters(
+    redis: aioredis.Redis, stream: str, *, limit: int = 20
+) -> DeadLetterPage:
+    """The oldest ``limit`` dead letters of source ``stream``."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    dlq = dead_letter_stream(stream)
+    total = await _stream_length(redis, dlq)
+    rows: Any = await redis.xrange(dlq, "-", "+", count=limit) if total else []
+    return DeadLetterPage(stream, dlq, total, [_dead_letter(i, f) for i, f in rows])
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What a replay did: dead-letter id → new id in its source stream, and what failed."""
+
+    replayed: dict[str, str] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[int], None]
+
+
+async def count_dead_letters(redis: aioredis.Redis, stream: str) -> int:
+    """How many dead letters source ``stream`` has."""
+    return await _stream_length(redis, dead_letter_stream(stream))
+
+
+async def replay_dead_letters(
+    redis: aioredis.Redis,
+    stream: str,
+    ids: Sequence[str] | None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> ReplayResult:
+    """Republish dead letters (``ids``, or all when None) to their source streams.
+
+    Each one moves atomically: its original fields are appended to its source stream
+    and it is deleted from the dead letters in one step. With ``ids`` None, only the
+    dead letters present at the start are replayed, so one that fails again and comes
+    back is not replayed in a loop. ``progress`` is called with the number done so far.
+    """
+    dlq = dead_letter_stream(stream)
+    if ids is not None:
+        return await _replay_ids(
+            redis, stream, dlq, _unique(parse_entry_id(i) for i in ids), progress
+        )
+    result = ReplayResult()
+    newest: Any = await redis.xrevrange(dlq, "+", "-", count=1)
+    if not newest:
+        return result
+    end = _text(newest[0][0])
+    cursor = "-"
+    done = 0
+    while True:
+        rows: Any = await redis.xrange(dlq, cursor, end, count=BATCH_SIZE)
+        if not rows:
+            return result
+        await _replay_rows(redis, stream, dlq, rows, result)
+        done += len(rows)
+        if progress is not None:
+            progress(done)
+        cursor = "(" + _text(rows[-1][0])
+
+
+async def _replay_ids(
+    redis: aioredis.Redis,
+    stream: str,
+    dlq: str,
+    wanted: Sequence[str],
+    progress: ProgressCallback | None,
+) -> ReplayResult:
+    result = ReplayResult()
+    for start in range(0, len(wanted), BATCH_SIZE):
+        batch = wanted[start : start + BATCH_SIZE]
+        pipe = redis.pipeline(transaction=False)
+        for entry_id in batch:
+            pipe.xrange(dlq, entry_id, entry_id)
+        found = await pipe.execute()
+        rows = []
+        for entry_id, hit in zip(batch, found, strict=True):
+            if hit:
+                rows.append(hit[0])
+            else:
+                result.unknown.append(entry_id)
+        await _replay_rows(redis, stream, dlq, rows, result)
+        if progress is not None:
+            progress(start + len(batch))
+    return result
+
+
+async def _replay_rows(
+    redis: aioredis.Redis,
+    stream: str,
+    dlq: str,
+    rows: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
+    result: ReplayResult,
+) -> None:
+    if not rows:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for raw_id, fields in rows:
+        raw_source = fields.get(b"dlq_stream")
+        source = raw_source.decode(errors="replace") if raw_source else stream
+        pipe.eval(_REPLAY_SCRIPT, 2, dlq, source, raw_id)
+    replies = await pipe.execute(raise_on_error=False)
+    for (raw_id, _fields), reply in zip(rows, replies, strict=True):
+        entry_id = _text(raw_id)
+        if isinstance(reply, Exception):
+            result.failed[entry_id] = str(reply)
+        elif reply is None:
+            # Replayed or purged by someone else meanwhile.
+            result.unknown.append(entry_id)
+        else:
+            result.replayed[entry_id] = _text(reply)
+
+
+@dataclass(slots=True)
+class PurgeResult:
+    """How many dead letters a purge deleted, and the ids that were not there."""
+
+    deleted: int = 0
+    unknown: list[str] = field(default_factory=list)
+
+
+async def last_dead_letter_id(redis: aioredis.Redis, stream: str) -> str | None:
+    """The id of the newest dead letter of ``stream``, or None when there is none."""
+    newest: Any = await redis.xrevrange(dead_letter_stream(stream), "+", "-", count=1)
+    return _text(newest[0][0]) if newest else None
+
+
+async def purge_dead_letters(redis: aioredis.Redis, stream: str, ids: Sequence[str]) -> PurgeResult:
+    """Delete the given dead letters of source ``stream``; unknown ids are reported."""
+    dlq = dead_letter_stream(stream)
+    wanted = _unique(parse_entry_id(i) for i in ids)
+    result = PurgeResult()
+    pipe = redis.pipeline(transaction=False)
+    for entry_id in wanted:
+        pipe.xdel(dlq, entry_id)
+    for entry_id, deleted in zip(wanted, await pipe.execute(), strict=True):
+        if int(deleted):
+            result.deleted += 1
+        else:
+            result.unknown.append(entry_id)
+    return result
+
+
+async def purge_all_dead_letters(
+    redis: aioredis.Redis, stream: str, *, up_to: str | None = None
+) -> PurgeResult:
+    """Delete every dead letter of ``stream`` up to id ``up_to`` (default: the newest now).
+
+    Dead letters added after ``up_to`` (e.g. while an operator confirmed) are kept.
+    """
+    dlq = dead_letter_stream(stream)
+    if up_to is None:
+        up_to = await last_dead_letter_id(redis, stream)
+        if up_to is None:
+            return PurgeResult()
+    ms, _, seq = parse_entry_id(up_to).partition("-")
+    after = f"{ms}-{int(seq) + 1}" if int(seq) < MAX_ID_PART else f"{int(ms) + 1}-0"
+    deleted = await cast(Any, redis).execute_command("XTRIM", dlq, "MINID", after)
+    return PurgeResult(deleted=int(deleted))
+
+
+# -- group reset -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReset:
+    """A group moved: where it was, where it is, and what stays pending."""
+
+    stream: str
+    group: str
+    previous_id: str
+    new_id: str
+    pending: int
+    lag: int | None
+
+
+async def reset_group(
+    redis: aioredis.Redis, stream: str, group: str, position: Position
+) -> GroupReset:
+    """Set the group's last delivered id (``XGROUP SETID``); pending entries stay pending.
+
+    Raises NoSuchGroup when the stream or the group does not exist, ValueError when the
+    position is past the stream's newest entry.
+    """
+    StreamKeys(stream)
+    before = await _find_group(redis, stream, group)
+    target = position.id
+    if target not in ("0", "$"):
+        # Redis accepts an id past the stream's end, and the group would then skip
+        # every entry added until that id's time: refuse it (a past time past the
+        # newest entry is the end, as Kafka clamps offsets).
+        info: Mapping[str, Any] = await redis.xinfo_stream(stream)
+        newest = _text(info["last-generated-id"])
+        if _id_key(target) > _id_key(newest):
+            now_ms = await _server_time_ms(redis)
+            if position.time_ms is None or position.time_ms > now_ms:
+                raise ValueError(
+                    f"--to {position.description} is after the newest entry of {stream!r} "
+                    f"({newest}); use 'end' to skip to the end"
+                )
+            target = newest
+    try:
+        await redis.xgroup_setid(stream, group, target)
+    except ResponseError as exc:
+        if str(exc).startswith("NOGROUP"):
+            raise NoSuchGroup(f"no group {group!r} on stream {stream!r}") from None
+        raise OperationError(f"Redis refused to move group {group!r}: {exc}") from None
+    after = await _find_group(redis, stream, group)
+    new_id = _text(after["last-delivered-id"])
+    lag, _source = await _lag(redis, stream, after, new_id)
+    return GroupReset(
+        stream=stream,
+        group=group,
+        previous_id=_text(before["last-delivered-id"]),
+        new_id=new_id,
+        pending=int(after["pending"]),
+        lag=lag,
+    )
+
+
+async def _find_group(redis: aioredis.Redis, stream: str, group: str) -> Mapping[str, Any]:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            raise NoSuchGroup(f"no stream {stream!r}, so no group {group!r} on it") from None
+        raise OperationError(f"cannot read the groups of {stream!r}: {exc}") from None
+    for info in groups:
+        if _text(info["name"]) == group:
+            return cast(Mapping[str, Any], info)
+    names = ", ".join(_text(g["name"]) for g in groups) or "none"
+    raise NoSuchGroup(f"no group {group!r} on stream {stream!r} (groups: {names})")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def preview(value: str, width: int = 80) -> str:
+    """``value`` on one printable line of at most ``width`` characters."""
+    printable = "".join(ch if ch.isprintable() else _escape(ch) for ch in value)
+    return printable if len(printable) <= width else printable[: width - 1] + "…"
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _dead_letter(raw_id: bytes, raw_fields: Mapping[bytes, bytes]) -> DeadLetter:
+    meta: dict[str, str] = {}
+    original: dict[str, str] = {}
+    for key, value in raw_fields.items():
+        name, text = _safe(key), _safe(value)
+        if name.startswith("dlq_"):
+            meta[name] = text
+        else:
+            original[name] = text
+    deliveries = meta.get("dlq_deliveries")
+    return DeadLetter(
+        id=_text(raw_id),
+        source_stream=meta.get("dlq_stream"),
+        source_id=meta.get("dlq_source_id"),
+        group=meta.get("dlq_group"),
+        consumer=meta.get("dlq_consumer"),
+        reason=meta.get("dlq_reason"),
+        deliveries=int(deliveries) if deliveries and deliveries.isdigit() else None,
+        time=meta.get("dlq_time"),
+        fields=original,
+    )
+
+
+def _safe(value: bytes | str) -> str:
+    # Dead letters are often junk by nature: never fail on bytes that are not UTF-8.
+    return value.decode("utf-8", errors="backslashreplace") if isinstance(value, bytes) else value
+
+
+async def _stream_length(redis: aioredis.Redis, key: str) -> int:
+    try:
+        return int(await redis.xlen(key))
+    except ResponseError as exc:
+        raise OperationError(f"key {key!r} is not a stream: {exc}") from None
+
+
+async def _server_time_ms(redis: aioredis.Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _format_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _unique(ids: Any) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _opt_text(value: object) -> str | None:
+    return None if value is None else _text(value)
