@@ -177,7 +177,7 @@ async def _wait_healthy(api_url: str, supervisor: Supervisor, within_s: float) -
         if time.monotonic() > deadline:
             api = supervisor.children[-1]
             raise CommandError(
-                f"the API did not become healthy in {timeout:.0f}s; see {api.log_path}"
+                f"the API did not become healthy in {within_s:.0f}s; see {api.log_path}"
             )
         await asyncio.sleep(0.1)
 
