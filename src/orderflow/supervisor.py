@@ -73,7 +73,10 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
+    #: Stopped on purpose: not restarted until started again.
+    paused: bool = False
     _log: IO[bytes] | None = field(default=None, repr=False)
+    resumed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def pid(self) -> int | None:
@@ -129,6 +132,9 @@ class Supervisor:
             code = await child.process.wait()
             if self._stopping:
                 return
+            if child.paused:
+                await child.resumed.wait()
+                continue
             # A child that keeps dying is restarted less and less often.
             quick = time.monotonic() - child.started_at < 5
             delay = min(10.0, 0.5 * 2 ** min(child.restarts, 5)) if quick else 0.5
@@ -145,6 +151,23 @@ class Supervisor:
                 return
             await child.start()
 
+    async def pause(self, name_prefix: str) -> list[Child]:
+        """Stop the children whose name starts with ``name_prefix`` (SIGTERM, graceful)."""
+        paused = [c for c in self.children if c.name.startswith(name_prefix)]
+        for child in paused:
+            child.paused = True
+            child.resumed.clear()
+            await _terminate(child, self.stop_timeout)
+        return paused
+
+    async def resume(self, name_prefix: str) -> None:
+        """Start paused children again."""
+        for child in self.children:
+            if child.name.startswith(name_prefix) and child.paused:
+                child.paused = False
+                await child.start()
+                child.resumed.set()
+
     def pids(self) -> list[int]:
         """The pids of the running children."""
         return [c.pid for c in self.children if c.pid is not None and c.process is not None]
@@ -156,17 +179,20 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         for child in reversed(self.children):
-            process = child.process
-            if process is None or process.returncode is not None:
-                child.close_log()
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), self.stop_timeout)
-            except TimeoutError:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, self.stop_timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+            await _terminate(child, self.stop_timeout)
             child.close_log()
+
+
+async def _terminate(child: Child, timeout: float) -> None:
+    process = child.process
+    if process is None or process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        log.warning("%s did not stop in %.0fs; killing it", child.name, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

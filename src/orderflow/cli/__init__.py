@@ -10,12 +10,12 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from orderflow.cli import email, ops, orders, pubsub, up
+from orderflow.cli import demo, email, ops, orders, pubsub, up
 from orderflow.cli.common import CommandError, UsageError
 from orderflow.config import ConfigError
 
 #: Modules that add a command group; each has ``register(subparsers)``.
-COMMAND_MODULES = [up, orders, email, ops, pubsub]
+COMMAND_MODULES = [up, demo, orders, email, ops, pubsub]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,11 +105,15 @@ async def start_stack(
             await _check_redis(redis_url)
 
         env = dict(os.environ)
+        # Children get the resolved configuration, whatever the environment said.
         env.update(
             ORDERFLOW_REDIS_URL=redis_url,
             ORDERFLOW_DATA_DIR=str(data_dir),
             ORDERFLOW_API_PORT=str(port),
+            ORDERFLOW_DATABASE_URL=settings.database_url_value,
         )
+        if settings.smtp_url is not None:
+            env["ORDERFLOW_SMTP_URL"] = settings.smtp_url.get_secret_value()
         logs = data_dir / "logs"
         children: list[Child] = []
         smtp_url: str | None = None
