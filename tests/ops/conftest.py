@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +55,6 @@ def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "it") -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def run_burst(url: str, stream: str, group: str, handler: Handler, **options: Any) -> WorkerStats:
     """Run a real StreamWorker in burst mode (drain, then return) on its own event loop."""
 
@@ -79,7 +69,7 @@ def run_burst(url: str, stream: str, group: str, handler: Handler, **options: An
     return asyncio.run(go())
 
 
-def entry_ids(rows: Sequence[tuple[bytes, Any]]) -> list[str]:
+def entry_ids(rows: Any) -> list[str]:
     """The ids of XRANGE rows, as text."""
     return [row[0].decode() for row in rows]
 

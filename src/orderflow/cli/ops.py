@@ -2,7 +2,16 @@
 
 Thin wrappers over :mod:`orderflow.operations`: they parse and check arguments (a bad
 one exits 2 before anything changes), print rich tables or ``--json``, and map a
-missing group or an unusable key to exit 1.
+missing group, an unknown dead-letter id or an unusable key to exit 1.
+
+``--json`` output (stable keys):
+
+- ``streams info``: ``{"redis": <URL, password redacted>, "streams": [<StreamInfo>...]}``,
+  each stream as documented in :mod:`orderflow.operations`.
+- ``dlq list``: ``{"stream", "dead_letter_stream", "total", "entries": [{"id",
+  "source_stream", "source_id", "group", "consumer", "reason", "deliveries", "time",
+  "fields", "preview"}]}``, oldest first; ``fields`` are the original fields (bytes that
+  are not UTF-8 escaped as ``\\xNN``), ``preview`` one printable line of the payload.
 """
 
 from __future__ import annotations
