@@ -1,0 +1,375 @@
+"""The Order Service's HTTP API (FastAPI), built by ``create_app``; nothing runs at import.
+
+``POST /orders`` validates strictly, then stores the order and its event in one
+transaction and wakes the relay; ``GET /orders/{id}`` shows the confirmation status;
+``GET /health`` and ``GET /metrics`` serve operators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import orjson
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from fastapi import FastAPI, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orderflow.bus import Retention, StreamWorker, connect, redact_url
+from orderflow.config import Settings, resolve_redis_url
+from orderflow.orders import metrics
+from orderflow.orders.database import Database
+from orderflow.orders.email_status import EmailStatusConsumer
+from orderflow.orders.reconcile import Reconciler
+from orderflow.orders.relay import OutboxRelay, RelayConfig
+from orderflow.orders.schema import MAX_ORDER_ID
+from orderflow.orders.store import OrderConflict, OrderStore
+from orderflow.orders.validation import (
+    MAX_BODY_BYTES,
+    BodyError,
+    OrderRequest,
+    field_errors,
+    parse_body,
+    validate_idempotency_key,
+    validate_order,
+)
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+#: Seconds a health check waits for Redis or the database.
+HEALTH_TIMEOUT_S = 2.0
+
+
+@dataclass(slots=True)
+class OrderRuntime:
+    """The running pieces behind the API, created by the app's lifespan."""
+
+    settings: Settings
+    db: Database
+    store: OrderStore
+    redis: aioredis.Redis
+    relay: OutboxRelay
+    relay_running: bool = False
+    email_worker: StreamWorker | None = None
+    reconciler: Reconciler | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def notify_relay(self) -> None:
+        """Wake the in-process relay, if it runs, after a commit."""
+        if self.relay_running:
+            self.relay.notify()
+
+
+class Problem(Exception):
+    """An RFC 9457 problem answered as ``application/problem+json``."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        errors: list[dict[str, str]] | None = None,
+        kind: str = "about:blank",
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = errors
+        self.kind = kind
+
+    def response(self, instance: str | None = None) -> Response:
+        """The HTTP response of this problem."""
+        body: dict[str, Any] = {
+            "type": self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return Response(orjson.dumps(body), status_code=self.status, media_type=PROBLEM_JSON)
+
+
+def invalid(errors: list[dict[str, str]]) -> Problem:
+    """422 naming every invalid field."""
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return Problem(
+        422, "Invalid request", detail, errors=errors, kind="urn:orderflow:problem:validation"
+    )
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise invalid([{"field": "body", "message": f"is over {MAX_BODY_BYTES} bytes"}])
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise invalid([{"field": "body", "message": f"is over {MAX_BODY_BYTES} bytes"}])
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _order_schema() -> dict[str, Any]:
+    schema = OrderRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: aioredis.Redis | None = None,
+    database: Database | None = None,
+    run_relay: bool = True,
+    run_email_status: bool = True,
+    run_reconciler: bool = True,
+    relay_config: RelayConfig | None = None,
+) -> FastAPI:
+    """The Order Service app. Its lifespan migrates the database and, unless told not
+    to, runs the outbox relay, the email-status consumer and the reconciler.
+
+    ``redis`` and ``database`` given by the caller are used and left open.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = database or Database(settings.database_url_value)
+        client = redis
+        try:
+            await db.run(db.migrate)
+            if client is None:
+                url = resolve_redis_url(settings)
+                # A socket timeout, so a hung Redis fails a publish instead of freezing it.
+                client = connect(url, socket_timeout=10)
+                log.info("order service using Redis at %s", redact_url(url))
+            runtime = _start(
+                app, settings, db, client, run_relay, run_email_status, run_reconciler, relay_config
+            )
+            try:
+                yield
+            finally:
+                await _stop(runtime)
+        finally:
+            if redis is None and client is not None:
+                await client.aclose()
+            if database is None:
+                db.close()
+
+    app = FastAPI(
+        title="orderflow Order Service",
+        version="1",
+        lifespan=lifespan,
+        description="Takes orders; their events reach Redis through a transactional outbox.",
+    )
+    _routes(app)
+    return app
+
+
+def _start(
+    app: FastAPI,
+    settings: Settings,
+    db: Database,
+    client: aioredis.Redis,
+    run_relay: bool,
+    run_email_status: bool,
+    run_reconciler: bool,
+    relay_config: RelayConfig | None,
+) -> OrderRuntime:
+    store = OrderStore(db, stream=settings.stream)
+    if relay_config is None:
+        channel = settings.channel if settings.transport == "pubsub" else None
+        relay_config = RelayConfig(channel=channel)
+    relay = OutboxRelay(
+        store, client, config=relay_config, retention=Retention(maxlen=settings.stream_maxlen)
+    )
+    runtime = OrderRuntime(settings=settings, db=db, store=store, redis=client, relay=relay)
+    if run_relay:
+        runtime.relay_running = True
+        runtime.tasks.append(asyncio.create_task(relay.run(), name="orderflow-relay"))
+    if run_email_status:
+        runtime.email_worker = EmailStatusConsumer(store).worker(client, settings)
+        runtime.tasks.append(
+            asyncio.create_task(runtime.email_worker.run(), name="orderflow-email-status")
+        )
+    if run_reconciler:
+        runtime.reconciler = Reconciler(
+            store, after_s=settings.reconcile_after_s, on_queued=runtime.notify_relay
+        )
+        runtime.tasks.append(
+            asyncio.create_task(runtime.reconciler.run(), name="orderflow-reconciler")
+        )
+    app.state.orders = runtime
+    return runtime
+
+
+async def _stop(runtime: OrderRuntime) -> None:
+    runtime.relay.stop()
+    if runtime.email_worker is not None:
+        runtime.email_worker.stop()
+    if runtime.reconciler is not None:
+        runtime.reconciler.stop()
+    results = await asyncio.gather(*runtime.tasks, return_exceptions=True)
+    for task, result in zip(runtime.tasks, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("%s failed", task.get_name(), exc_info=result)
+
+
+def _runtime(request: Request) -> OrderRuntime:
+    runtime: OrderRuntime = request.app.state.orders
+    return runtime
+
+
+def _routes(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        return exc.response(request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            if loc and loc[0] in ("path", "query", "header", "body"):
+                loc = loc[1:] or loc
+            errors.append({"field": ".".join(loc) or "request", "message": str(err.get("msg"))})
+        return invalid(errors).response(request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        title = str(exc.detail)
+        return Problem(exc.status_code, title, title).response(request.url.path)
+
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def _database(request: Request, exc: sa.exc.SQLAlchemyError) -> Response:
+        log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+        return Problem(
+            503,
+            "Database unavailable",
+            "the database failed; nothing was stored, retry later (with the same Idempotency-Key)",
+        ).response(request.url.path)
+
+    @app.post(
+        "/orders",
+        status_code=201,
+        summary="Create an order (idempotent by Idempotency-Key or client id)",
+        responses={
+            201: {"description": "The order (also on a replay of the same request)"},
+            409: {"description": "The id or key belongs to a different request"},
+            422: {"description": "Invalid input", "content": {PROBLEM_JSON: {}}},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _order_schema()}},
+            }
+        },
+    )
+    async def create_order(
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> Response:
+        """Store the order and its ``order.created`` event in one transaction."""
+        runtime = _runtime(request)
+        content_type = request.headers.get("content-type", "application/json")
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            metrics.ORDERS_REJECTED.labels("validation").inc()
+            raise invalid([{"field": "content-type", "message": "must be application/json"}])
+        try:
+            order_request = validate_order(parse_body(await _read_body(request)))
+            key = validate_idempotency_key(idempotency_key) if idempotency_key is not None else None
+        except BodyError as exc:
+            metrics.ORDERS_REJECTED.labels("validation").inc()
+            raise invalid([{"field": "body", "message": str(exc)}]) from None
+        except ValidationError as exc:
+            metrics.ORDERS_REJECTED.labels("validation").inc()
+            raise invalid(field_errors(exc)) from None
+        except ValueError as exc:
+            metrics.ORDERS_REJECTED.labels("validation").inc()
+            raise invalid([{"field": "Idempotency-Key", "message": str(exc)}]) from None
+        except Problem:
+            metrics.ORDERS_REJECTED.labels("validation").inc()
+            raise
+        try:
+            result = await runtime.db.run(runtime.store.create, order_request, idempotency_key=key)
+        except OrderConflict as exc:
+            metrics.ORDERS_REJECTED.labels("conflict").inc()
+            raise Problem(
+                409, "Conflict", str(exc), kind="urn:orderflow:problem:conflict"
+            ) from None
+        headers = {"Location": f"/orders/{result.order.id}"}
+        if result.created:
+            metrics.ORDERS_CREATED.inc()
+            runtime.notify_relay()
+        else:
+            metrics.ORDER_REPLAYS.inc()
+            headers["Idempotent-Replayed"] = "true"
+        return _json(result.order.to_json(), 201, headers)
+
+    @app.get("/orders/{order_id}", summary="An order and its confirmation email status")
+    async def get_order(
+        request: Request, order_id: Annotated[int, Path(ge=1, le=MAX_ORDER_ID)]
+    ) -> Response:
+        """The order, with ``email_status`` (pending, sent, failed) and its time."""
+        runtime = _runtime(request)
+        order = await runtime.db.run(runtime.store.get, order_id)
+        if order is None:
+            raise Problem(404, "Not found", f"no order {order_id}")
+        return _json(order.to_json())
+
+    @app.get("/health", summary="Redis and the database reachable")
+    async def health(request: Request) -> Response:
+        """200 when Redis and the database answer, else 503 naming what is down."""
+        runtime = _runtime(request)
+        redis_check, db_check = await asyncio.gather(
+            _check(runtime.redis.ping()), _check(runtime.db.run(runtime.db.ping))
+        )
+        healthy = redis_check == "ok" and db_check == "ok"
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "redis": redis_check,
+            "database": db_check,
+            "relay": "running" if runtime.relay_running else "off",
+        }
+        return _json(body, 200 if healthy else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus(request: Request) -> Response:
+        """Orders, the outbox backlog and the bus's metrics, in Prometheus text format."""
+        runtime = _runtime(request)
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            metrics.OUTBOX_BACKLOG.set(await runtime.db.run(runtime.store.backlog))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _check(call: Awaitable[Any]) -> str:
+    try:
+        await asyncio.wait_for(call, HEALTH_TIMEOUT_S)
+    except TimeoutError:
+        return "down: no answer in time"
+    except Exception as exc:
+        return f"down: {type(exc).__name__}"
+    return "ok"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the Order Service's schema, applied by ``Database.migrate()``."""

@@ -1,0 +1,253 @@
+"""The outbox relay: publishes stored events to Redis, in batches, in creation order.
+
+A row leaves the outbox only after Redis accepted its entry (at-least-once). Several
+relays may run: on PostgreSQL they take disjoint batches (``FOR UPDATE SKIP LOCKED``);
+on SQLite, which has a single writer anyway, one relay at a time holds a lease row
+and the others stand by until it expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+
+from orderflow.bus import Message, PubSubPublisher, Retention, StreamPublisher
+from orderflow.bus import metrics as bus_metrics
+from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
+from orderflow.orders import metrics
+from orderflow.orders.store import NOTIFY_CHANNEL, ClaimedBatch, OrderStore, OutboxRow
+
+log = logging.getLogger(__name__)
+
+#: Errors after which the relay waits and tries again: Redis or the database is away.
+_RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, sa.exc.DBAPIError)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """How the relay batches, waits and retries; validated on construction."""
+
+    #: Most events in one pipelined XADD round trip (and one DB transaction).
+    batch_size: int = 500
+    #: Shortest and longest wait between two looks at the outbox when nothing woke
+    #: the relay: short right after work, doubling while idle (no busy polling).
+    min_poll_s: float = 0.02
+    max_poll_s: float = 0.5
+    #: SQLite: how long a relay's lease lasts without renewal (a dead relay's
+    #: successor waits this long).
+    lease_ttl_s: float = 15.0
+    #: Longest wait between two tries while Redis or the database is down.
+    retry_max_s: float = 2.0
+    #: Pub/Sub mode: also PUBLISH each order on this channel.
+    channel: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"RelayConfig.batch_size must be at least 1, got {self.batch_size}")
+        if not 0 < self.min_poll_s <= self.max_poll_s:
+            raise ValueError("RelayConfig needs 0 < min_poll_s <= max_poll_s")
+        if self.lease_ttl_s <= self.max_poll_s * 2:
+            raise ValueError("RelayConfig.lease_ttl_s must exceed twice max_poll_s")
+        if self.retry_max_s <= 0:
+            raise ValueError("RelayConfig.retry_max_s must be positive")
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What one relay did."""
+
+    published: int = 0
+    batches: int = 0
+    errors: int = 0
+
+
+class OutboxRelay:
+    """Moves outbox rows to their stream; ``notify()`` wakes it after a commit."""
+
+    def __init__(
+        self,
+        store: OrderStore,
+        redis: aioredis.Redis,
+        *,
+        config: RelayConfig | None = None,
+        retention: Retention | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config or RelayConfig()
+        self._redis = redis
+        self._publisher = StreamPublisher(redis, retention=retention)
+        self._pubsub = PubSubPublisher(redis)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stats = RelayStats()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._lease_until = 0.0
+        self._started = asyncio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        """SQLite: whether this relay holds the lease (always True on PostgreSQL)."""
+        return not self.store.db.is_sqlite or self._lease_until > time.time()
+
+    def notify(self) -> None:
+        """New rows were committed: look at the outbox now (call from the event loop)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop after the current batch."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def wait_started(self) -> None:
+        """Return once the relay's loop runs."""
+        await self._started.wait()
+
+    async def run(self) -> None:
+        """Publish whatever appears in the outbox until ``stop()``, surviving outages."""
+        listener = None
+        if not self.store.db.is_sqlite:
+            listener = asyncio.create_task(self._listen(), name="orderflow-relay-listen")
+        poll = self.config.min_poll_s
+        failures = 0
+        self._started.set()
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                try:
+                    published = await self.publish_pending()
+                    failures = 0
+                except _RETRYABLE as exc:
+                    failures += 1
+                    await self._failed(exc, failures)
+                    continue
+                poll = (
+                    self.config.min_poll_s if published else min(poll * 2, self.config.max_poll_s)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            await self.close()
+
+    async def publish_pending(self) -> int:
+        """Publish every pending event now (if this relay may); returns how many.
+
+        Raises the Redis or database error that stopped it; what was not published
+        stays in the outbox.
+        """
+        total = 0
+        db = self.store.db
+        while True:
+            if db.is_sqlite and not await self._hold_lease():
+                return total
+            batch = await db.run(self.store.claim, self.config.batch_size)
+            if not batch.rows:
+                return total
+            try:
+                await self._publish(batch.rows)
+            except BaseException:
+                # Unlocks the rows on PostgreSQL at once (a quick rollback), even
+                # when cancelled, so another relay can take them.
+                self.store.abandon(batch)
+                raise
+            await self._complete(batch)
+            count = len(batch.rows)
+            total += count
+            self.stats.published += count
+            self.stats.batches += 1
+            metrics.OUTBOX_RELAYED.inc(count)
+            if count < self.config.batch_size:
+                return total
+
+    async def _complete(self, batch: ClaimedBatch) -> None:
+        try:
+            await self.store.db.run(self.store.complete, batch)
+        except BaseException:
+            self.store.abandon(batch)
+            raise
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        # Consecutive rows of the same stream go out in one pipeline, in order.
+        start = 0
+        while start < len(rows):
+            stream = rows[start].stream
+            end = start
+            while end < len(rows) and rows[end].stream == stream:
+                end += 1
+            messages: list[Message] = [row.message for row in rows[start:end]]
+            await self._publisher.publish_many(stream, messages)
+            if self.config.channel is not None:
+                await self._pubsub.publish_many(self.config.channel, messages)
+            start = end
+
+    async def _hold_lease(self) -> bool:
+        now = time.time()
+        ttl = self.config.lease_ttl_s
+        # Renew once a third of the lease has passed: not a write per batch.
+        if self._lease_until - now > ttl * 2 / 3:
+            return True
+        if await self.store.db.run(self.store.acquire_lease, self.name, ttl):
+            if self._lease_until <= now:
+                log.info("relay %s holds the outbox lease", self.name)
+            self._lease_until = now + ttl
+            return True
+        self._lease_until = 0.0
+        return False
+
+    async def close(self) -> None:
+        """Give up the SQLite lease so another relay can take over at once."""
+        if self.store.db.is_sqlite and self._lease_until > 0:
+            self._lease_until = 0.0
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                await self.store.db.run(self.store.release_lease, self.name)
+
+    async def _failed(self, exc: BaseException, failures: int) -> None:
+        self.stats.errors += 1
+        if isinstance(exc, TRANSIENT_REDIS_ERRORS):
+            bus_metrics.REDIS_ERRORS.labels("relay").inc()
+        delay = min(self.config.retry_max_s, 0.05 * 2 ** min(failures, 10))
+        delay = random.uniform(delay / 2, delay)
+        if failures == 1 or failures % 20 == 0:
+            log.warning(
+                "relay cannot publish (%s: %s); events stay in the outbox; retrying in %.2fs",
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _listen(self) -> None:
+        """PostgreSQL: LISTEN for commits of other processes, to wake at once."""
+        import psycopg
+
+        url = self.store.db.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    failures = 0
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                failures += 1
+                log.debug("relay LISTEN connection failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stopping.wait(), min(5.0, 0.1 * 2 ** min(failures, 6))
+                    )

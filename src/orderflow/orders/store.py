@@ -1,0 +1,465 @@
+"""Orders and their outbox: every write here is one transaction, run in a thread.
+
+The order row, its outbox row (the ``order.created`` event, wire format v1) and its
+idempotency key commit together or not at all; the relay later publishes the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from orderflow.bus import Message
+from orderflow.bus.message import dumps
+from orderflow.orders.database import Database
+from orderflow.orders.schema import (
+    EMAIL_FAILED,
+    EMAIL_PENDING,
+    EMAIL_SENT,
+    OUTBOX_LEASE,
+    idempotency_keys,
+    orders,
+    outbox,
+    relay_lease,
+)
+from orderflow.orders.validation import OrderRequest
+
+log = logging.getLogger(__name__)
+
+#: CloudEvents source of the events this service publishes.
+SOURCE = "orderflow/orders"
+ORDER_CREATED = "order.created"
+#: PostgreSQL NOTIFY channel that wakes relays in other processes on new outbox rows.
+NOTIFY_CHANNEL = "orderflow_outbox"
+
+
+class OrderConflict(Exception):
+    """The order id or idempotency key already belongs to a different request."""
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """An order as stored, with its confirmation email status."""
+
+    id: int
+    email: str
+    total: Decimal
+    currency: str
+    items: list[dict[str, Any]]
+    created_at: datetime
+    email_status: str = EMAIL_PENDING
+    email_status_at: datetime | None = None
+    email_reason: str | None = None
+    email_message_id: str | None = None
+    last_published_at: datetime | None = None
+    publish_count: int = 0
+
+    def event_data(self) -> dict[str, Any]:
+        """The ``order.created`` payload of wire format v1."""
+        return {
+            "id": self.id,
+            "email": self.email,
+            "total": str(self.total),
+            "currency": self.currency,
+            "items": self.items,
+            "created_at": self.created_at.isoformat(),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The order as the HTTP API and the CLI show it."""
+        return {
+            **self.event_data(),
+            "email_status": self.email_status,
+            "email_status_at": _iso(self.email_status_at),
+            "email_reason": self.email_reason,
+            "email_message_id": self.email_message_id,
+            "last_published_at": _iso(self.last_published_at),
+            "publish_count": self.publish_count,
+        }
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Order:
+        """Build from an ``orders`` row."""
+        m = row._mapping
+        return cls(
+            id=int(m["id"]),
+            email=m["email"],
+            total=m["total"],
+            currency=m["currency"],
+            items=list(m["items"] or []),
+            created_at=m["created_at"],
+            email_status=m["email_status"],
+            email_status_at=m["email_status_at"],
+            email_reason=m["email_reason"],
+            email_message_id=m["email_message_id"],
+            last_published_at=m["last_published_at"],
+            publish_count=int(m["publish_count"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """The order, and whether this call created it (False: a replay of the same request)."""
+
+    order: Order
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One event waiting to be published."""
+
+    id: int
+    stream: str
+    order_id: int | None
+    message: Message
+
+
+@dataclass(slots=True)
+class ClaimedBatch:
+    """Outbox rows one relay publishes; on PostgreSQL they stay row-locked until done."""
+
+    rows: list[OutboxRow]
+    conn: Connection | None = None
+    transaction: sa.engine.RootTransaction | None = None
+    _closed: bool = field(default=False)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def order_event(order: Order) -> Message:
+    """A fresh ``order.created`` event of ``order`` (a new event id each time)."""
+    return Message.event(ORDER_CREATED, order.event_data(), source=SOURCE)
+
+
+class OrderStore:
+    """Reads and writes orders, idempotency keys and the outbox."""
+
+    def __init__(self, db: Database, *, stream: str) -> None:
+        self.db = db
+        self.stream = stream
+
+    # -- orders ----------------------------------------------------------------------
+
+    def create(self, request: OrderRequest, *, idempotency_key: str | None = None) -> CreateResult:
+        """Create the order and its event in one transaction, or replay an earlier one.
+
+        Raises OrderConflict when the key or the client's id belongs to another request.
+        """
+        fingerprint = request.fingerprint()
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.db.write() as conn:
+                    replay = self._find_replay(conn, request, idempotency_key, fingerprint)
+                    if replay is not None:
+                        return CreateResult(replay, created=False)
+                    order = self._insert(conn, request, fingerprint)
+                    if idempotency_key is not None:
+                        self._remember_key(conn, idempotency_key, order.id, fingerprint)
+                    return CreateResult(order, created=True)
+            except sa.exc.IntegrityError:
+                # A concurrent request took the same key or id between our check and
+                # insert (or a client id got ahead of PostgreSQL's sequence): look again.
+                if attempt == attempts:
+                    raise
+                log.debug("integrity error creating an order; retrying (attempt %d)", attempt)
+        raise AssertionError("unreachable")
+
+    def _find_replay(
+        self,
+        conn: Connection,
+        request: OrderRequest,
+        key: str | None,
+        fingerprint: str,
+    ) -> Order | None:
+        if key is not None:
+            row = conn.execute(
+                sa.select(idempotency_keys).where(idempotency_keys.c.key == key)
+            ).first()
+            if row is not None:
+                if row.fingerprint != fingerprint:
+                    raise OrderConflict("Idempotency-Key was already used for a different request")
+                order = self._get(conn, int(row.order_id))
+                if order is None:  # pragma: no cover - orders are never deleted
+                    raise OrderConflict("Idempotency-Key refers to a missing order")
+                return order
+        if request.id is None:
+            return None
+        existing = conn.execute(
+            sa.select(orders.c.fingerprint).where(orders.c.id == request.id)
+        ).first()
+        if existing is None:
+            return None
+        if existing.fingerprint != fingerprint:
+            raise OrderConflict(f"order {request.id} already exists with different details")
+        if key is not None:
+            self._remember_key(conn, key, request.id, fingerprint)
+        return self._get(conn, request.id)
+
+    def _insert(self, conn: Connection, request: OrderRequest, fingerprint: str) -> Order:
+        created_at = _now()
+        items = [item.wire() for item in request.items]
+        values: dict[str, Any] = {
+            "email": request.email,
+            "total": request.total,
+            "currency": request.currency,
+            "items": items,
+            "created_at": created_at,
+            "fingerprint": fingerprint,
+            "email_status": EMAIL_PENDING,
+            "publish_count": 0,
+        }
+        if request.id is not None:
+            values["id"] = request.id
+        result = conn.execute(sa.insert(orders).values(**values))
+        primary_key = result.inserted_primary_key
+        assert primary_key is not None
+        order_id = int(primary_key[0])
+        if request.id is not None and not self.db.is_sqlite:
+            # Keep the sequence ahead of ids clients chose, so assigned ids avoid them.
+            conn.execute(
+                sa.text(
+                    "SELECT setval(pg_get_serial_sequence('orders', 'id'), "
+                    "GREATEST(:id, nextval(pg_get_serial_sequence('orders', 'id'))))"
+                ),
+                {"id": order_id},
+            )
+        order = Order(
+            id=order_id,
+            email=request.email,
+            total=request.total,
+            currency=request.currency,
+            items=items,
+            created_at=created_at,
+        )
+        self._enqueue(conn, [(order.id, order_event(order))], created_at)
+        return order
+
+    def _remember_key(self, conn: Connection, key: str, order_id: int, fingerprint: str) -> None:
+        conn.execute(
+            sa.insert(idempotency_keys).values(
+                key=key, order_id=order_id, fingerprint=fingerprint, created_at=_now()
+            )
+        )
+
+    def _enqueue(
+        self, conn: Connection, events: Sequence[tuple[int | None, Message]], now: datetime
+    ) -> None:
+        conn.execute(
+            sa.insert(outbox),
+            [
+                {
+                    "stream": self.stream,
+                    "event_id": message.id,
+                    "order_id": order_id,
+                    "headers": orjson.dumps(dict(message.headers)).decode(),
+                    "data": dumps(message.data).decode(),
+                    "created_at": now,
+                }
+                for order_id, message in events
+            ],
+        )
+        if not self.db.is_sqlite:
+            # Delivered at commit: relays in other processes wake at once.
+            conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    def get(self, order_id: int) -> Order | None:
+        """The order with this id, or None."""
+        with self.db.read() as conn:
+            return self._get(conn, order_id)
+
+    @staticmethod
+    def _get(conn: Connection, order_id: int) -> Order | None:
+        row = conn.execute(sa.select(orders).where(orders.c.id == order_id)).first()
+        return Order.from_row(row) if row is not None else None
+
+    def set_email_status(
+        self,
+        order_id: int,
+        status: str,
+        *,
+        at: datetime,
+        reason: str | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Record a confirmation outcome; ``sent`` is final and never regresses.
+
+        Returns ``updated``, ``unchanged`` (already sent) or ``unknown`` (no such order).
+        """
+        if status not in (EMAIL_SENT, EMAIL_FAILED):
+            raise ValueError(f"email status must be sent or failed, not {status!r}")
+        with self.db.write() as conn:
+            result = conn.execute(
+                sa.update(orders)
+                .where(orders.c.id == order_id, orders.c.email_status != EMAIL_SENT)
+                .values(
+                    email_status=status,
+                    email_status_at=at,
+                    email_reason=reason,
+                    email_message_id=message_id,
+                )
+            )
+            if result.rowcount:
+                return "updated"
+            exists = conn.execute(sa.select(orders.c.id).where(orders.c.id == order_id)).first()
+            return "unchanged" if exists is not None else "unknown"
+
+    def republish_due(
+        self, *, older_than_s: float, now: datetime | None = None, limit: int = 500
+    ) -> list[int]:
+        """Queue a new event for each order still pending ``older_than_s`` after its last
+        publish; returns their ids. The order's ``last_published_at`` is cleared until
+        the relay has published again, so it is not queued twice meanwhile."""
+        now = now or _now()
+        cutoff = now - timedelta(seconds=older_than_s)
+        with self.db.write() as conn:
+            query = (
+                sa.select(orders)
+                .where(
+                    orders.c.email_status == EMAIL_PENDING,
+                    orders.c.last_published_at.is_not(None),
+                    orders.c.last_published_at <= cutoff,
+                )
+                .order_by(orders.c.id)
+                .limit(limit)
+            )
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            due = [Order.from_row(row) for row in conn.execute(query)]
+            if not due:
+                return []
+            ids = [order.id for order in due]
+            self._enqueue(conn, [(order.id, order_event(order)) for order in due], now)
+            conn.execute(
+                sa.update(orders).where(orders.c.id.in_(ids)).values(last_published_at=None)
+            )
+            return ids
+
+    # -- outbox ----------------------------------------------------------------------
+
+    def backlog(self) -> int:
+        """Events waiting in the outbox."""
+        with self.db.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> bool:
+        """Take or renew the SQLite relay lease; True if ``holder`` has it now."""
+        now = time.time()
+        with self.db.write() as conn:
+            result = conn.execute(
+                sa.update(relay_lease)
+                .where(
+                    relay_lease.c.name == OUTBOX_LEASE,
+                    sa.or_(
+                        relay_lease.c.holder == holder,
+                        relay_lease.c.holder.is_(None),
+                        relay_lease.c.expires_at < now,
+                    ),
+                )
+                .values(holder=holder, expires_at=now + ttl_s)
+            )
+            return bool(result.rowcount)
+
+    def release_lease(self, holder: str) -> None:
+        """Give the lease up at once (another relay need not wait for it to expire)."""
+        with self.db.write() as conn:
+            conn.execute(
+                sa.update(relay_lease)
+                .where(relay_lease.c.name == OUTBOX_LEASE, relay_lease.c.holder == holder)
+                .values(holder=None, expires_at=0.0)
+            )
+
+    def claim(self, limit: int) -> ClaimedBatch:
+        """The oldest pending events, at most ``limit``.
+
+        On PostgreSQL they are locked (``FOR UPDATE SKIP LOCKED``) until ``complete`` or
+        ``abandon``, so concurrent relays take disjoint batches. On SQLite the caller
+        holds the relay lease instead.
+        """
+        query = sa.select(outbox).order_by(outbox.c.id).limit(limit)
+        if self.db.is_sqlite:
+            with self.db.read() as conn:
+                return ClaimedBatch(rows=[_outbox_row(r) for r in conn.execute(query)])
+        conn = self.db.engine.connect()
+        try:
+            transaction = conn.begin()
+            rows = [_outbox_row(r) for r in conn.execute(query.with_for_update(skip_locked=True))]
+        except BaseException:
+            conn.close()
+            raise
+        if not rows:
+            transaction.rollback()
+            conn.close()
+            return ClaimedBatch(rows=[])
+        return ClaimedBatch(rows=rows, conn=conn, transaction=transaction)
+
+    def complete(self, batch: ClaimedBatch) -> None:
+        """Remove published events and stamp their orders' publish time."""
+        if batch._closed or not batch.rows:
+            return
+        batch._closed = True
+        ids = [row.id for row in batch.rows]
+        order_ids = sorted({row.order_id for row in batch.rows if row.order_id is not None})
+        if batch.conn is not None:
+            try:
+                self._mark(batch.conn, ids, order_ids)
+                assert batch.transaction is not None
+                batch.transaction.commit()
+            finally:
+                batch.conn.close()
+            return
+        with self.db.write() as conn:
+            self._mark(conn, ids, order_ids)
+
+    @staticmethod
+    def _mark(conn: Connection, ids: list[int], order_ids: list[int]) -> None:
+        now = _now()
+        conn.execute(sa.delete(outbox).where(outbox.c.id.in_(ids)))
+        if order_ids:
+            conn.execute(
+                sa.update(orders)
+                .where(orders.c.id.in_(order_ids))
+                .values(last_published_at=now, publish_count=orders.c.publish_count + 1)
+            )
+
+    def abandon(self, batch: ClaimedBatch) -> None:
+        """Leave the events pending (unlocking them on PostgreSQL)."""
+        if batch._closed:
+            return
+        batch._closed = True
+        if batch.conn is not None:
+            try:
+                if batch.transaction is not None and batch.transaction.is_active:
+                    batch.transaction.rollback()
+            finally:
+                batch.conn.close()
+
+
+def _outbox_row(row: Row[Any]) -> OutboxRow:
+    m = row._mapping
+    message = Message(
+        data=orjson.loads(m["data"]), headers=orjson.loads(m["headers"]), id=m["event_id"]
+    )
+    order_id = m["order_id"]
+    return OutboxRow(
+        id=int(m["id"]),
+        stream=m["stream"],
+        order_id=int(order_id) if order_id is not None else None,
+        message=message,
+    )

@@ -1,0 +1,150 @@
+"""Fixtures of the Order Service tests: databases (SQLite and PostgreSQL), apps, helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from orderflow.config import Settings
+from orderflow.orders import create_app
+from orderflow.orders.api import OrderRuntime
+from orderflow.orders.schema import idempotency_keys, orders, outbox
+
+
+def create_test_database(admin_url: str) -> str:
+    """Create an empty PostgreSQL database next to ``admin_url``; returns its URL."""
+    name = f"orderflow_orders_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{admin_url.rsplit('/', 1)[0]}/{name}"
+
+
+def drop_test_database(admin_url: str, url: str) -> None:
+    """Drop a database made by ``create_test_database``."""
+    name = url.rsplit("/", 1)[1]
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh database: SQLite in the test's directory, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/orders.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, tmp_path: Any) -> Settings:
+    """Settings on the shared test Redis and this test's database."""
+    return Settings(redis_url=redis_url, database_url=database_url, data_dir=tmp_path)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Api:
+    """A running app and an HTTP client on it (in process, lifespan included)."""
+
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def runtime(self) -> OrderRuntime:
+        """The app's store, relay and database."""
+        runtime: OrderRuntime = self.app.state.orders
+        return runtime
+
+    async def post(self, body: Any, *, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """POST /orders with ``body`` as JSON (or raw bytes)."""
+        headers = dict(kwargs.pop("headers", {}))
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        headers.setdefault("content-type", "application/json")
+        return await self.client.post("/orders", content=content, headers=headers, **kwargs)
+
+    async def counts(self) -> dict[str, int]:
+        """Rows in orders, outbox and idempotency_keys."""
+        db = self.runtime.db
+
+        def count() -> dict[str, int]:
+            with db.read() as conn:
+                return {
+                    table.name: int(
+                        conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+                    )
+                    for table in (orders, outbox, idempotency_keys)
+                }
+
+        return await db.run(count)
+
+
+@asynccontextmanager
+async def running_api(settings: Settings, **options: Any) -> AsyncIterator[Api]:
+    """The app with its lifespan (background loops off unless asked for) and a client."""
+    options.setdefault("run_relay", False)
+    options.setdefault("run_email_status", False)
+    options.setdefault("run_reconciler", False)
+    app = create_app(settings, **options)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orders.test") as client:
+            yield Api(app, client)
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    """The app with no background loops: tests drive the relay themselves."""
+    async with running_api(settings) as running:
+        yield running
+
+
+async def stream_events(redis: aioredis.Redis, stream: str = "orders") -> list[dict[str, Any]]:
+    """The decoded ``data`` of every entry of ``stream``, oldest first."""
+    entries = await redis.xrange(stream)
+    return [orjson.loads(fields[b"data"]) for _, fields in entries]
+
+
+def order_body(n: int = 1, **overrides: Any) -> dict[str, Any]:
+    """A valid order body."""
+    body: dict[str, Any] = {"email": f"buyer{n}@example.com", "total": "100.00"}
+    body.update(overrides)
+    return body
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Await ``check()`` until it is True."""
+    await wait_until(check, timeout)
