@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from orderflow.config import Settings
 from orderflow.orders import create_app
@@ -52,10 +53,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return url
 
 
+def make_settings(database_url: str, redis_url: str, data_dir: Any, **options: Any) -> Settings:
+    """Settings on these servers (other options as given)."""
+    return Settings(
+        redis_url=SecretStr(redis_url),
+        database_url=SecretStr(database_url),
+        data_dir=data_dir,
+        **options,
+    )
+
+
 @pytest.fixture
 def settings(database_url: str, redis_url: str, tmp_path: Any) -> Settings:
     """Settings on the shared test Redis and this test's database."""
-    return Settings(redis_url=redis_url, database_url=database_url, data_dir=tmp_path)
+    return make_settings(database_url, redis_url, tmp_path)
 
 
 async def wait_until(

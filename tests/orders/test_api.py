@@ -1,0 +1,257 @@
+"""The HTTP API: creating and reading orders, idempotency, atomicity, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from orderflow.embedded.redis_server import RedisServer
+
+from .conftest import Api, make_settings, order_body, running_api, stream_events
+
+with_redis_server = pytest.mark.usefixtures("redis_server")
+
+
+async def test_create_then_get(api: Api, aredis: Any) -> None:
+    response = await api.post(order_body(items=[{"name": "mug", "quantity": 2}]))
+
+    assert response.status_code == 201, response.text
+    order = response.json()
+    assert response.headers["location"] == f"/orders/{order['id']}"
+    assert "idempotent-replayed" not in response.headers
+    assert order["email_status"] == "pending"
+    fetched = await api.client.get(response.headers["location"])
+    assert fetched.status_code == 200
+    assert fetched.json() == order
+
+    assert await api.runtime.relay.publish_pending() == 1
+    entries = await aredis.xrange("orders")
+    assert len(entries) == 1
+    _, fields = entries[0]
+    assert fields[b"ce_type"] == b"order.created"
+    assert fields[b"ce_source"] == b"orderflow/orders"
+    (event,) = await stream_events(aredis)
+    assert event == {
+        key: order[key] for key in ("id", "email", "total", "currency", "items", "created_at")
+    }
+    assert event["total"] == "100.00"
+
+
+async def test_get_unknown_and_malformed_ids(api: Api) -> None:
+    missing = await api.client.get("/orders/424242")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+
+    malformed = await api.client.get("/orders/abc")
+    assert malformed.status_code == 422
+    assert malformed.json()["errors"][0]["field"] == "order_id"
+
+
+async def test_valid_order_is_normalised_exactly(api: Api, aredis: Any) -> None:
+    body = (
+        b'{"email": "Alice@EXAMPLE.com", "total": 19.99, "currency": "eur",'
+        b' "items": [{"name": "book", "quantity": 2, "price": 9.99}]}'
+    )
+    response = await api.post(body)
+
+    assert response.status_code == 201, response.text
+    order = response.json()
+    assert order["email"] == "Alice@example.com"
+    assert order["total"] == "19.99"
+    assert order["currency"] == "EUR"
+    assert order["items"] == [{"name": "book", "quantity": 2, "price": "9.99"}]
+    assert await api.runtime.relay.publish_pending() == 1
+    (event,) = await stream_events(aredis)
+    assert event["total"] == "19.99"
+
+
+@pytest.mark.parametrize("total", ["100", "100.0", "100.00", 100])
+async def test_total_spellings_are_the_same_amount(api: Api, total: Any) -> None:
+    response = await api.post(order_body(total=total))
+    assert response.status_code == 201
+    assert response.json()["total"] == "100.00"
+
+
+async def test_largest_total_is_exact(api: Api) -> None:
+    response = await api.post(order_body(total="9999999999.99"))
+    assert response.status_code == 201
+    fetched = await api.client.get(response.headers["location"])
+    assert fetched.json()["total"] == "9999999999.99"
+
+
+# -- idempotency ------------------------------------------------------------------------
+
+
+async def test_same_idempotency_key_same_body_is_one_order_and_one_event(
+    api: Api, aredis: Any
+) -> None:
+    first = await api.post(order_body(), key="k-1")
+    again = await api.post(order_body(total=100), key="k-1")  # same order, other spelling
+
+    assert first.status_code == again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert await api.counts() == {"orders": 1, "outbox": 1, "idempotency_keys": 1}
+    assert await api.runtime.relay.publish_pending() == 1
+    assert await aredis.xlen("orders") == 1
+
+
+async def test_same_idempotency_key_other_body_is_409(api: Api) -> None:
+    assert (await api.post(order_body(), key="k-2")).status_code == 201
+
+    conflict = await api.post(order_body(total="99.00"), key="k-2")
+
+    assert conflict.status_code == 409
+    assert conflict.headers["content-type"] == "application/problem+json"
+    assert "Idempotency-Key" in conflict.json()["detail"]
+    assert (await api.counts())["orders"] == 1
+
+
+async def test_same_client_id_same_body_is_the_same_order(api: Api, aredis: Any) -> None:
+    first = await api.post(order_body(id=101))
+    again = await api.post(order_body(id=101, total="100.0"))
+
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == 101
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert await api.runtime.relay.publish_pending() == 1
+    assert await aredis.xlen("orders") == 1
+
+
+async def test_same_client_id_other_body_is_409(api: Api) -> None:
+    assert (await api.post(order_body(id=102))).status_code == 201
+
+    conflict = await api.post(order_body(id=102, email="mallory@example.com"))
+
+    assert conflict.status_code == 409
+    assert "102" in conflict.json()["detail"]
+    order = (await api.client.get("/orders/102")).json()
+    assert order["email"] == "buyer1@example.com"
+
+
+async def test_concurrent_retries_with_one_key_make_one_order(api: Api, aredis: Any) -> None:
+    responses = await asyncio.gather(*(api.post(order_body(), key="k-race") for _ in range(20)))
+
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert await api.counts() == {"orders": 1, "outbox": 1, "idempotency_keys": 1}
+    assert await api.runtime.relay.publish_pending() == 1
+    assert await aredis.xlen("orders") == 1
+
+
+async def test_concurrent_creates_with_one_client_id_make_one_order(api: Api) -> None:
+    responses = await asyncio.gather(*(api.post(order_body(id=555)) for _ in range(20)))
+
+    assert {r.status_code for r in responses} == {201}
+    assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+    assert (await api.counts())["outbox"] == 1
+
+
+async def test_assigned_ids_skip_ids_clients_chose(api: Api) -> None:
+    chosen = await api.post(order_body(id=1))
+    assigned = [await api.post(order_body(n)) for n in range(2, 5)]
+    high = await api.post(order_body(id=1000))
+    after = await api.post(order_body(9))
+
+    assert chosen.status_code == high.status_code == after.status_code == 201
+    ids = [chosen.json()["id"], *(r.json()["id"] for r in assigned), 1000, after.json()["id"]]
+    assert len(set(ids)) == len(ids)
+    assert after.json()["id"] > 1000
+
+
+# -- atomicity ----------------------------------------------------------------------------
+
+
+def _break_outbox_inserts(api: Api) -> None:
+    """A trigger that makes every outbox insert fail: the transaction must roll back."""
+    db = api.runtime.db
+    with db.engine.begin() as conn:
+        if db.is_sqlite:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER outbox_broken BEFORE INSERT ON outbox "
+                "BEGIN SELECT RAISE(ABORT, 'outbox is broken'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION outbox_broken() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'outbox is broken'; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER outbox_broken BEFORE INSERT ON outbox "
+                "FOR EACH ROW EXECUTE FUNCTION outbox_broken()"
+            )
+
+
+async def test_failed_transaction_stores_nothing_and_publishes_nothing(
+    api: Api, aredis: Any
+) -> None:
+    await api.runtime.db.run(_break_outbox_inserts, api)
+
+    response = await api.post(order_body(id=77), key="k-fail")
+
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert await api.counts() == {"orders": 0, "outbox": 0, "idempotency_keys": 0}
+    assert (await api.client.get("/orders/77")).status_code == 404
+    assert await api.runtime.relay.publish_pending() == 0
+    assert await aredis.exists("orders") == 0
+
+
+# -- health and metrics -------------------------------------------------------------------
+
+
+async def test_health_is_503_while_redis_is_down(
+    database_url: str, redis_server: RedisServer, tmp_path: Any
+) -> None:
+    settings = make_settings(database_url, redis_server.url, tmp_path)
+    async with running_api(settings) as api:
+        healthy = await api.client.get("/health")
+        assert healthy.status_code == 200
+        assert healthy.json()["redis"] == "ok"
+        assert healthy.json()["database"] == "ok"
+
+        redis_server.stop()
+        down = await api.client.get("/health")
+        assert down.status_code == 503
+        assert down.json()["redis"].startswith("down")
+        assert down.json()["database"] == "ok"
+
+        redis_server.start()
+        assert (await api.client.get("/health")).status_code == 200
+
+
+async def test_health_is_503_while_the_database_is_down(api: Api) -> None:
+    db = api.runtime.db
+
+    def broken_ping() -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("database is away"))
+
+    db.ping = broken_ping  # type: ignore[method-assign]
+    down = await api.client.get("/health")
+    assert down.status_code == 503
+    assert down.json()["database"].startswith("down")
+    assert down.json()["redis"] == "ok"
+
+
+async def test_metrics_show_orders_backlog_and_bus(api: Api) -> None:
+    assert (await api.post(order_body())).status_code == 201
+    assert (await api.post(order_body(2))).status_code == 201
+
+    text = (await api.client.get("/metrics")).text
+    assert "orderflow_orders_created_total" in text
+    assert "orderflow_outbox_backlog 2.0" in text
+
+    await api.runtime.relay.publish_pending()
+    text = (await api.client.get("/metrics")).text
+    assert "orderflow_outbox_backlog 0.0" in text
+    assert 'orderflow_published_total{stream="orders"}' in text
+
+
+async def test_openapi_documents_the_order_body(api: Api) -> None:
+    schema = (await api.client.get("/openapi.json")).json()
+    body = schema["paths"]["/orders"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(body["schema"]["required"]) == {"email", "total"}

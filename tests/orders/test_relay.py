@@ -1,0 +1,162 @@
+"""The outbox relay: prompt, ordered, surviving Redis outages, safe with several relays."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from orderflow.bus import PubSubSubscriber, connect
+from orderflow.bus.message import Message
+from orderflow.config import Settings
+from orderflow.embedded.redis_server import RedisServer
+from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+
+from .conftest import make_settings, order_body, running_api, stream_events, wait_until
+
+
+async def test_relay_publishes_promptly_after_a_commit(settings: Settings, aredis: Any) -> None:
+    # A long idle poll: only the in-process wake-up can make this fast.
+    config = RelayConfig(min_poll_s=5.0, max_poll_s=5.0, lease_ttl_s=30.0)
+    async with running_api(settings, run_relay=True, relay_config=config) as api:
+        await api.runtime.relay.wait_started()
+        await asyncio.sleep(0.05)  # let the relay's first (empty) pass finish and wait
+        started = time.monotonic()
+        response = await api.post(order_body())
+        assert response.status_code == 201
+        await wait_until(lambda: aredis.xlen("orders"), timeout=2.0, interval=0.005)
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+async def test_orders_accepted_while_redis_is_down_are_published_in_order_after(
+    database_url: str, redis_server: RedisServer, tmp_path: Any
+) -> None:
+    settings = make_settings(database_url, redis_server.url, tmp_path)
+    config = RelayConfig(retry_max_s=0.3)
+    async with running_api(settings, run_relay=True, relay_config=config) as api:
+        first = await api.post(order_body(0))
+        assert first.status_code == 201
+        await wait_until(lambda: api.runtime.relay.stats.published == 1)
+        redis_server.stop()
+
+        created = []
+        for n in range(1, 31):
+            response = await api.post(order_body(n))
+            assert response.status_code == 201
+            created.append(response.json()["id"])
+        await wait_until(lambda: api.runtime.relay.stats.errors > 0)
+        assert (await api.counts())["outbox"] == 30
+
+        redis_server.start()
+        client = connect(redis_server.url)  # a fresh client: the old sockets died
+        try:
+            await wait_until(lambda: _length_is(client, 31), timeout=15)
+            events = await stream_events(client)
+        finally:
+            await client.aclose()
+        assert [event["id"] for event in events] == [first.json()["id"], *created]
+        await wait_until(lambda: _outbox_empty(api.runtime.store))
+
+
+async def _length_is(client: Any, n: int) -> bool:
+    return bool(await client.xlen("orders") >= n)
+
+
+async def _outbox_empty(store: OrderStore) -> bool:
+    return await store.db.run(store.backlog) == 0
+
+
+def _fill(db: Database, count: int) -> list[int]:
+    store = OrderStore(db, stream="orders")
+    return [store.create(OrderRequest.model_validate(order_body(n))).order.id for n in range(count)]
+
+
+async def test_two_relays_on_sqlite_take_turns_by_lease(tmp_path: Any, aredis: Any) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    try:
+        await db.run(db.migrate)
+        ids = await db.run(_fill, db, 300)
+        config = RelayConfig(batch_size=20)
+        relays = [
+            OutboxRelay(OrderStore(db, stream="orders"), aredis, config=config, name=name)
+            for name in ("a", "b")
+        ]
+        counts = await asyncio.gather(*(relay.publish_pending() for relay in relays))
+
+        # One holds the lease and publishes all, in order; the other stands by.
+        assert sorted(counts) == [0, 300]
+        assert [e["id"] for e in await stream_events(aredis)] == ids
+        leader = relays[0] if counts[0] else relays[1]
+        standby = relays[1] if counts[0] else relays[0]
+        assert not standby.is_leader
+        await leader.close()  # gives the lease up: the other may take over at once
+        await db.run(_fill, db, 1)
+        assert await standby.publish_pending() == 1
+        await standby.close()
+    finally:
+        db.close()
+
+
+@pytest.mark.postgres
+async def test_two_relays_on_postgres_lose_nothing(postgres_url: str, aredis: Any) -> None:
+    db = Database(postgres_url)
+    try:
+        await db.run(db.migrate)
+        ids = await db.run(_fill, db, 400)
+        config = RelayConfig(batch_size=10)
+        relays = [
+            OutboxRelay(OrderStore(db, stream="orders"), aredis, config=config, name=name)
+            for name in ("a", "b")
+        ]
+        tasks = [asyncio.create_task(relay.run()) for relay in relays]
+        try:
+            await wait_until(lambda: _outbox_empty(relays[0].store), timeout=20)
+        finally:
+            for relay in relays:
+                relay.stop()
+            await asyncio.gather(*tasks)
+        published = [e["id"] for e in await stream_events(aredis)]
+        # Every event published, none twice: the batches were disjoint.
+        assert sorted(published) == sorted(ids)
+        assert sum(relay.stats.published for relay in relays) == 400
+        assert all(relay.stats.batches > 0 for relay in relays), [r.stats for r in relays]
+    finally:
+        db.close()
+
+
+async def test_pubsub_mode_also_publishes_the_order_on_the_channel(
+    database_url: str, redis_url: str, tmp_path: Any, aredis: Any
+) -> None:
+    settings = make_settings(database_url, redis_url, tmp_path, transport="pubsub")
+    received: list[Message] = []
+    subscriber = PubSubSubscriber(aredis, "orders", _append(received))
+    listening = asyncio.create_task(subscriber.run())
+    try:
+        await subscriber.wait_subscribed()
+        async with running_api(settings, run_relay=True) as api:
+            response = await api.post(order_body(id=101))
+            assert response.status_code == 201
+            await wait_until(lambda: received)
+    finally:
+        subscriber.stop()
+        await listening
+    assert dict(received[0].data) == {
+        "id": 101,
+        "email": "buyer1@example.com",
+        "total": "100.00",
+        "currency": "USD",
+        "items": [],
+        "created_at": response.json()["created_at"],
+    }
+    assert await aredis.xlen("orders") == 1  # the stream still gets it too
+
+
+def _append(into: list[Message]) -> Any:
+    async def handler(message: Message) -> None:
+        into.append(message)
+
+    return handler
