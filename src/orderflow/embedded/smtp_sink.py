@@ -12,10 +12,11 @@ import email
 import email.policy
 import logging
 import mailbox
+import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -55,9 +56,12 @@ class SmtpServer:
         host: str = "127.0.0.1",
         port: int = DEFAULT_SINK_PORT,
         hostname: str = "orderflow.localhost",
+        ssl_context: ssl.SSLContext | None = None,
         **smtp_options: Any,
     ) -> None:
         self.handler = handler
+        #: TLS from the first byte (``smtps://``); for STARTTLS pass ``tls_context``.
+        self.ssl_context = ssl_context
         self.host = host
         self.port = port
         self.hostname = hostname
@@ -73,7 +77,8 @@ class SmtpServer:
     def url(self) -> str:
         """The ``smtp://`` URL clients connect to."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"smtp://{host}:{self.port}"
+        scheme = "smtps" if self.ssl_context is not None else "smtp"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -96,7 +101,9 @@ class SmtpServer:
         if self._server is not None:
             return
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.host, self.port)
+        self._server = await loop.create_server(
+            self._protocol, self.host, self.port, ssl=self.ssl_context
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("SMTP server listening on %s", self.url)
 
@@ -112,7 +119,7 @@ class SmtpServer:
         self._sessions.clear()
         await server.wait_closed()
 
-    async def __aenter__(self) -> SmtpServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

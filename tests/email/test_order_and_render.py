@@ -1,0 +1,151 @@
+"""Validation of order events at the consumer, and rendering of the confirmation."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from orderflow.config import ConfigError
+from orderflow.email import InvalidOrder, Renderer, parse_order
+
+BASE: dict[str, Any] = {"id": 101, "email": "alice@example.com", "total": 100}
+
+
+def test_the_labs_payload_is_an_order_with_defaults() -> None:
+    order = parse_order(BASE)
+    assert order.id == 101
+    assert order.email == "alice@example.com"
+    assert order.total == Decimal("100")
+    assert order.currency == "USD"
+    assert order.items == ()
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [(100.1, "100.1"), ("100.00", "100.00"), (0.3, "0.3"), ("12.3456", "12.3456"), (7, "7")],
+)
+def test_totals_are_exact_decimals(total: object, expected: str) -> None:
+    order = parse_order({**BASE, "total": total})
+    assert isinstance(order.total, Decimal)
+    assert str(order.total) == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "mentions"),
+    [
+        ("total", 0, "total"),
+        ("total", -5, "total"),
+        ("total", "abc", "total"),
+        ("total", "NaN", "total"),
+        ("total", True, "total"),
+        ("total", "1.00001", "total"),
+        ("total", None, "total"),
+        ("id", 0, "id"),
+        ("id", -1, "id"),
+        ("id", True, "id"),
+        ("id", 1.5, "id"),
+        ("id", "abc", "id"),
+        ("id", 2**64, "id"),
+        ("email", "not-an-email", "email"),
+        ("email", 42, "email"),
+        ("email", "a@b.com\r\nBcc: evil@example.net", "email"),
+        ("email", "alice@example.com, evil@example.net", "email"),
+        ("email", "Alice <alice@example.com>", "email"),
+        ("currency", "US", "currency"),
+        ("currency", "US\nD", "currency"),
+        ("items", "book", "items"),
+        ("items", [{"name": "a\r\nBcc: evil@example.net"}], "items"),
+        ("items", [{"name": "ok", "quantity": 0}], "items"),
+        ("items", [{"name": "ok"}] * 101, "items"),
+        ("name", "Bob\r\nBcc: evil@example.net", "name"),
+    ],
+)
+def test_invalid_fields_are_named(field: str, value: object, mentions: str) -> None:
+    with pytest.raises(InvalidOrder) as info:
+        parse_order({**BASE, field: value})
+    assert mentions in str(info.value)
+
+
+def test_missing_fields_are_named() -> None:
+    with pytest.raises(InvalidOrder, match="email") as info:
+        parse_order({"id": 7, "total": 1})
+    # What could be read is kept for the email.failed event.
+    assert info.value.order_id == 7
+    with pytest.raises(InvalidOrder, match="id"):
+        parse_order({"email": "a@example.com", "total": 1})
+
+
+def test_items_and_currency_are_normalised() -> None:
+    order = parse_order(
+        {
+            **BASE,
+            "currency": "eur",
+            "items": ["pen", {"sku": "B-1", "quantity": 2, "unit_price": "9.99"}],
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+    )
+    assert order.currency == "EUR"
+    assert [(i.label, i.quantity, i.price) for i in order.items] == [
+        ("pen", 1, None),
+        ("B-1", 2, Decimal("9.99")),
+    ]
+
+
+def test_internationalised_addresses() -> None:
+    unicode_domain = parse_order({**BASE, "email": "bob@exämple.com"})
+    assert unicode_domain.envelope_recipient == "bob@xn--exmple-cua.com"
+    unicode_local = parse_order({**BASE, "email": "ünïcode@exämple.com"})
+    assert unicode_local.envelope_recipient == "ünïcode@exämple.com"
+
+
+def test_confirmation_content() -> None:
+    renderer = Renderer("Shop <orders@shop.example>")
+    order = parse_order(
+        {
+            **BASE,
+            "total": "120.50",
+            "currency": "EUR",
+            "name": "Zoë",
+            "items": [{"name": "<b>Book</b> & co", "quantity": 2, "price": "60.25"}],
+        }
+    )
+    msg = renderer.render(order)
+    assert msg["Subject"] == "Order #101 confirmed"
+    assert msg["From"] == "Shop <orders@shop.example>"
+    assert msg["To"].addresses[0].addr_spec == "alice@example.com"
+    assert msg["To"].addresses[0].display_name == "Zoë"
+    assert msg["Message-ID"] == "<order-101@shop.example>"
+    assert msg.get_content_type() == "multipart/alternative"
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None
+    assert html is not None
+    text_body = text.get_content()
+    html_body = html.get_content()
+    for body in (text_body, html_body):
+        assert "#101" in body
+        assert "120.50 EUR" in body
+        assert "Zoë" in body
+    assert "2 x <b>Book</b> & co at 60.25 EUR" in text_body
+    # Autoescaped: the item's markup is shown, not interpreted.
+    assert "&lt;b&gt;Book&lt;/b&gt; &amp; co" in html_body
+    assert "<b>Book</b>" not in html_body
+
+
+def test_message_id_is_deterministic_per_order() -> None:
+    renderer = Renderer("orderflow <orders@orderflow.localhost>")
+    first = renderer.render(parse_order(BASE))
+    again = renderer.render(parse_order({**BASE, "total": 5}))
+    other = renderer.render(parse_order({**BASE, "id": 102}))
+    assert first["Message-ID"] == again["Message-ID"] == "<order-101@orderflow.localhost>"
+    assert other["Message-ID"] == "<order-102@orderflow.localhost>"
+
+
+@pytest.mark.parametrize(
+    "mail_from", ["", "no-address", "a@b.com, c@d.com", "x <a@b.com>\r\nBcc: e@f.com"]
+)
+def test_bad_mail_from_is_a_config_error(mail_from: str) -> None:
+    with pytest.raises(ConfigError, match="MAIL_FROM"):
+        Renderer(mail_from)

@@ -1,0 +1,228 @@
+"""The SMTP adapter against real aiosmtpd servers: pooling, reconnects, TLS, auth, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from orderflow.config import ConfigError
+from orderflow.email import (
+    PermanentSendError,
+    Renderer,
+    SmtpConfig,
+    SmtpSender,
+    TransientSendError,
+    parse_order,
+)
+from orderflow.embedded.smtp_sink import SmtpServer
+
+from .conftest import RecordingHandler, SmtpFixture
+
+RENDERER = Renderer("orderflow <orders@orderflow.localhost>")
+
+
+async def send(sender: SmtpSender, order_id: int, email: str = "alice@example.com") -> None:
+    order = parse_order({"id": order_id, "email": email, "total": 1})
+    await sender.send(
+        RENDERER.render(order),
+        sender=RENDERER.envelope_sender,
+        recipient=order.envelope_recipient,
+    )
+
+
+async def test_connections_are_reused_and_bounded(smtp: SmtpFixture) -> None:
+    sender = SmtpSender(smtp.url, pool_size=3)
+    try:
+        for n in range(5):
+            await send(sender, n + 1)
+        assert sender.connections_opened == 1
+        smtp.handler.delay_s = 0.01
+        await asyncio.gather(*(send(sender, n) for n in range(10, 40)))
+        assert sender.connections_opened <= 3
+    finally:
+        await sender.close()
+    assert len(smtp.handler.received) == 35
+
+
+async def test_a_dropped_pooled_connection_is_replaced_transparently(smtp: SmtpFixture) -> None:
+    sender = SmtpSender(smtp.url, pool_size=1)
+    try:
+        await send(sender, 1)
+        await smtp.down()  # closes the pooled connection too
+        await smtp.up()
+        await send(sender, 2)
+    finally:
+        await sender.close()
+    assert sender.connections_opened == 2
+    assert len(smtp.handler.received) == 2
+
+
+async def test_connection_refused_is_transient(smtp: SmtpFixture) -> None:
+    await smtp.down()
+    sender = SmtpSender(smtp.url)
+    with pytest.raises(TransientSendError, match="connect"):
+        await send(sender, 1)
+    await sender.close()
+
+
+async def test_utf8_address_without_smtputf8_is_permanent() -> None:
+    handler = RecordingHandler()
+    async with SmtpServer(handler, port=0, enable_SMTPUTF8=False) as server:
+        sender = SmtpSender(server.url)
+        with pytest.raises(PermanentSendError, match="SMTPUTF8"):
+            await send(sender, 1, "ünïcode@example.com")
+        # An IDNA domain needs no SMTPUTF8.
+        await send(sender, 2, "bob@exämple.com")
+        await sender.close()
+    assert [r.rcpt_tos for r in handler.received] == [["bob@xn--exmple-cua.com"]]
+
+
+def _authenticator(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and data == (b"mailer", b"p@ss:w/rd")
+    return AuthResult(success=ok, handled=False)
+
+
+class _AuthRecorder(RecordingHandler):
+    """Records whether each message came from an authenticated session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.authenticated: list[bool] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.authenticated.append(bool(session.authenticated))
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_credentials_come_from_the_url_and_stay_secret() -> None:
+    handler = _AuthRecorder()
+    # AUTH offered without TLS, for the test only (aiosmtpd refuses it otherwise).
+    server = SmtpServer(handler, port=0, authenticator=_authenticator, auth_require_tls=False)
+    await server.start()
+    try:
+        base = f"mailer:{{}}@127.0.0.1:{server.port}"
+        sender = SmtpSender("smtp://" + base.format("p%40ss%3Aw%2Frd"))
+        assert "p%40ss" not in sender.url
+        assert "***" in sender.url
+        await send(sender, 1)
+        await sender.close()
+        wrong = SmtpSender("smtp://" + base.format("wrong"))
+        # A configuration problem, not this email's: retried, never dropped.
+        with pytest.raises(TransientSendError, match="535"):
+            await send(wrong, 2)
+        await wrong.close()
+    finally:
+        await server.stop()
+    assert handler.authenticated == [True]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (skips without the openssl tool)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def _server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+class _TlsRecorder(RecordingHandler):
+    """Records whether each message came over TLS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls: list[bool] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.tls.append(session.ssl is not None or server.transport is None)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_starttls_is_used_when_offered(certificate: tuple[Path, Path]) -> None:
+    handler = _TlsRecorder()
+    async with SmtpServer(
+        handler, port=0, tls_context=_server_context(certificate), require_starttls=True
+    ) as server:
+        # require_starttls: the server refuses mail until the client upgraded.
+        sender = SmtpSender(server.url + "?verify=false")
+        await send(sender, 1)
+        await sender.close()
+    assert handler.tls == [True]
+    assert len(handler.received) == 1
+
+
+async def test_smtps_is_tls_from_the_start(certificate: tuple[Path, Path]) -> None:
+    handler = RecordingHandler()
+    async with SmtpServer(handler, port=0, ssl_context=_server_context(certificate)) as server:
+        assert server.url.startswith("smtps://")
+        sender = SmtpSender(server.url + "?verify=false&timeout=5")
+        await send(sender, 1)
+        await sender.close()
+        # Certificates are verified unless told otherwise: a self-signed one fails.
+        strict = SmtpSender(server.url + "?timeout=5")
+        with pytest.raises(TransientSendError):
+            await send(strict, 2)
+        await strict.close()
+    assert len(handler.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://mail.example.com", "smtp:// or smtps://"),
+        ("smtp://", "no host"),
+        ("smtp://host:99999", "invalid"),
+        ("smtp://host?timeout=soon", "timeout"),
+        ("smtp://host?verify=maybe", "verify"),
+        ("smtp://host?pool=3", "unknown"),
+    ],
+)
+def test_bad_smtp_urls_are_named(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SmtpConfig.from_url(url)
+
+
+def test_smtp_url_defaults() -> None:
+    plain = SmtpConfig.from_url("smtp://u:p@mail.example.com")
+    assert (plain.port, plain.use_tls, plain.username, plain.password) == (25, False, "u", "p")
+    tls = SmtpConfig.from_url("smtps://mail.example.com")
+    assert (tls.port, tls.use_tls, tls.username, tls.validate_certs) == (465, True, None, True)
