@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,22 @@ async def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+async def _group_lag(redis: Any, stream: str, group: str) -> int:
+    for info in await redis.xinfo_groups(stream):
+        if info["name"] in (group, group.encode()):
+            return int(info.get("lag") or 0) + int(info["pending"])
+    return 0
+
+
+async def _wait_async(probe: Callable[[], Awaitable[int]], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
 def _email_status(stack: Stack, order_id: int) -> str:
     status, body = _http("GET", f"{stack.api_url}/orders/{order_id}")
     return str(body.get("email_status")) if status == 200 else f"HTTP {status}"
@@ -120,7 +136,12 @@ async def the_challenge(stack: Stack, outcome: Outcome, timeout: float) -> None:
         )
         print(f"📢 Order #103 published over Pub/Sub: {receivers} subscriber(s) heard it")
         await _create_order(stack, 104, "dave@example.com")
-        print("📢 Order #104 published over Streams (stream 'orders', group 'email-service')")
+        stream, group = stack.settings.stream, stack.settings.group
+        waiting = await _wait_async(lambda: _group_lag(redis, stream, group), timeout)
+        print(
+            f"📦 Order #104 published over Streams: it waits in stream '{stream}' "
+            f"(group '{group}' lag {waiting}) until the Email Service is back"
+        )
 
         heard: list[int] = []
 
