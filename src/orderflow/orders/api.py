@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import orjson
 import redis.asyncio as aioredis
 import sqlalchemy as sa
-from fastapi import FastAPI, Header, Path, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +42,7 @@ from orderflow.orders.validation import (
     validate_idempotency_key,
     validate_order,
 )
+from orderflow.orders.writer import OrderWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class OrderRuntime:
     store: OrderStore
     redis: aioredis.Redis
     relay: OutboxRelay
+    writer: OrderWriter
     relay_running: bool = False
     email_worker: StreamWorker | None = None
     reconciler: Reconciler | None = None
@@ -205,7 +207,14 @@ def _start(
     relay = OutboxRelay(
         store, client, config=relay_config, retention=Retention(maxlen=settings.stream_maxlen)
     )
-    runtime = OrderRuntime(settings=settings, db=db, store=store, redis=client, relay=relay)
+    runtime = OrderRuntime(
+        settings=settings,
+        db=db,
+        store=store,
+        redis=client,
+        relay=relay,
+        writer=OrderWriter(store),
+    )
     if run_relay:
         runtime.relay_running = True
         runtime.tasks.append(asyncio.create_task(relay.run(), name="orderflow-relay"))
@@ -226,6 +235,7 @@ def _start(
 
 
 async def _stop(runtime: OrderRuntime) -> None:
+    await runtime.writer.wait_idle()
     runtime.relay.stop()
     if runtime.email_worker is not None:
         runtime.email_worker.stop()
@@ -281,17 +291,26 @@ def _routes(app: FastAPI) -> None:
             422: {"description": "Invalid input", "content": {PROBLEM_JSON: {}}},
         },
         openapi_extra={
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "Retries with the same key return the same order.",
+                    "schema": {"type": "string", "maxLength": 255},
+                }
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _order_schema()}},
-            }
+            },
         },
     )
-    async def create_order(
-        request: Request,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    ) -> Response:
+    async def create_order(request: Request) -> Response:
         """Store the order and its ``order.created`` event in one transaction."""
+        # Read by hand, not as a FastAPI Header parameter: this is the hot path, and
+        # the dependency machinery costs more than the rest of the request.
+        idempotency_key = request.headers.get("idempotency-key")
         runtime = _runtime(request)
         content_type = request.headers.get("content-type", "application/json")
         media = content_type.split(";")[0].strip().lower()
@@ -314,7 +333,7 @@ def _routes(app: FastAPI) -> None:
             metrics.ORDERS_REJECTED.labels("validation").inc()
             raise
         try:
-            result = await runtime.db.run(runtime.store.create, order_request, idempotency_key=key)
+            result = await runtime.writer.create(order_request, idempotency_key=key)
         except OrderConflict as exc:
             metrics.ORDERS_REJECTED.labels("conflict").inc()
             raise Problem(
