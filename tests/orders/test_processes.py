@@ -211,3 +211,24 @@ def test_create_with_redis_down_keeps_the_order_for_the_relay(
     captured = capsys.readouterr()
     assert orjson.loads(captured.out)["last_published_at"] is None
     assert "not published" in captured.err or "publishes it later" in captured.err
+
+
+@pytest.mark.slow
+async def test_serve_with_two_workers_shares_the_outbox(
+    redis_url: str, tmp_path: Path, aredis: Any, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    env = _env(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
+    port = free_port()
+    server = _start(processes, env, "orders", "serve", "--port", str(port), "--workers", "2")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        await wait_until(lambda: _serving(client, server), timeout=30, interval=0.1)
+        ids = []
+        for n in range(20):
+            response = await client.post("/orders", json=order_body(n))
+            assert response.status_code == 201
+            ids.append(response.json()["id"])
+    assert len(set(ids)) == 20
+    await wait_until(lambda: _stream_length(aredis, 20), timeout=10)
+    assert sorted(event["id"] for event in await stream_events(aredis)) == sorted(ids)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(20) == 0

@@ -38,6 +38,12 @@ def register(commands: Any) -> None:
         action="store_true",
         help="do not publish the outbox here (run `orderflow relay` instead)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes sharing the port, for more throughput (default: 1)",
+    )
     serve.set_defaults(handler=serve_command)
 
     create = sub.add_parser("create", help="create one order and publish its event")
@@ -91,16 +97,27 @@ async def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0 to 65535, got {port}")
     host = args.host or settings.api_host
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     resolve_redis_url(settings)  # fail now, with the fix in the message, not in the lifespan
-    app = create_app(settings, run_relay=not args.no_relay)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=logging.getLevelName(logging.getLogger().level).lower(),
-        lifespan="on",
-        access_log=False,
-    )
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+        "lifespan": "on",
+        "access_log": False,
+    }
+    if args.workers > 1:
+        # uvicorn's supervisor: each worker process builds the app from the environment
+        # and runs its own relay, email-status consumer and reconciler; they share the
+        # work through the database (lease or SKIP LOCKED) and the consumer group.
+        # It handles SIGINT/SIGTERM itself, stopping the workers gracefully.
+        factory = "app_from_environment" if not args.no_relay else "app_without_relay"
+        uvicorn.run(
+            f"orderflow.orders.api:{factory}", factory=True, workers=args.workers, **options
+        )
+        return 0
+    config = uvicorn.Config(create_app(settings, run_relay=not args.no_relay), **options)
     server = _server(config)
     stop = asyncio.Event()
     stop_on_signals(stop)

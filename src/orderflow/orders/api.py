@@ -190,6 +190,16 @@ def create_app(
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """The app with settings from ``ORDERFLOW_*`` (uvicorn's factory, one per worker)."""
+    return create_app(Settings())
+
+
+def app_without_relay() -> FastAPI:
+    """As ``app_from_environment``, without the outbox relay."""
+    return create_app(Settings(), run_relay=False)
+
+
 def _start(
     app: FastAPI,
     settings: Settings,
