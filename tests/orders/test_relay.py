@@ -160,3 +160,29 @@ def _append(into: list[Message]) -> Any:
         into.append(message)
 
     return handler
+
+
+@pytest.mark.postgres
+async def test_relay_on_postgres_wakes_on_commits_of_other_processes(
+    postgres_url: str, aredis: Any
+) -> None:
+    relay_db, writer_db = Database(postgres_url), Database(postgres_url)
+    try:
+        await relay_db.run(relay_db.migrate)
+        # Polling alone would take 5 s: only LISTEN/NOTIFY can make it prompt.
+        config = RelayConfig(min_poll_s=5.0, max_poll_s=5.0, lease_ttl_s=30.0)
+        relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=config)
+        task = asyncio.create_task(relay.run())
+        try:
+            await relay.wait_started()
+            await asyncio.sleep(0.3)  # the first empty pass done, LISTEN in place
+            started = time.monotonic()
+            await writer_db.run(_fill, writer_db, 1)  # as another process would
+            await wait_until(lambda: aredis.xlen("orders"), timeout=3.0, interval=0.01)
+            assert time.monotonic() - started < 2.0
+        finally:
+            relay.stop()
+            await task
+    finally:
+        relay_db.close()
+        writer_db.close()

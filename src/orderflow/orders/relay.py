@@ -131,6 +131,14 @@ class OutboxRelay:
                     failures += 1
                     await self._failed(exc, failures)
                     continue
+                except Exception:
+                    # A bug or a row that cannot be published: the relay must not die
+                    # (the outbox would grow unseen); say so loudly and keep trying.
+                    failures += 1
+                    if failures == 1 or failures % 20 == 0:
+                        log.exception("relay failed unexpectedly; retrying")
+                    await self._failed(None, failures)
+                    continue
                 poll = (
                     self.config.min_poll_s if published else min(poll * 2, self.config.max_poll_s)
                 )
@@ -214,13 +222,13 @@ class OutboxRelay:
             with contextlib.suppress(sa.exc.SQLAlchemyError):
                 await self.store.db.run(self.store.release_lease, self.name)
 
-    async def _failed(self, exc: BaseException, failures: int) -> None:
+    async def _failed(self, exc: BaseException | None, failures: int) -> None:
         self.stats.errors += 1
         if isinstance(exc, TRANSIENT_REDIS_ERRORS):
             bus_metrics.REDIS_ERRORS.labels("relay").inc()
         delay = min(self.config.retry_max_s, 0.05 * 2 ** min(failures, 10))
         delay = random.uniform(delay / 2, delay)
-        if failures == 1 or failures % 20 == 0:
+        if exc is not None and (failures == 1 or failures % 20 == 0):
             log.warning(
                 "relay cannot publish (%s: %s); events stay in the outbox; retrying in %.2fs",
                 type(exc).__name__,
