@@ -230,8 +230,16 @@ async def pending_count(redis: aioredis.Redis) -> int:
 
 
 async def run_burst(service: EmailService, timeout: float = 20.0) -> WorkerStats:
-    """Drain the stream with ``service``."""
-    return await asyncio.wait_for(service.run(burst=True), timeout)
+    """Drain the stream with ``service``; on a timeout, say what the worker still held."""
+    try:
+        return await asyncio.wait_for(service.run(burst=True), timeout)
+    except TimeoutError:
+        worker = service.worker
+        state = {
+            name: getattr(worker, name, None)
+            for name in ("held", "_inflight", "_retrying", "_queue", "_lanes", "stats")
+        }
+        raise AssertionError(f"burst run did not finish in {timeout}s: {state}") from None
 
 
 @pytest.fixture

@@ -111,7 +111,11 @@ def test_confirmation_content() -> None:
             "items": [{"name": "<b>Book</b> & co", "quantity": 2, "price": "60.25"}],
         }
     )
-    msg = renderer.render(order)
+    email = renderer.render(order)
+    assert email.recipient == "alice@example.com"
+    assert email.sender == "orders@shop.example"
+    assert not email.smtputf8
+    msg = email.parsed()
     assert msg["Subject"] == "Order #101 confirmed"
     assert msg["From"] == "Shop <orders@shop.example>"
     assert msg["To"].addresses[0].addr_spec == "alice@example.com"
@@ -136,9 +140,9 @@ def test_confirmation_content() -> None:
 
 def test_message_id_is_deterministic_per_order() -> None:
     renderer = Renderer("orderflow <orders@orderflow.localhost>")
-    first = renderer.render(parse_order(BASE))
-    again = renderer.render(parse_order({**BASE, "total": 5}))
-    other = renderer.render(parse_order({**BASE, "id": 102}))
+    first = renderer.render(parse_order(BASE)).parsed()
+    again = renderer.render(parse_order({**BASE, "total": 5})).parsed()
+    other = renderer.render(parse_order({**BASE, "id": 102})).parsed()
     assert first["Message-ID"] == again["Message-ID"] == "<order-101@orderflow.localhost>"
     assert other["Message-ID"] == "<order-102@orderflow.localhost>"
 

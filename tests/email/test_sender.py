@@ -30,11 +30,7 @@ RENDERER = Renderer("orderflow <orders@orderflow.localhost>")
 
 async def send(sender: SmtpSender, order_id: int, email: str = "alice@example.com") -> None:
     order = parse_order({"id": order_id, "email": email, "total": 1})
-    await sender.send(
-        RENDERER.render(order),
-        sender=RENDERER.envelope_sender,
-        recipient=order.envelope_recipient,
-    )
+    await sender.send(RENDERER.render(order))
 
 
 async def test_connections_are_reused_and_bounded(smtp: SmtpFixture) -> None:

@@ -148,25 +148,21 @@ async def test_duplicate_entries_and_redelivery_send_one_email(
 async def test_two_workers_racing_send_each_order_once(
     aredis: aioredis.Redis, smtp: SmtpFixture, make_service: ServiceFactory
 ) -> None:
-    # Every order twice, a batch apart, and a slow server: each worker gets one copy of
-    # many orders while the other is sending the other copy.
-    smtp.handler.delay_s = 0.01
-    orders = [{"id": n, "email": f"user{n}@example.com", "total": n} for n in range(1, 41)]
+    # Every order twice, a batch apart, and a slow server: each worker reads one copy
+    # of every order, and both try to send it at the same time.
+    smtp.handler.delay_s = 0.05
+    orders = [{"id": n, "email": f"user{n}@example.com", "total": n} for n in range(1, 9)]
     for order in orders:
         await publish_event(aredis, order)
     for order in orders:
         await publish_order(aredis, order)
-    first, second = await make_service(concurrency=20), await make_service(concurrency=20)
+    first = await make_service(concurrency=8, batch_size=8)
+    second = await make_service(concurrency=8, batch_size=8)
     busy = [_count_busy_claims(first), _count_busy_claims(second)]
-    stats = await asyncio.wait_for(
-        asyncio.gather(first.run(burst=True), second.run(burst=True)), 30
-    )
+    stats = await asyncio.gather(run_burst(first), run_burst(second))
 
-    assert sum(s.handled for s in stats) == 80
-    assert all(s.handled > 0 for s in stats), "both workers took part"
-    assert busy[0][0] + busy[1][0] > 0, (
-        "some order was claimed while the other worker was sending it"
-    )
+    assert sum(s.handled for s in stats) == 16
+    assert busy[0][0] + busy[1][0] > 0, "an order was claimed while it was being sent"
     recipients = sorted(r.rcpt_tos[0] for r in smtp.handler.received)
     assert recipients == sorted(str(o["email"]) for o in orders)
     assert await dead_letters(aredis) == []

@@ -8,7 +8,7 @@ templates to a multipart email), ``sender`` (the sender port and its SMTP adapte
 
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
 from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, OrderItem, parse_order
-from orderflow.email.render import Renderer, message_id_for
+from orderflow.email.render import OutgoingEmail, Renderer, message_id_for
 from orderflow.email.sender import (
     PermanentSendError,
     Sender,
@@ -32,6 +32,7 @@ __all__ = [
     "Order",
     "OrderBusy",
     "OrderItem",
+    "OutgoingEmail",
     "PermanentSendError",
     "Renderer",
     "SendError",

@@ -7,6 +7,7 @@ checked here, and anything that could start a new header line is refused.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
@@ -158,7 +159,7 @@ class Order(BaseModel):
         if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in value):
             raise ValueError("must not contain whitespace or control characters")
         try:
-            return validate_email(value, check_deliverability=False).normalized
+            return _validate_email(value)[0]
         except EmailNotValidError as exc:
             raise ValueError(str(exc)) from None
 
@@ -183,14 +184,20 @@ class Order(BaseModel):
     @model_validator(mode="after")
     def _ascii_form(self) -> Order:
         if self.ascii_email is None:
-            ascii_email = validate_email(self.email, check_deliverability=False).ascii_email
-            object.__setattr__(self, "ascii_email", ascii_email)
+            object.__setattr__(self, "ascii_email", _validate_email(self.email)[1])
         return self
 
     @property
     def envelope_recipient(self) -> str:
         """The one SMTP recipient: the ASCII form if there is one, else the UTF-8 one."""
         return self.ascii_email or self.email
+
+
+@functools.lru_cache(maxsize=4096)
+def _validate_email(value: str) -> tuple[str, str | None]:
+    """(normalised address, its ASCII form or None); cached: validation is not cheap."""
+    validated = validate_email(value, check_deliverability=False)
+    return validated.normalized, validated.ascii_email
 
 
 def parse_order(data: Mapping[str, Any]) -> Order:

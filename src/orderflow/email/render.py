@@ -1,13 +1,15 @@
 """Rendering an order's confirmation: a multipart/alternative text and HTML email.
 
-The message is built with ``email.message.EmailMessage`` under the SMTP policy: every
-header is set from a validated, single-line value through the header registry, so no
-field of an event can start a header of its own or add a recipient.
+Bodies come from Jinja2 templates (HTML autoescaped); the message is written by
+:mod:`orderflow.email.mime`, which refuses any header value that could start a header
+of its own. The envelope has exactly one recipient, the validated address.
 """
 
 from __future__ import annotations
 
+import email
 import email.policy
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -16,6 +18,7 @@ from email.utils import format_datetime
 import jinja2
 
 from orderflow.config import ConfigError
+from orderflow.email.mime import build_alternative, format_address
 from orderflow.email.order import Order
 
 
@@ -42,15 +45,40 @@ def message_id_for(order_id: int, domain: str) -> str:
     return f"<order-{order_id}@{domain}>"
 
 
+@dataclass(frozen=True, slots=True)
+class OutgoingEmail:
+    """A rendered email and its envelope: what a Sender delivers."""
+
+    #: MAIL FROM.
+    sender: str
+    #: The one RCPT TO: the validated address.
+    recipient: str
+    message_id: str
+    #: The RFC 5322 message, CRLF line ends.
+    data: bytes
+
+    @property
+    def smtputf8(self) -> bool:
+        """True when an address needs the server's SMTPUTF8 extension."""
+        return not (self.sender.isascii() and self.recipient.isascii())
+
+    def parsed(self) -> EmailMessage:
+        """The message parsed by the standard library (for tests and tools)."""
+        message = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        return message
+
+
 class Renderer:
     """Turns an order into its confirmation email; templates are compiled once."""
 
     def __init__(self, mail_from: str) -> None:
-        self.sender = parse_mail_from(mail_from)
+        sender = parse_mail_from(mail_from)
         #: The envelope sender (MAIL FROM).
-        self.envelope_sender = self.sender.addr_spec
+        self.envelope_sender = sender.addr_spec
         # Message-IDs must be ASCII: an internationalised domain goes in as IDNA.
-        self.domain = self.sender.domain.encode("idna").decode("ascii")
+        self.domain = sender.domain.encode("idna").decode("ascii")
+        self._from = format_address(sender.display_name or None, sender.addr_spec)
         loader = jinja2.PackageLoader("orderflow.email", "templates")
         self._html = jinja2.Environment(
             loader=loader, autoescape=True, undefined=jinja2.StrictUndefined
@@ -71,18 +99,23 @@ class Renderer:
         """The subject line: the order id only, so nothing of the event reaches it."""
         return f"Order #{order.id} confirmed"
 
-    def render(self, order: Order, *, now: datetime | None = None) -> EmailMessage:
+    def render(self, order: Order, *, now: datetime | None = None) -> OutgoingEmail:
         """The confirmation email of ``order``."""
-        msg = EmailMessage(policy=email.policy.SMTP)
-        msg["From"] = self.sender
-        # username/domain rather than addr_spec: the parser refuses a UTF-8 local part,
-        # which SMTPUTF8 allows; the address was fully validated already.
-        local, _, domain = order.envelope_recipient.rpartition("@")
-        msg["To"] = Address(display_name=order.name or "", username=local, domain=domain)
-        msg["Subject"] = self.subject(order)
-        msg["Date"] = format_datetime(now or datetime.now(UTC))
-        msg["Message-ID"] = self.message_id(order.id)
-        msg["X-Orderflow-Order-Id"] = str(order.id)
-        msg.set_content(self._text.render(order=order))
-        msg.add_alternative(self._html.render(order=order), subtype="html")
-        return msg
+        message_id = self.message_id(order.id)
+        headers = [
+            ("From", self._from),
+            ("To", format_address(order.name, order.envelope_recipient)),
+            ("Subject", self.subject(order)),
+            ("Date", format_datetime(now or datetime.now(UTC))),
+            ("Message-ID", message_id),
+            ("X-Orderflow-Order-Id", str(order.id)),
+        ]
+        data = build_alternative(
+            headers, self._text.render(order=order), self._html.render(order=order)
+        )
+        return OutgoingEmail(
+            sender=self.envelope_sender,
+            recipient=order.envelope_recipient,
+            message_id=message_id,
+            data=data,
+        )

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -21,6 +20,7 @@ import aiosmtplib
 
 from orderflow.bus import redact_url
 from orderflow.config import ConfigError, Settings
+from orderflow.email.render import OutgoingEmail
 from orderflow.embedded.smtp_sink import DEFAULT_SINK_PORT, SMTP_URL_FILE
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class PermanentSendError(SendError):
 class Sender(Protocol):
     """The port through which the Email Service sends: one message, one recipient."""
 
-    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
-        """Deliver ``message`` to exactly ``recipient``; raise SendError on failure."""
+    async def send(self, email: OutgoingEmail) -> None:
+        """Deliver ``email`` to exactly its recipient; raise SendError on failure."""
         ...
 
     async def close(self) -> None:
@@ -191,12 +191,12 @@ class SmtpSender:
         # aiosmtplib would otherwise call socket.getfqdn(), a DNS lookup per connection.
         self._local_hostname = socket.gethostname() or "localhost"
 
-    async def send(self, message: EmailMessage, *, sender: str, recipient: str) -> None:
-        """Send ``message`` to ``recipient`` only (the envelope ignores its headers)."""
+    async def send(self, email: OutgoingEmail) -> None:
+        """Send ``email`` to its one recipient (the envelope, not the headers, decides)."""
         async with self._slots:
             client, reused = await self._acquire()
             try:
-                await client.send_message(message, sender=sender, recipients=[recipient])
+                await self._transaction(client, email)
             except asyncio.CancelledError:
                 client.close()
                 raise
@@ -209,7 +209,7 @@ class SmtpSender:
                 log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
                 client = await self._connect()
                 try:
-                    await client.send_message(message, sender=sender, recipients=[recipient])
+                    await self._transaction(client, email)
                 except asyncio.CancelledError:
                     client.close()
                     raise
@@ -217,6 +217,23 @@ class SmtpSender:
                     client.close()
                     raise classify(exc2) from exc2
             self._idle.append((client, asyncio.get_running_loop().time()))
+
+    @staticmethod
+    async def _transaction(client: aiosmtplib.SMTP, email: OutgoingEmail) -> None:
+        # MAIL, RCPT and DATA directly rather than sendmail(): the addresses were
+        # validated already (sendmail parses each twice more), and a failed
+        # transaction needs no RSET because its connection is closed anyway.
+        options: list[str] = []
+        encoding = "ascii"
+        if email.smtputf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported(
+                    "the address needs SMTPUTF8, which the server does not offer"
+                )
+            options, encoding = ["SMTPUTF8"], "utf-8"
+        await client.mail(email.sender, options=options, encoding=encoding)
+        await client.rcpt(email.recipient, encoding=encoding)
+        await client.data(email.data)
 
     async def _acquire(self) -> tuple[aiosmtplib.SMTP, bool]:
         now = asyncio.get_running_loop().time()

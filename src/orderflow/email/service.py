@@ -16,7 +16,6 @@ import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,7 +36,7 @@ from orderflow.config import Settings
 from orderflow.email import metrics
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger
 from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, parse_order
-from orderflow.email.render import Renderer
+from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.email.sender import Sender, SendError
 
 log = logging.getLogger(__name__)
@@ -187,13 +186,9 @@ class EmailService:
             await asyncio.sleep(min(pause, left, claim.lease_left_ms / 1000 + 0.005))
             pause = min(pause * 2, 0.5)
 
-    async def _send_holding_lease(self, order: Order, token: str, email: EmailMessage) -> None:
+    async def _send_holding_lease(self, order: Order, token: str, email: OutgoingEmail) -> None:
         """Send, renewing the order's lease while the send runs, so no one steals it."""
-        send = asyncio.ensure_future(
-            self.sender.send(
-                email, sender=self.renderer.envelope_sender, recipient=order.envelope_recipient
-            )
-        )
+        send = asyncio.ensure_future(self.sender.send(email))
         interval = self.ledger.lease_ms / 3000
         started = time.perf_counter()
         try:

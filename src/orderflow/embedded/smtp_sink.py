@@ -12,7 +12,11 @@ import email
 import email.policy
 import logging
 import mailbox
+import os
+import socket
 import ssl
+import time
+import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -128,14 +132,19 @@ class SmtpServer:
 
 
 class MaildirHandler:
-    """An aiosmtpd handler delivering each message into a Maildir, like an MDA does."""
+    """An aiosmtpd handler delivering each message into a Maildir, like an MDA does.
 
-    def __init__(self, maildir: Path) -> None:
+    Each message is written to ``tmp/``, flushed to disk (unless ``fsync`` is off) and
+    renamed into ``new/`` before the server answers 250. The writes run in worker
+    threads, so one slow disk flush does not hold up the other SMTP sessions.
+    """
+
+    def __init__(self, maildir: Path, *, fsync: bool = True) -> None:
         self.maildir = Path(maildir)
-        # mailbox.Maildir creates tmp/new/cur only when the root itself is missing.
+        self.fsync = fsync
         for sub in ("tmp", "new", "cur"):
             (self.maildir / sub).mkdir(parents=True, exist_ok=True)
-        self._box = mailbox.Maildir(self.maildir, create=False)
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
         #: Messages delivered since start.
         self.delivered = 0
 
@@ -144,9 +153,8 @@ class MaildirHandler:
         content = envelope.original_content or b""
         trace = f"Return-Path: <{envelope.mail_from or ''}>\r\n"
         trace += "".join(f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.rcpt_tos)
-        # A Maildir write is a small file and a rename: quick enough to do inline.
         try:
-            self._box.add(trace.encode("utf-8") + content)
+            await asyncio.to_thread(self._deliver, trace.encode("utf-8") + content)
         except OSError as exc:
             # A full or unwritable disk is temporary from the client's point of view;
             # aiosmtpd would answer 500 (permanent) to an exception.
@@ -155,15 +163,32 @@ class MaildirHandler:
         self.delivered += 1
         return "250 Message accepted for delivery"
 
+    def _deliver(self, data: bytes) -> None:
+        # The Maildir protocol: a unique name, written in tmp/, then renamed into new/,
+        # so readers never see a partial message.
+        name = f"{time.time_ns()}.P{os.getpid()}_{uuid.uuid4().hex}.{self._host}"
+        tmp = self.maildir / "tmp" / name
+        with open(tmp, "xb") as file:
+            file.write(data)
+            file.flush()
+            if self.fsync:
+                os.fsync(file.fileno())
+        os.rename(tmp, self.maildir / "new" / name)
+
 
 class SmtpSink(SmtpServer):
     """The embedded sink: an SMTP server (SMTPUTF8 on) delivering into ``maildir``."""
 
     def __init__(
-        self, maildir: Path, host: str = "127.0.0.1", port: int = DEFAULT_SINK_PORT
+        self,
+        maildir: Path,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_SINK_PORT,
+        *,
+        fsync: bool = True,
     ) -> None:
         self.maildir = Path(maildir)
-        super().__init__(MaildirHandler(self.maildir), host=host, port=port)
+        super().__init__(MaildirHandler(self.maildir, fsync=fsync), host=host, port=port)
 
     @property
     def delivered(self) -> int:
