@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from redis.exceptions import ResponseError
 
 from orderflow.bus import metrics
@@ -131,13 +134,10 @@ class StreamPublisher:
 
         Raises ValueError, before sending anything, if a message cannot be encoded.
         """
-        encoded = [_flatten(encode(message)) for message in messages]
+        commands = [("XADD", stream, "*", *_flatten(encode(message))) for message in messages]
         ids: list[str] = []
-        for start in range(0, len(encoded), PIPELINE_CHUNK):
-            pipe: Any = self._redis.pipeline(transaction=False)
-            for fields in encoded[start : start + PIPELINE_CHUNK]:
-                pipe.execute_command("XADD", stream, "*", *fields)
-            replies = await pipe.execute()
+        for start in range(0, len(commands), PIPELINE_CHUNK):
+            replies = await send_commands(self._redis, commands[start : start + PIPELINE_CHUNK])
             ids.extend(_text(reply) for reply in replies)
         metrics.PUBLISHED.labels(stream).inc(len(ids))
         await self._maybe_trim(stream, len(ids))
@@ -213,6 +213,57 @@ class StreamPublisher:
             )
             self._acked_trim = version >= (8, 2)
         return self._acked_trim
+
+
+async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write and return their raw replies, in order.
+
+    A non-transactional pipeline, packed by hiredis in C: redis-py packs each argument
+    in Python, which costs more than the rest of a publish (28 µs against 3 µs for one
+    XADD of wire format v1). Replies are not post-processed, so use it for commands
+    whose raw reply is what you want (XADD, XACK). Raises the first error reply, after
+    reading every reply. On a client that is not a plain pooled one (a cluster, a single
+    connection), this is redis-py's own pipeline.
+    """
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None or getattr(redis, "connection", None) is not None:
+        pipe: Any = redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return cast(list[Any], await pipe.execute())
+    packed = b"".join([pack_command(command) for command in commands])
+    connection = await pool.get_connection()
+
+    async def attempt() -> list[Any]:
+        await connection.send_packed_command(packed)
+        received: list[Any] = []
+        # One deadline for all the replies rather than one each (math.inf: none per read).
+        async with asyncio.timeout(connection.socket_timeout):
+            for _ in commands:
+                try:
+                    received.append(await connection.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    received.append(exc)
+        return received
+
+    async def reset(_error: Exception) -> None:
+        await connection.disconnect()
+
+    try:
+        # Retried on connection errors like redis-py's own pipeline (and, like it, a
+        # retry after a lost reply may append an entry twice: consumers deduplicate).
+        replies: list[Any] = await connection.retry.call_with_retry(attempt, reset)
+    except BaseException:
+        # Cancelled or failed mid-way: replies may still be on their way, so this
+        # connection is out of step with its commands. Drop it, never reuse it.
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
 
 
 def _flatten(fields: dict[str, bytes | str]) -> list[bytes | str]:

@@ -21,6 +21,7 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from orderflow.bus import metrics
 from orderflow.bus.keys import StreamKeys
 from orderflow.bus.message import DecodeError, Message, decode
-from orderflow.bus.streams import ensure_group
+from orderflow.bus.streams import ensure_group, send_commands
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,17 @@ class StreamWorker:
         self._handler = handler
         self.stats = WorkerStats()
         self._labels = (config.stream, config.group)
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Metric children looked up once: ``labels()`` per entry is a dict lookup under a lock.
+        self._consumed = metrics.CONSUMED.labels(*self._labels)
+        self._handler_seconds = metrics.HANDLER_SECONDS.labels(*self._labels)
+        self._acked = metrics.ACKED.labels(*self._labels)
+        #: Entries this worker holds: queued, being handled, or being claimed for a retry.
+        self._inflight: set[str] = set()
+        #: Entries read but not yet handed to a handler, in stream order.
+        self._queue: deque[tuple[str, Mapping[bytes, bytes], int]] = deque()
+        #: The tasks that run handlers, one entry at a time each; at most ``concurrency``.
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._lane_starting = False
         self._retrying: dict[str, asyncio.TimerHandle] = {}
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._acks: list[str] = []
@@ -210,7 +221,6 @@ class StreamWorker:
         self._ack_lock = asyncio.Lock()
         self._capacity = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._semaphore = asyncio.Semaphore(config.concurrency)
         self._heartbeat = redis.register_script(_HEARTBEAT_SCRIPT)
         self._prune = redis.register_script(_PRUNE_SCRIPT)
         self._burst = False
@@ -275,7 +285,9 @@ class StreamWorker:
     def _free(self) -> int:
         # Entries waiting for a retry count too, so a failing handler applies
         # backpressure instead of letting the worker hoard the stream.
-        return self.config.concurrency * 2 - self.held
+        # Room for two batches at least, so the next read is in flight while the lanes
+        # work through the last one.
+        return max(self.config.concurrency, self.config.batch_size) * 2 - self.held
 
     async def _wait_capacity(self) -> None:
         while self._free() <= 0 and not self._stopping.is_set():
@@ -369,48 +381,70 @@ class StreamWorker:
     # -- handling ------------------------------------------------------------------
 
     def _start(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
-        task = asyncio.create_task(self._process(entry_id, fields, deliveries))
-        self._inflight[entry_id] = task
-        task.add_done_callback(lambda _t: self._finished(entry_id))
+        self._inflight.add(entry_id)
+        self._queue.append((entry_id, fields, deliveries))
+        self._add_lane()
+
+    def _add_lane(self) -> None:
+        # One task per entry costs more than a fast handler does. Instead a lane runs
+        # queued entries one after another, and keeps one spare lane starting: the spare
+        # only runs once the current handler waits, so handlers that never wait cost no
+        # task per entry, and handlers that do wait get up to `concurrency` lanes.
+        if self._queue and not self._lane_starting and len(self._lanes) < self.config.concurrency:
+            self._lane_starting = True
+            lane = asyncio.create_task(self._lane(), name="orderflow-lane")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+
+    async def _lane(self) -> None:
+        self._lane_starting = False
+        while self._queue:
+            entry_id, fields, deliveries = self._queue.popleft()
+            self._add_lane()
+            try:
+                await self._process(entry_id, fields, deliveries)
+            except Exception:
+                # _process handles every failure of the handler; this is a bug or an
+                # unexpected Redis reply. The entry stays pending, for a claim later.
+                log.exception("processing entry %s of %s failed", entry_id, self.config.stream)
+            finally:
+                self._finished(entry_id)
 
     def _finished(self, entry_id: str) -> None:
-        self._inflight.pop(entry_id, None)
+        self._inflight.discard(entry_id)
         self._capacity.set()
 
     async def _process(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
         cfg = self.config
-        async with self._semaphore:
-            try:
-                message = decode(fields, entry_id)
-            except DecodeError as exc:
-                await self._dead_letter(entry_id, fields, f"malformed entry: {exc}", deliveries)
-                return
-            if deliveries > cfg.max_deliveries:
-                reason = (
-                    f"delivered {deliveries} times without success (limit {cfg.max_deliveries})"
-                )
+        try:
+            message = decode(fields, entry_id)
+        except DecodeError as exc:
+            await self._dead_letter(entry_id, fields, f"malformed entry: {exc}", deliveries)
+            return
+        if deliveries > cfg.max_deliveries:
+            reason = f"delivered {deliveries} times without success (limit {cfg.max_deliveries})"
+            await self._dead_letter(entry_id, fields, reason, deliveries)
+            return
+        self._consumed.inc()
+        started = time.perf_counter()
+        try:
+            await self._handler(Delivery(message, entry_id, cfg.stream, deliveries))
+        except PermanentError as exc:
+            self.stats.failed += 1
+            await self._dead_letter(entry_id, fields, f"permanent failure: {exc}", deliveries)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats.failed += 1
+            reason = f"{type(exc).__name__}: {exc}"
+            if deliveries >= cfg.max_deliveries:
                 await self._dead_letter(entry_id, fields, reason, deliveries)
-                return
-            metrics.CONSUMED.labels(*self._labels).inc()
-            started = time.perf_counter()
-            try:
-                await self._handler(Delivery(message, entry_id, cfg.stream, deliveries))
-            except PermanentError as exc:
-                self.stats.failed += 1
-                await self._dead_letter(entry_id, fields, f"permanent failure: {exc}", deliveries)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.stats.failed += 1
-                reason = f"{type(exc).__name__}: {exc}"
-                if deliveries >= cfg.max_deliveries:
-                    await self._dead_letter(entry_id, fields, reason, deliveries)
-                else:
-                    self._schedule_retry(entry_id, deliveries, reason)
-                return
-            finally:
-                metrics.HANDLER_SECONDS.labels(*self._labels).observe(time.perf_counter() - started)
+            else:
+                self._schedule_retry(entry_id, deliveries, reason)
+            return
+        finally:
+            self._handler_seconds.observe(time.perf_counter() - started)
         self.stats.handled += 1
         self._ack(entry_id)
 
@@ -440,12 +474,21 @@ class StreamWorker:
             return
         task = asyncio.create_task(self._retry(entry_id))
         # Count it as in flight at once, so the capacity stays right meanwhile.
-        self._inflight[entry_id] = task
+        self._inflight.add(entry_id)
         self._retry_tasks.add(task)
         task.add_done_callback(self._retry_tasks.discard)
-        task.add_done_callback(lambda _t: self._finished(entry_id))
 
     async def _retry(self, entry_id: str) -> None:
+        # Claims the entry back (its delivery count goes up), then queues it for a lane,
+        # so retries share the `concurrency` limit with new entries.
+        queued = False
+        try:
+            queued = await self._claim_for_retry(entry_id)
+        finally:
+            if not queued:
+                self._finished(entry_id)
+
+    async def _claim_for_retry(self, entry_id: str) -> bool:
         cfg = self.config
         attempt = 0
         while True:
@@ -459,16 +502,18 @@ class StreamWorker:
                 break
             except TRANSIENT_REDIS_ERRORS as exc:
                 if self._stopping.is_set():
-                    return
+                    return False
                 attempt += 1
                 await self._redis_down("retry", exc, attempt)
         entries = [(i, f) for i, f in claimed if i is not None and f is not None]
         if not entries:
             # Deleted from the stream or acknowledged elsewhere: nothing left to do.
             self._ack(entry_id)
-            return
+            return False
         deliveries = int(pending[0]["times_delivered"]) if pending else 1
-        await self._process(entry_id, entries[0][1], deliveries)
+        self._queue.append((entry_id, entries[0][1], deliveries))
+        self._add_lane()
+        return True
 
     # -- dead letters --------------------------------------------------------------
 
@@ -538,12 +583,16 @@ class StreamWorker:
         while self._acks:
             ids, self._acks = self._acks, []
             try:
-                await self._redis.xack(self.config.stream, self.config.group, *ids)
+                # Packed in C: redis-py packs 100 ids in Python for longer than it takes to
+                # handle them.
+                await send_commands(
+                    self._redis, [("XACK", self.config.stream, self.config.group, *ids)]
+                )
             except BaseException:
                 self._acks[:0] = ids
                 raise
             self.stats.acked += len(ids)
-            metrics.ACKED.labels(*self._labels).inc(len(ids))
+            self._acked.inc(len(ids))
 
     async def _heartbeat_loop(self) -> None:
         cfg = self.config
@@ -626,14 +675,17 @@ class StreamWorker:
         for handle in self._retrying.values():
             handle.cancel()
         self._retrying.clear()
-        inflight = list(self._inflight.values())
-        if inflight:
-            _, unfinished = await asyncio.wait(inflight, timeout=cfg.shutdown_timeout_s)
-            for task in unfinished:
+        # Lanes finish what was read (a lane may start another meanwhile), until the timeout.
+        deadline = time.monotonic() + cfg.shutdown_timeout_s
+        while (busy := self._lanes | self._retry_tasks) and time.monotonic() < deadline:
+            await asyncio.wait(busy, timeout=max(0.0, deadline - time.monotonic()))
+        if busy:
+            left = len(self._inflight)
+            self._queue.clear()
+            for task in busy:
                 task.cancel()
-            await asyncio.gather(*inflight, return_exceptions=True)
-            if unfinished:
-                log.warning("%d entries left pending for other consumers", len(unfinished))
+            await asyncio.gather(*busy, return_exceptions=True)
+            log.warning("%d entries left pending for other consumers", left)
         for _ in range(3):
             try:
                 await self._flush_acks()
