@@ -1,0 +1,138 @@
+"""``python -m bench``: run the cases on a private, pinned redis-server; write RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench import case_consume, case_latency, case_memory, case_publish, report
+from bench.common import Figure, PinnedRedisServer, can_pin, pin_client
+
+HERE = Path(__file__).resolve().parent
+CASES = ("publish", "consume", "latency", "memory")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each case does: the full run, or a quick smoke run."""
+
+    publish_count: int
+    repeats: int
+    consume_count: int
+    latency_seconds: float
+    memory_count: int
+    rss_count: int
+
+
+FULL = Sizes(
+    publish_count=100_000,
+    repeats=3,
+    consume_count=100_000,
+    latency_seconds=5.0,
+    memory_count=100_000,
+    rss_count=1_000_000,
+)
+QUICK = Sizes(
+    publish_count=20_000,
+    repeats=1,
+    consume_count=20_000,
+    latency_seconds=1.5,
+    memory_count=20_000,
+    rss_count=100_000,
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of ``python -m bench``."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
+    parser.add_argument(
+        "--only", choices=CASES, action="append", help="run only this case (repeatable)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="directory for RESULTS.md, the chart and the JSON"
+    )
+    return parser.parse_args(argv)
+
+
+async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[Figure]:
+    """Run the selected cases one after another on the same server."""
+    figures: list[Figure] = []
+    if "publish" in only:
+        figures += await case_publish.run(
+            url, port, count=sizes.publish_count, repeats=sizes.repeats
+        )
+        _progress(figures)
+    if "consume" in only:
+        figures += await case_consume.run(url, count=sizes.consume_count, repeats=sizes.repeats)
+        _progress(figures)
+    if "latency" in only:
+        figures += await case_latency.run(url, seconds=sizes.latency_seconds)
+        _progress(figures)
+    if "memory" in only:
+        figures += await case_memory.run(
+            url, port, count=sizes.memory_count, rss_count=sizes.rss_count
+        )
+        _progress(figures)
+    return figures
+
+
+_shown = 0
+
+
+def _progress(figures: list[Figure]) -> None:
+    global _shown
+    for figure in figures[_shown:]:
+        extra = " ".join(f"{k}={v:,.3g}" for k, v in figure.extra.items())
+        print(
+            f"  {figure.case:8} {figure.contender:38} {figure.value:>14,.1f} {figure.unit} {extra}"
+        )
+    _shown = len(figures)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and write the results; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sizes = QUICK if args.quick else FULL
+    only = set(args.only or CASES)
+    pin = can_pin()
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp:
+        server = PinnedRedisServer(Path(tmp) / "redis", pin=pin)
+        server.start()
+        try:
+            pin_client(pin)
+            print(f"redis-server pid {server.pid} on {server.url} (pinned: {pin})")
+            figures = asyncio.run(run_cases(server.url, server.port, sizes, only))
+            server_version = report.redis_version(server.url)
+        finally:
+            server.stop()
+    elapsed = time.monotonic() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps([asdict(f) for f in figures], indent=1, default=str) + "\n"
+    )
+    report.write(
+        args.out,
+        figures,
+        quick=args.quick,
+        pinned=pin,
+        server_version=server_version,
+        elapsed_s=elapsed,
+        load_before=load_before,
+    )
+    print(f"wrote {args.out / 'RESULTS.md'} in {elapsed:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Case 4: latency from XADD to the start of the handler, open loop at fixed rates.
+
+A load generator in another process appends entries at a fixed rate whatever the
+consumer does (open loop), stamping each with ``time.monotonic_ns()`` just before its
+XADD leaves; the consumer takes the clock again as its handler starts. Both processes
+read the same monotonic clock of this host. orderflow's ``StreamWorker`` is compared
+with a minimal loop (XREADGROUP BLOCK COUNT 100, handler, XACK per batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+from typing import Any, cast
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from bench.common import SERVER_CPU, STREAM, Figure, can_pin, flat_fields, percentile
+from orderflow.bus.connection import connect
+from orderflow.bus.message import Message
+from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
+
+CASE = "latency"
+GROUP = "latency"
+RATES = (1_000, 10_000)
+#: A fixed-width stand-in for the send time, replaced in the encoded JSON at send time,
+#: so the stamp is taken after the entry was encoded, right before it is sent.
+PLACEHOLDER = b"0" * 19
+#: The first part of each run is warm-up (connections, caches), left out of the figures.
+WARMUP_SHARE = 0.1
+
+
+def _generate(url: str, rate: int, seconds: float, lag_out: Any) -> None:
+    """The load generator (a child process): XADD at ``rate``/s for ``seconds``."""
+    if can_pin():
+        # With the server, which these rates leave mostly idle; the consumer has the other core.
+        os.sched_setaffinity(0, {SERVER_CPU})
+    client = redis.Redis.from_url(url)
+    total = int(rate * seconds)
+    templates = []
+    for i in range(total):
+        message = Message.event(
+            "order.created", {"id": i, "sent_ns": PLACEHOLDER.decode()}, source="bench"
+        )
+        templates.append(flat_fields(message))
+    data_index = templates[0].index("data") + 1
+    interval = 1e9 / rate
+    start = time.monotonic_ns()
+    sent = 0
+    worst_lag = 0
+    while sent < total:
+        now = time.monotonic_ns()
+        due = min(total, int((now - start) / interval) + 1)
+        if due > sent:
+            worst_lag = max(worst_lag, now - (start + int(sent * interval)))
+            pipe: Any = client.pipeline(transaction=False)
+            stamp = str(time.monotonic_ns()).zfill(19).encode()
+            for fields in templates[sent:due]:
+                fields[data_index] = cast(bytes, fields[data_index]).replace(PLACEHOLDER, stamp)
+                pipe.execute_command("XADD", STREAM, "*", *fields)
+            pipe.execute()
+            sent = due
+        else:
+            time.sleep(max(0.0, (start + sent * interval - now) / 1e9))
+    client.close()
+    lag_out.put(worst_lag / 1e6)
+
+
+def _sent_ns(data: Any) -> int:
+    return int(data["sent_ns"])
+
+
+async def _orderflow(
+    redis_client: aioredis.Redis, total: int, latencies: list[float], ready: asyncio.Event
+) -> None:
+    done = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        latencies.append((time.monotonic_ns() - _sent_ns(delivery.message.data)) / 1e6)
+        if len(latencies) >= total:
+            done.set()
+
+    worker = StreamWorker(
+        redis_client, WorkerConfig(stream=STREAM, group=GROUP, consumer="c"), handler
+    )
+    running = asyncio.create_task(worker.run())
+    await worker.wait_started()
+    ready.set()
+    await done.wait()
+    worker.stop()
+    await running
+
+
+async def _minimal(
+    redis_client: aioredis.Redis, total: int, latencies: list[float], ready: asyncio.Event
+) -> None:
+    await redis_client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ready.set()
+    while len(latencies) < total:
+        reply: Any = await redis_client.xreadgroup(GROUP, "c", {STREAM: ">"}, count=100, block=1000)
+        entries = reply[0][1] if reply else []
+        for _entry_id, fields in entries:
+            started = time.monotonic_ns()
+            latencies.append((started - _sent_ns(orjson.loads(fields[b"data"]))) / 1e6)
+        if entries:
+            await redis_client.xack(STREAM, GROUP, *(entry_id for entry_id, _ in entries))
+
+
+async def _measure(url: str, contender: Any, rate: int, seconds: float) -> Figure:
+    ready = asyncio.Event()
+    redis_client = connect(url)
+    await redis_client.delete(STREAM)
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    consuming = asyncio.create_task(contender(redis_client, total, latencies, ready))
+    await ready.wait()
+    context = multiprocessing.get_context("spawn")
+    lag_out = context.Queue()
+    generator = context.Process(target=_generate, args=(url, rate, seconds, lag_out))
+    generator.start()
+    try:
+        await asyncio.wait_for(consuming, timeout=seconds + 30)
+    finally:
+        generator.join(timeout=30)
+        await redis_client.delete(STREAM)
+        await redis_client.aclose()
+    worst_lag = lag_out.get(timeout=5)
+    samples = latencies[int(total * WARMUP_SHARE) :]
+    name = "orderflow StreamWorker" if contender is _orderflow else "minimal redis-py loop"
+    return Figure(
+        CASE,
+        f"{name} @ {rate:,}/s",
+        percentile(samples, 99),
+        "ms p99",
+        note=f"{len(samples):,} samples; generator at most {worst_lag:.2f} ms late",
+        extra={
+            "p50": percentile(samples, 50),
+            "p99": percentile(samples, 99),
+            "p99.9": percentile(samples, 99.9),
+            "max": max(samples),
+        },
+    )
+
+
+async def run(url: str, *, seconds: float) -> list[Figure]:
+    """Each contender at each rate for ``seconds``; p50/p99/p99.9 in milliseconds."""
+    figures = []
+    for rate in RATES:
+        for contender in (_orderflow, _minimal):
+            figures.append(await _measure(url, contender, rate, seconds))
+    return figures
