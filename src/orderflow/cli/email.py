@@ -51,12 +51,15 @@ def _quiet_aiosmtpd() -> None:
 async def worker_command(args: argparse.Namespace) -> int:
     """Run one Email Service worker until SIGINT or SIGTERM."""
     from orderflow.email import EmailService, SmtpSender, resolve_smtp_url
+    from orderflow.email.render import parse_mail_from
 
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.name is not None and (not args.name or any(ch.isspace() for ch in args.name)):
         raise UsageError(f"--name {args.name!r} must be non-empty, without spaces")
     settings = load_settings()
+    # Configuration errors first, before anything connects.
+    parse_mail_from(settings.mail_from)
     smtp_url = resolve_smtp_url(settings)
     sender = SmtpSender(smtp_url, pool_size=min(args.concurrency, MAX_SMTP_POOL))
     try:

@@ -38,7 +38,9 @@ def _header_value(name: str, value: str) -> str:
 def encode_display_name(name: str) -> str:
     """A display name as a quoted string, or RFC 2047 encoded-words when not ASCII."""
     _header_value("display name", name)
-    if name.isascii():
+    # "=?" could be read as the start of an encoded-word, even inside quotes, and show
+    # the reader other text than the name: such names are encoded themselves.
+    if name.isascii() and "=?" not in name:
         return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     words: list[str] = []
     chunk = ""
