@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from orderflow.bus import Delivery, Message
 from orderflow.config import Settings
 from orderflow.email import Claim, ClaimState, EmailLedger, EmailService, ledger_key
 
@@ -395,3 +396,32 @@ async def test_injection_attempts_add_no_header_or_recipient(
         assert evil not in r.rcpt_tos
         assert msg["To"].addresses[0].addr_spec == r.rcpt_tos[0]
     assert len(await dead_letters(aredis)) == 10
+
+
+@pytest.mark.slow
+async def test_a_send_slower_than_the_lease_is_not_repeated(
+    aredis: aioredis.Redis, smtp: SmtpFixture, make_service: ServiceFactory
+) -> None:
+    # The server takes 1.5 s to accept, longer than the 1 s lease (claim_idle_ms). A
+    # duplicate of the order reaches another worker after the first lease would have
+    # run out: the lease, renewed while the send runs, keeps it from sending again.
+    smtp.handler.delay_s = 1.5
+    slow, other = await make_service(), await make_service()
+    task = asyncio.create_task(slow.run())
+    await slow.wait_started()
+    await publish_event(aredis, ALICE)
+    await wait_until(lambda: smtp.handler.data_attempts == 1)
+    # Time passing is the scenario here: outlive the lease as first granted.
+    await asyncio.sleep(1.1)
+    assert await aredis.hget(ledger_key(101), "state") == b"sending"
+    duplicate = Delivery(Message(data=ALICE), "1-1", "orders", 1)
+    await asyncio.wait_for(other.handle(duplicate), 10)  # waits for the outcome
+    await wait_until(_no_pending(aredis), timeout=10)
+    slow.stop()
+    await asyncio.wait_for(task, 10)
+
+    assert smtp.handler.data_attempts == 1
+    assert len(smtp.handler.received) == 1
+    assert await dead_letters(aredis) == []
+    assert await aredis.hget(ledger_key(101), "state") == b"sent"
+    assert [e.type for e in await email_events(aredis)] == ["email.sent", "email.sent"]
