@@ -362,3 +362,57 @@ def test_bad_worker_configuration_is_refused_by_name(
 async def test_consumer_names_are_unique() -> None:
     names = {config().consumer for _ in range(100)}
     assert len(names) == 100
+
+
+async def test_an_entry_taken_over_by_another_consumer_is_given_up_by_the_heartbeat(
+    aredis: aioredis.Redis,
+) -> None:
+    failed = asyncio.Event()
+
+    async def failing(delivery: Delivery) -> None:
+        failed.set()
+        raise RuntimeError("down")
+
+    ids = await publish(aredis, 1)
+    worker = StreamWorker(aredis, config(claim_idle_ms=300, retry_base_ms=60_000), failing)
+    task = asyncio.create_task(worker.run())
+    await failed.wait()
+    assert worker.held == 1  # waiting for its retry
+    # Another consumer takes the entry over, as it would after a long pause of this one.
+    await aredis.xclaim(STREAM, GROUP, "other", 0, ids)
+    await wait_until(lambda: worker.held == 0, timeout=5, what="the retry to be given up")
+    worker.stop()
+    await task
+    [row] = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert row["consumer"] == b"other"  # never stolen back
+
+
+async def test_the_heartbeat_keeps_entries_waiting_for_a_retry_from_being_claimed(
+    aredis: aioredis.Redis,
+) -> None:
+    failed = asyncio.Event()
+
+    async def failing(delivery: Delivery) -> None:
+        failed.set()
+        raise RuntimeError("down")
+
+    async def thief(delivery: Delivery) -> None:
+        raise AssertionError("claimed a live worker's entry")
+
+    await publish(aredis, 1)
+    owner = StreamWorker(
+        aredis, config(claim_idle_ms=200, retry_base_ms=60_000, consumer="owner"), failing
+    )
+    owner_task = asyncio.create_task(owner.run())
+    await failed.wait()
+    other = StreamWorker(aredis, config(claim_idle_ms=200, consumer="other"), thief)
+    other_task = asyncio.create_task(other.run())
+    for _ in range(8):  # four claim timeouts, with the other consumer looking every 50 ms
+        await asyncio.sleep(0.1)
+        [row] = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert row["consumer"] == b"owner"
+        assert row["time_since_delivered"] < 200
+    other.stop()
+    owner.stop()
+    await asyncio.gather(owner_task, other_task)
+    assert other.stats.claimed == 0

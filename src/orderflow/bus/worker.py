@@ -56,8 +56,8 @@ _HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, R
 # Returns the ids this consumer no longer owns.
 _HEARTBEAT_SCRIPT = """
 local lost = {}
-for i = 1, #ARGV - 1 do
-  local id = ARGV[i + 1]
+for i = 2, #ARGV - 1 do
+  local id = ARGV[i]
   local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #row == 1 and row[1][2] == ARGV[#ARGV] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[#ARGV], 0, id, 'JUSTID')
