@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import case_consume, case_latency, case_memory, case_publish, report
 from bench.common import Figure, PinnedRedisServer, can_pin, pin_client
+from bench.report import RunInfo
 
 HERE = Path(__file__).resolve().parent
 CASES = ("publish", "consume", "latency", "memory")
@@ -59,6 +60,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=HERE, help="directory for RESULTS.md, the chart and the JSON"
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write RESULTS.md and the chart again from results.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,11 +107,16 @@ def _progress(figures: list[Figure]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks and write the results; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        saved = json.loads((args.out / "results.json").read_text())
+        figures = [Figure(**figure) for figure in saved["figures"]]
+        render(args.out, figures, RunInfo(**saved["run"]))
+        return 0
     sizes = QUICK if args.quick else FULL
     only = set(args.only or CASES)
     pin = can_pin()
     started = time.monotonic()
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp:
         server = PinnedRedisServer(Path(tmp) / "redis", pin=pin)
         server.start()
@@ -116,22 +127,25 @@ def main(argv: list[str] | None = None) -> int:
             server_version = report.redis_version(server.url)
         finally:
             server.stop()
-    elapsed = time.monotonic() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps([asdict(f) for f in figures], indent=1, default=str) + "\n"
-    )
-    report.write(
-        args.out,
-        figures,
+    run = RunInfo(
         quick=args.quick,
         pinned=pin,
         server_version=server_version,
-        elapsed_s=elapsed,
+        elapsed_s=time.monotonic() - started,
         load_before=load_before,
+        load_after=os.getloadavg()[0],
     )
-    print(f"wrote {args.out / 'RESULTS.md'} in {elapsed:.0f}s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = {"run": asdict(run), "figures": [asdict(f) for f in figures]}
+    (args.out / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
+    render(args.out, figures, run)
     return 0
+
+
+def render(out: Path, figures: list[Figure], run: RunInfo) -> None:
+    """Write RESULTS.md and the chart of one run."""
+    report.write(out, figures, run)
+    print(f"wrote {out / 'RESULTS.md'} (run took {run.elapsed_s:.0f}s)")
 
 
 if __name__ == "__main__":
