@@ -379,7 +379,7 @@ async def test_an_entry_taken_over_by_another_consumer_is_given_up_by_the_heartb
     await failed.wait()
     assert worker.held == 1  # waiting for its retry
     # Another consumer takes the entry over, as it would after a long pause of this one.
-    await aredis.xclaim(STREAM, GROUP, "other", 0, ids)
+    await aredis.xclaim(STREAM, GROUP, "other", 0, list[Any](ids))
     await wait_until(lambda: worker.held == 0, timeout=5, what="the retry to be given up")
     worker.stop()
     await task
@@ -411,7 +411,7 @@ async def test_the_heartbeat_keeps_entries_waiting_for_a_retry_from_being_claime
         await asyncio.sleep(0.1)
         [row] = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
         assert row["consumer"] == b"owner"
-        assert row["time_since_delivered"] < 200
+        assert int(row["time_since_delivered"]) < 200
     other.stop()
     owner.stop()
     await asyncio.gather(owner_task, other_task)
