@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     mail_from: str = "orderflow <orders@orderflow.localhost>"
     reconcile_after_s: float = Field(default=300.0, gt=0)
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Token the web console asks for; required when the API is beyond loopback.",
+    )
+    console_channel: str = Field(
+        default="orderflow:console", min_length=1, description="Pub/Sub channel of live ticks."
+    )
 
     @field_validator("stream", "group", "email_events_stream", "orders_group", "channel")
     @classmethod
