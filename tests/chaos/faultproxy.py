@@ -1,0 +1,126 @@
+"""A small asyncio TCP fault proxy: latency, connection resets, a peer that stops answering.
+
+It sits between a client (an email worker) and a server (Redis, SMTP) and forwards
+bytes both ways, unless told to misbehave:
+
+* ``latency_s``: each chunk is held that long before it is forwarded (order is kept);
+* :meth:`reset_all`: every open connection is reset (RST, not FIN) mid-stream, so a
+  command in flight gets no reply; ``refuse`` resets new connections at once;
+* ``blackhole``: the proxy keeps connections open but drops every byte both ways, as a
+  dead host behind a load balancer does: the client only finds out by timing out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+
+class FaultProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``upstream``; faults are switched at run time."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, port: int = 0) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = port
+        self.latency_s = 0.0
+        self.blackhole = False
+        self.refuse = False
+        #: Connections accepted and connections reset, for the figures.
+        self.accepted = 0
+        self.resets = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def url(self, scheme: str, path: str = "") -> str:
+        """The URL a client uses to reach the upstream through the proxy."""
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    async def start(self) -> None:
+        """Listen (a free port when ``port`` is 0)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+        self.reset_all()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def heal(self) -> None:
+        """No more faults."""
+        self.latency_s = 0.0
+        self.blackhole = False
+        self.refuse = False
+
+    def reset_all(self) -> int:
+        """Reset every open connection now; returns how many were reset."""
+        pairs = list(self._pairs)
+        self._pairs.clear()
+        for client, upstream in pairs:
+            _reset(client)
+            _reset(upstream)
+        self.resets += len(pairs)
+        return len(pairs)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.refuse:
+            self.resets += 1
+            _reset(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            _reset(writer)
+            return
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, target, pair))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        target: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
+        try:
+            while True:
+                chunk = await source.read(65536)
+                if not chunk:
+                    break
+                if self.latency_s:
+                    await asyncio.sleep(self.latency_s)
+                if self.blackhole:
+                    continue  # dropped: the peer never answers this
+                target.write(chunk)
+                await target.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            # One side ended: end the other too (FIN), as a real proxy would.
+            if pair in self._pairs:
+                self._pairs.discard(pair)
+                for side in pair:
+                    with contextlib.suppress(OSError, RuntimeError):
+                        side.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0, so the peer sees a connection reset (RST)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
