@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,38 +71,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[Figure]:
     """Run the selected cases one after another on the same server."""
-    figures: list[Figure] = []
-    if "publish" in only:
-        figures += await case_publish.run(
+    runs: dict[str, Callable[[], Awaitable[list[Figure]]]] = {
+        "publish": lambda: case_publish.run(
             url, port, count=sizes.publish_count, repeats=sizes.repeats
-        )
-        _progress(figures)
-    if "consume" in only:
-        figures += await case_consume.run(url, count=sizes.consume_count, repeats=sizes.repeats)
-        _progress(figures)
-    if "latency" in only:
-        figures += await case_latency.run(url, seconds=sizes.latency_seconds)
-        _progress(figures)
-    if "memory" in only:
-        figures += await case_memory.run(
+        ),
+        "consume": lambda: case_consume.run(url, count=sizes.consume_count, repeats=sizes.repeats),
+        "latency": lambda: case_latency.run(url, seconds=sizes.latency_seconds),
+        "memory": lambda: case_memory.run(
             url, port, count=sizes.memory_count, rss_count=sizes.rss_count
-        )
-        _progress(figures)
+        ),
+    }
+    figures: list[Figure] = []
+    for case in CASES:
+        if case in only:
+            started = time.monotonic()
+            new = await runs[case]()
+            _show(new, time.monotonic() - started)
+            figures += new
     return figures
 
 
-_shown = 0
-
-
-def _progress(figures: list[Figure]) -> None:
-    global _shown
-    for figure in figures[_shown:]:
+def _show(figures: list[Figure], seconds: float) -> None:
+    for figure in figures:
         extra = " ".join(f"{k}={v:,.3g}" for k, v in figure.extra.items())
         print(
-            f"  {figure.case:8} {figure.contender:38} {figure.value:>14,.1f} {figure.unit} {extra}"
+            f"  {figure.case:8} {figure.contender:40} {figure.value:>12,.1f} {figure.unit} {extra}"
         )
-    _shown = len(figures)
-    sys.stdout.flush()
+    print(f"  ({seconds:.0f}s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

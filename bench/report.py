@@ -436,6 +436,9 @@ def _chart(path: Path, figures: list[Figure]) -> bool:
         (axes[1], "consume", "2. consume + ack (entries/s)"),
     ):
         rows = [f for f in figures if f.case == case and not math.isnan(f.value)]
+        if not rows:
+            ax.set_axis_off()
+            continue
         names = [textwrap.fill(f.contender, 14) for f in rows]
         bars = ax.bar(
             names,
@@ -449,16 +452,19 @@ def _chart(path: Path, figures: list[Figure]) -> bool:
             ax.set_yscale("log")
     latency = [f for f in figures if f.case == "latency"]
     ax = axes[2]
+    if not latency:
+        ax.set_axis_off()
     width = 0.25
     for k, key in enumerate(("p50", "p99", "p99.9")):
         xs = [i + (k - 1) * width for i in range(len(latency))]
         ax.bar(xs, [f.extra[key] for f in latency], width, label=key)
-    ax.set_xticks(range(len(latency)))
-    ax.set_xticklabels([textwrap.fill(f.contender, 16) for f in latency], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms")
-    ax.set_title("4. XADD → handler start (ms)")
-    ax.legend()
+    if latency:
+        ax.set_xticks(range(len(latency)))
+        ax.set_xticklabels([textwrap.fill(f.contender, 16) for f in latency], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title("4. XADD → handler start (ms)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
