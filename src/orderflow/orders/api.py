@@ -187,6 +187,10 @@ def create_app(
         description="Takes orders; their events reach Redis through a transactional outbox.",
     )
     _routes(app)
+    # Imported here: the console imports this package's modules in turn.
+    from orderflow.console import console_router
+
+    app.include_router(console_router(settings))
     return app
 
 
