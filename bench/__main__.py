@@ -42,12 +42,12 @@ FULL = Sizes(
     rss_count=1_000_000,
 )
 QUICK = Sizes(
-    publish_count=20_000,
+    publish_count=10_000,
     repeats=1,
-    consume_count=20_000,
-    latency_seconds=1.5,
-    memory_count=20_000,
-    rss_count=100_000,
+    consume_count=10_000,
+    latency_seconds=1.0,
+    memory_count=10_000,
+    rss_count=50_000,
 )
 
 
