@@ -145,6 +145,20 @@ def test_up_runs_everything_in_an_empty_directory_and_stops_cleanly(
     assert "alice@example.com" in text
     assert "42.50" in text
 
+    metrics = urllib.request.urlopen(f"{api}/metrics", timeout=10).read().decode()
+    assert 'orderflow_group_lag{group="email-service",stream="orders"} 0.0' in metrics
+    assert 'orderflow_group_pending{group="email-service",stream="orders"} 0.0' in metrics
+    assert 'orderflow_dead_letters{stream="orders"} 0.0' in metrics
+    assert "orderflow_orders_created_total 1.0" in metrics
+    process.wait_for("metrics on 127.0.0.1 ports")
+    [workers_line] = [line for line in process.output if "metrics on 127.0.0.1 ports" in line]
+    worker_port = workers_line.rsplit(" ", 1)[1]
+    worker_metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{worker_port}/metrics", timeout=10
+    ).read()
+    assert b"orderflow_emails_sent_total 1.0" in worker_metrics
+    assert b'orderflow_acked_total{group="email-service",stream="orders"} 1.0' in worker_metrics
+
     children = children_of(process.proc.pid)
     assert len(children) >= 4  # redis-server, mail sink, a worker, the API
     process.wait_for("emails in the Maildir 1")  # the live status line

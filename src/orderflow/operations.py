@@ -682,3 +682,22 @@ def _text(value: object) -> str:
 
 def _opt_text(value: object) -> str | None:
     return None if value is None else _text(value)
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+async def record_stream_metrics(redis: aioredis.Redis, streams: Sequence[str]) -> None:
+    """Set the stream, group-lag, pending and dead-letter gauges from Redis, now."""
+    from orderflow.bus import metrics
+
+    for info in await stream_info(redis, streams):
+        metrics.STREAM_LENGTH.labels(info.name).set(info.length)
+        metrics.DEAD_LETTERS.labels(info.name).set(info.dead_letters)
+        for group in info.groups:
+            labels = (info.name, group.name)
+            if group.lag is not None:
+                metrics.GROUP_LAG.labels(*labels).set(group.lag)
+            metrics.GROUP_PENDING.labels(*labels).set(group.pending)
+            age = group.oldest_pending_age_ms or 0
+            metrics.GROUP_OLDEST_PENDING_SECONDS.labels(*labels).set(age / 1000)

@@ -32,3 +32,22 @@ STREAM_OVER_CAP = Gauge(
 REDIS_ERRORS = Counter(
     "orderflow_redis_errors_total", "Redis connection errors survived.", ["component"]
 )
+GROUP_LAG = Gauge(
+    "orderflow_group_lag",
+    "Entries of a stream not yet delivered to a consumer group (at the last scrape).",
+    ["stream", "group"],
+)
+GROUP_PENDING = Gauge(
+    "orderflow_group_pending",
+    "Entries delivered to a group but not acknowledged (at the last scrape).",
+    ["stream", "group"],
+)
+GROUP_OLDEST_PENDING_SECONDS = Gauge(
+    "orderflow_group_oldest_pending_age_seconds",
+    "Age of a group's oldest unacknowledged entry (at the last scrape).",
+    ["stream", "group"],
+)
+DEAD_LETTERS = Gauge(
+    "orderflow_dead_letters", "Entries in a stream's dead-letter stream.", ["stream"]
+)
+STREAM_LENGTH = Gauge("orderflow_stream_length", "Entries retained in a stream.", ["stream"])

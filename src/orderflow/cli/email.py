@@ -32,6 +32,11 @@ def register(commands: Any) -> None:
     worker.add_argument(
         "--concurrency", type=int, default=32, help="emails in flight at once (default: 32)"
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: off)",
+    )
     worker.set_defaults(handler=worker_command)
 
     mail = commands.add_parser("mail", help="the embedded SMTP sink")
@@ -40,6 +45,16 @@ def register(commands: Any) -> None:
     sink.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     sink.add_argument("--port", type=int, default=None, help="port to listen on (8025)")
     sink.set_defaults(handler=sink_command)
+
+
+def serve_metrics(port: int) -> None:
+    """Serve this process's Prometheus metrics on loopback, from a daemon thread."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr="127.0.0.1")
+    except OSError as exc:
+        raise CommandError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}") from None
 
 
 def _quiet_aiosmtpd() -> None:
@@ -57,9 +72,13 @@ async def worker_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.name is not None and (not args.name or any(ch.isspace() for ch in args.name)):
         raise UsageError(f"--name {args.name!r} must be non-empty, without spaces")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise UsageError(f"--metrics-port must be between 1 and 65535, got {args.metrics_port}")
     settings = load_settings()
     # Configuration errors first, before anything connects.
     parse_mail_from(settings.mail_from)
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port)
     smtp_url = resolve_smtp_url(settings)
     sender = SmtpSender(smtp_url, pool_size=min(args.concurrency, MAX_SMTP_POOL))
     try:

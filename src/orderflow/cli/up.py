@@ -130,10 +130,11 @@ async def start_stack(
                 )
             )
         for n in range(1, workers + 1):
+            worker_args = ["email", "worker", "--name", f"{socket.gethostname()}-up-{n}"]
             children.append(
                 Child(
                     f"email-worker-{n}",
-                    ["email", "worker", "--name", f"{socket.gethostname()}-up-{n}"],
+                    [*worker_args, "--metrics-port", str(free_port())],
                     env,
                     logs / f"email-worker-{n}.log",
                 )
@@ -207,9 +208,11 @@ def describe(stack: Stack) -> str:
         lines.append(f"  Mail       {stack.mail_dir}/new   (embedded SMTP sink, {stack.smtp_url})")
     else:
         lines.append("  Mail       sent through ORDERFLOW_SMTP_URL")
-    workers = sum(1 for c in stack.supervisor.children if c.name.startswith("email-worker"))
+    workers = [c for c in stack.supervisor.children if c.name.startswith("email-worker")]
+    ports = ", ".join(c.args[c.args.index("--metrics-port") + 1] for c in workers)
     lines += [
-        f"  Workers    {workers} email worker(s); logs in {stack.settings.data_dir.resolve()}/logs",
+        f"  Workers    {len(workers)} email worker(s), metrics on 127.0.0.1 ports {ports}",
+        f"  Logs       {stack.settings.data_dir.resolve()}/logs",
         "",
         f"  Try: curl -s -X POST {stack.api_url}/orders -H 'content-type: application/json' "
         """-d '{"email": "alice@example.com", "total": "100.00"}'""",

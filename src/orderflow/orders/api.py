@@ -22,10 +22,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from redis.exceptions import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orderflow.bus import Retention, StreamWorker, connect, redact_url
+from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 from orderflow.config import Settings, resolve_redis_url
+from orderflow.operations import OperationError, record_stream_metrics
 from orderflow.orders import metrics
 from orderflow.orders.database import Database
 from orderflow.orders.email_status import EmailStatusConsumer
@@ -395,6 +398,11 @@ def _routes(app: FastAPI) -> None:
         runtime = _runtime(request)
         with contextlib.suppress(sa.exc.SQLAlchemyError):
             metrics.OUTBOX_BACKLOG.set(await runtime.db.run(runtime.store.backlog))
+        # Group lag and dead letters are Redis's figures, read at scrape time.
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS, OperationError, ResponseError):
+            await record_stream_metrics(
+                runtime.redis, [runtime.settings.stream, runtime.settings.email_events_stream]
+            )
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
