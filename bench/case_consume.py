@@ -15,7 +15,16 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from bench.common import STREAM, Figure, Stopwatch, flat_fields, median, order_data, order_message
+from bench.common import (
+    STREAM,
+    Figure,
+    Stopwatch,
+    Throughput,
+    flat_fields,
+    order_data,
+    order_message,
+    throughput_figure,
+)
 from orderflow.bus.connection import connect
 from orderflow.bus.message import decode
 from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
@@ -66,7 +75,7 @@ async def _pending(redis: aioredis.Redis, stream: str, group: str) -> int:
     return int(summary["pending"])
 
 
-async def _orderflow(redis: aioredis.Redis, count: int) -> float:
+async def _orderflow(redis: aioredis.Redis, count: int) -> Throughput:
     group = await _new_group(redis, STREAM)
     handled = 0
 
@@ -79,10 +88,10 @@ async def _orderflow(redis: aioredis.Redis, count: int) -> float:
         stats = await worker.run(burst=True)
     assert handled == count == stats.acked, (handled, count, stats)
     assert await _pending(redis, STREAM, group) == 0
-    return count / watch.seconds
+    return watch.throughput(count)
 
 
-async def _minimal(redis: aioredis.Redis, count: int, *, decoding: bool = False) -> float:
+async def _minimal(redis: aioredis.Redis, count: int, *, decoding: bool = False) -> Throughput:
     """The minimal loop; with ``decoding``, its handler decodes each entry as orderflow does."""
     group = await _new_group(redis, STREAM)
     handled = 0
@@ -104,10 +113,10 @@ async def _minimal(redis: aioredis.Redis, count: int, *, decoding: bool = False)
             await redis.xack(STREAM, group, *(entry_id for entry_id, _ in entries))
     assert handled == count
     assert await _pending(redis, STREAM, group) == 0
-    return count / watch.seconds
+    return watch.throughput(count)
 
 
-async def _faststream(url: str, redis: aioredis.Redis, count: int, *, batch: bool) -> float:
+async def _faststream(url: str, redis: aioredis.Redis, count: int, *, batch: bool) -> Throughput:
     from faststream.redis import RedisBroker, StreamSub
 
     group = await _new_group(redis, FASTSTREAM_STREAM)
@@ -150,13 +159,13 @@ async def _faststream(url: str, redis: aioredis.Redis, count: int, *, batch: boo
             await asyncio.sleep(0.001)
     await broker.stop()
     assert handled == count, (handled, count)
-    return count / watch.seconds
+    return watch.throughput(count)
 
 
 async def run(url: str, *, count: int, repeats: int) -> list[Figure]:
     """Drain ``count`` entries per contender, ``repeats`` times; the median rate."""
     redis = connect(url)
-    rates: dict[str, list[float]] = {
+    rates: dict[str, list[Throughput]] = {
         "orderflow": [],
         "minimal": [],
         "minimal-decode": [],
@@ -183,13 +192,12 @@ async def run(url: str, *, count: int, repeats: int) -> list[Figure]:
     finally:
         await redis.aclose()
     return [
-        Figure(CASE, "orderflow StreamWorker", median(rates["orderflow"]), "entries/s"),
-        Figure(CASE, "minimal redis-py loop", median(rates["minimal"]), "entries/s"),
-        Figure(
+        throughput_figure(CASE, "orderflow StreamWorker", rates["orderflow"]),
+        throughput_figure(CASE, "minimal redis-py loop", rates["minimal"]),
+        throughput_figure(
             CASE,
             "minimal loop + orderflow decode()",
-            median(rates["minimal-decode"]),
-            "entries/s",
+            rates["minimal-decode"],
             note="the same loop, its handler decoding each entry into a Message",
         ),
         _faststream_figure("FastStream per message", rates["faststream"], count // 10),
@@ -197,7 +205,7 @@ async def run(url: str, *, count: int, repeats: int) -> list[Figure]:
     ]
 
 
-def _faststream_figure(name: str, rates: list[float], count: int) -> Figure:
+def _faststream_figure(name: str, rates: list[Throughput], count: int) -> Figure:
     if not rates:
         return Figure(
             CASE,
@@ -206,4 +214,4 @@ def _faststream_figure(name: str, rates: list[float], count: int) -> Figure:
             "entries/s",
             note="FastStream not installed: pip install -e '.[bench]'",
         )
-    return Figure(CASE, name, median(rates), "entries/s", note=f"{count:,} entries")
+    return throughput_figure(CASE, name, rates, note=f"{count:,} entries")

@@ -20,10 +20,12 @@ from bench.common import (
     STREAM,
     Figure,
     Stopwatch,
+    Throughput,
     can_pin,
     flat_fields,
     median,
     order_message,
+    throughput_figure,
 )
 from orderflow.bus.connection import connect
 from orderflow.bus.message import Message
@@ -33,16 +35,16 @@ BATCH = 100
 CASE = "publish"
 
 
-async def _orderflow(redis: aioredis.Redis, messages: list[Message]) -> float:
+async def _orderflow(redis: aioredis.Redis, messages: list[Message]) -> Throughput:
     # The default retention, as users run it: a trim check every 1000 entries.
     publisher = StreamPublisher(redis)
     with Stopwatch() as watch:
         for start in range(0, len(messages), BATCH):
             await publisher.publish_many(STREAM, messages[start : start + BATCH])
-    return len(messages) / watch.seconds
+    return watch.throughput(len(messages))
 
 
-async def _minimal(redis: aioredis.Redis, messages: list[Message]) -> float:
+async def _minimal(redis: aioredis.Redis, messages: list[Message]) -> Throughput:
     # What a careful hand-written producer does: encode the same fields, pipeline XADD.
     with Stopwatch() as watch:
         for start in range(0, len(messages), BATCH):
@@ -57,7 +59,7 @@ async def _minimal(redis: aioredis.Redis, messages: list[Message]) -> float:
                     *_header_args(message),
                 )
             await pipe.execute()
-    return len(messages) / watch.seconds
+    return watch.throughput(len(messages))
 
 
 def _header_args(message: Message) -> list[str]:
@@ -102,7 +104,8 @@ async def run(url: str, port: int, *, count: int, repeats: int) -> list[Figure]:
     """Publish ``count`` entries per contender, ``repeats`` times; the median rate."""
     redis = connect(url)
     messages = [order_message(i) for i in range(count)]
-    rates: dict[str, list[float]] = {"orderflow": [], "minimal": [], "redis-benchmark": []}
+    rates: dict[str, list[Throughput]] = {"orderflow": [], "minimal": []}
+    ceilings: list[float] = []
     try:
         for _ in range(repeats):
             for name, contender in (("orderflow", _orderflow), ("minimal", _minimal)):
@@ -111,20 +114,20 @@ async def run(url: str, port: int, *, count: int, repeats: int) -> list[Figure]:
             await redis.delete(STREAM)
             ceiling = _redis_benchmark(port, flat_fields(messages[0]), count * 2)
             if ceiling is not None:
-                rates["redis-benchmark"].append(ceiling)
+                ceilings.append(ceiling)
         await redis.delete(STREAM)
     finally:
         await redis.aclose()
     figures = [
-        Figure(CASE, "orderflow publish_many", median(rates["orderflow"]), "entries/s"),
-        Figure(CASE, "minimal redis-py loop", median(rates["minimal"]), "entries/s"),
+        throughput_figure(CASE, "orderflow publish_many", rates["orderflow"]),
+        throughput_figure(CASE, "minimal redis-py loop", rates["minimal"]),
     ]
-    if rates["redis-benchmark"]:
+    if ceilings:
         figures.append(
             Figure(
                 CASE,
                 "redis-benchmark -P 16",
-                median(rates["redis-benchmark"]),
+                median(ceilings),
                 "entries/s",
                 note="4 connections, C client: the server's ceiling",
             )

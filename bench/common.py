@@ -111,13 +111,49 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """One throughput measurement: entries per second of wall time, and CPU per entry.
+
+    The CPU is this process's (the client's): other processes on a busy machine stretch
+    the wall time of whichever contender they happen to hit, much less its CPU time.
+    """
+
+    rate: float
+    cpu_us: float
+
+
 class Stopwatch:
-    """Wall time of a block, from ``time.perf_counter``."""
+    """Wall time (``time.perf_counter``) and this process's CPU time of a block."""
 
     def __enter__(self) -> Stopwatch:
         self.start = time.perf_counter()
-        self.seconds = 0.0
+        self.cpu_start = time.process_time()
+        self.seconds = self.cpu_seconds = 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
+
+    def throughput(self, count: int) -> Throughput:
+        """``count`` entries over the block's wall time, and its CPU per entry."""
+        return Throughput(count / self.seconds, self.cpu_seconds / count * 1e6)
+
+
+#: The key of a throughput figure's client CPU per entry in ``Figure.extra``.
+CPU_US = "client CPU µs/entry"
+
+
+def throughput_figure(
+    case: str, contender: str, samples: Sequence[Throughput], note: str = ""
+) -> Figure:
+    """The median of repeated throughput measurements of one contender."""
+    return Figure(
+        case,
+        contender,
+        median([s.rate for s in samples]),
+        "entries/s",
+        note,
+        extra={CPU_US: median([s.cpu_us for s in samples])},
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from bench.common import Figure
+from bench.common import CPU_US, Figure
 
 CHART = "results.png"
 
@@ -111,6 +111,17 @@ def _versus(figures: Figures, case: str, a: str, b: str) -> str:
     return f" In this run: {a} is {result[0]:.2f}× {b} ({result[1]} entries/s)."
 
 
+def _cpu_versus(figures: Figures, case: str, a: str, b: str) -> str:
+    ours, theirs = figures.get((case, a)), figures.get((case, b))
+    if ours is None or theirs is None or CPU_US not in ours.extra or CPU_US not in theirs.extra:
+        return ""
+    return (
+        f" By client CPU per entry, less disturbed by other processes: {ours.extra[CPU_US]:.1f} "
+        f"µs against {theirs.extra[CPU_US]:.1f} µs, a ratio of "
+        f"{theirs.extra[CPU_US] / ours.extra[CPU_US]:.2f}×."
+    )
+
+
 def _latency_context(figures: Figures) -> str:
     ours = figures.get(("latency", "orderflow StreamWorker @ 1,000/s"))
     theirs = figures.get(("latency", "minimal redis-py loop @ 1,000/s"))
@@ -166,8 +177,11 @@ TARGETS = (
         "the worker's own machinery (lanes, metrics, at-least-once bookkeeping) is the "
         "remaining gap. Closing the rest needs less per-entry work in Python: fewer header "
         "fields to decode (see the wire-format proposal under Memory) or coarser metrics.",
-        lambda figures: _versus(
-            figures, "consume", "orderflow StreamWorker", "minimal loop + orderflow decode()"
+        lambda figures: (
+            _cpu_versus(figures, "consume", "orderflow StreamWorker", "minimal redis-py loop")
+            + _versus(
+                figures, "consume", "orderflow StreamWorker", "minimal loop + orderflow decode()"
+            )
         ),
     ),
     Target(
@@ -273,8 +287,9 @@ def write(out: Path, figures: list[Figure], run: RunInfo) -> None:
         ),
         (
             "load average (1 min)",
-            f"{run.load_before:.2f} before, {run.load_after:.2f} after "
-            "(other processes on the machine skew every figure alike, not the ratios)",
+            f"{run.load_before:.2f} before, {run.load_after:.2f} after: contenders run one "
+            "after another, so other processes skew the ratios too; trust a run on an idle "
+            "machine, and the client-CPU columns over the rates",
         ),
         ("redis-server", f"{run.server_version}, no persistence (`appendonly no`, no RDB)"),
         ("Python", platform.python_version()),
@@ -347,14 +362,19 @@ def write(out: Path, figures: list[Figure], run: RunInfo) -> None:
                 )
         else:
             reference = rows_of_case[0].value
-            add("| contender | value | unit | vs first row | note |")
-            add("| --- | ---: | --- | ---: | --- |")
+            cpu = any(CPU_US in f.extra for f in rows_of_case)
+            cpu_header = f" {CPU_US} |" if cpu else ""
+            add(f"| contender | value | unit | vs first row |{cpu_header} note |")
+            add(f"| --- | ---: | --- | ---: |{' ---: |' if cpu else ''} --- |")
             for f in rows_of_case:
                 ratio = f.value / reference if reference and not math.isnan(f.value) else math.nan
                 shown_ratio = "" if math.isnan(ratio) or "RSS" in f.contender else f"{ratio:.2f}×"
+                cpu_cell = ""
+                if cpu:
+                    cpu_cell = f" {f.extra[CPU_US]:.1f} |" if CPU_US in f.extra else " |"
                 add(
-                    f"| {f.contender} | {_fmt(f.value, f.unit)} | {f.unit} | {shown_ratio} "
-                    f"| {f.note} |"
+                    f"| {f.contender} | {_fmt(f.value, f.unit)} | {f.unit} | {shown_ratio} |"
+                    f"{cpu_cell} {f.note} |"
                 )
         add("")
         extra = EXPLANATIONS.get(case)
