@@ -147,7 +147,9 @@ class StreamPublisher:
         if self.retention.maxlen is None:
             return
         count = self._since_trim.get(stream, 0) + added
-        if count < self.retention.trim_every:
+        # At least every tenth of the cap, so a cap smaller than trim_every still holds.
+        every = min(self.retention.trim_every, max(1, self.retention.maxlen // 10))
+        if count < every:
             self._since_trim[stream] = count
             return
         self._since_trim[stream] = 0
