@@ -162,6 +162,7 @@ def test_order_form_uses_the_api_validation() -> None:
         (False, "x" * 43, None, "cookie is missing"),
         (True, "y" * 43, None, "does not match"),
         (True, "same", "http://evil.example", "another origin"),
+        (True, "same", "cross-site", "another site"),
     ],
 )
 async def test_state_changes_without_the_csrf_token_are_refused(
@@ -178,7 +179,11 @@ async def test_state_changes_without_the_csrf_token_are_refused(
     data: dict[str, Any] = {"email": "eve@example.com", "total": "1"}
     if field is not None:
         data["csrf_token"] = token if field == "same" else field
-    headers = {"origin": origin} if origin else {}
+    headers = {}
+    if origin == "cross-site":
+        headers["sec-fetch-site"] = origin
+    elif origin:
+        headers["origin"] = origin
     await aredis.xadd("orders:dlq", {"data": "junk", "dlq_reason": "bad"})
 
     placed = await console.post_form("/console/orders", data, headers=headers)
