@@ -53,7 +53,7 @@ async def _chaos(
 async def test_orders_survive_kills_of_workers_relay_and_redis_and_an_smtp_outage(
     make_stack: Callable[..., Awaitable[Stack]], reliability: Record
 ) -> None:
-    count = size(1500, 20_000)
+    count = size(1200, 20_000)
     rate = size(100, 200)
     smtp_down_s = size(3, 10)
     reliability.scenario = "Crashes under load"

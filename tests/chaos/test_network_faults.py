@@ -56,8 +56,8 @@ async def _faults(
 async def test_latency_resets_and_silent_peers_lose_nothing(
     make_stack: Callable[..., Awaitable[Stack]], reliability: Record
 ) -> None:
-    phase_s = size(3, 15)
-    silent_s = size(7, 20)
+    phase_s = size(2, 15)
+    silent_s = size(6, 20)
     rate = size(40, 100)
     reliability.scenario = "Network faults (proxy)"
     reliability.must_hold = (
