@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -97,6 +98,10 @@ async def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0 to 65535, got {port}")
     host = args.host or settings.api_host
+    # The app decides what to serve by where it is bound (the console needs an admin
+    # token beyond loopback), so the flag must reach its settings, and its workers'.
+    settings = settings.model_copy(update={"api_host": host})
+    os.environ["ORDERFLOW_API_HOST"] = host
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     resolve_redis_url(settings)  # fail now, with the fix in the message, not in the lifespan
