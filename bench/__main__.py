@@ -34,7 +34,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    publish_count=100_000,
+    publish_count=50_000,
     repeats=3,
     consume_count=100_000,
     latency_seconds=5.0,
