@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -20,13 +22,48 @@ def validate_url(url: str) -> str:
     return url
 
 
+#: URL -> whether it names a Redis Cluster node, as found by the first connect.
+_CLUSTER_URLS: dict[str, bool] = {}
+
+
 def connect(url: str, **options: Any) -> aioredis.Redis:
-    """An asyncio Redis client for ``url`` returning bytes; connects lazily."""
+    """An asyncio Redis client for ``url`` returning bytes; connects lazily.
+
+    If ``url`` names a node of a Redis Cluster (``cluster_enabled:1``), the client is
+    redis-py's ``RedisCluster`` instead, which speaks the same commands: every
+    component built on ``connect`` then works on the cluster.
+    """
     validate_url(url)
     options.setdefault("socket_keepalive", True)
     options.setdefault("health_check_interval", 30)
     options.setdefault("socket_connect_timeout", 5)
+    if is_cluster_url(url):
+        # A cluster client is not a Redis subclass but answers the same commands.
+        return cast(aioredis.Redis, RedisCluster.from_url(url, decode_responses=False, **options))
     return aioredis.Redis.from_url(url, decode_responses=False, **options)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster node: asked once (``INFO cluster``), remembered.
+
+    A server that cannot be reached is taken for a single server, and asked again on
+    the next connect: clients connect lazily, Redis may come up later.
+    """
+    if url.startswith("unix:"):
+        return False
+    known = _CLUSTER_URLS.get(url)
+    if known is not None:
+        return known
+    # Synchronous and short: once per URL per process, before the first command.
+    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        enabled = str(probe.info("cluster").get("cluster_enabled", 0)) == "1"
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        probe.close()
+    _CLUSTER_URLS[url] = enabled
+    return enabled
 
 
 def redact_url(url: str) -> str:
