@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     console_channel: str = Field(
         default="orderflow:console", min_length=1, description="Pub/Sub channel of live ticks."
     )
+    partitions: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Partitions of the orders stream; unset: as recorded, else 1 (6 on a cluster).",
+    )
+    ordered: bool = Field(
+        default=False,
+        description="Email workers lease whole partitions: strict per-order order.",
+    )
 
     @field_validator("stream", "group", "email_events_stream", "orders_group", "channel")
     @classmethod
