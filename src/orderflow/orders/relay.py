@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from orderflow.bus import Message, PubSubPublisher, Retention, StreamPublisher
 from orderflow.bus import metrics as bus_metrics
+from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
 from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 from orderflow.orders import metrics
 from orderflow.orders.store import NOTIFY_CHANNEL, ClaimedBatch, OrderStore, OutboxRow
@@ -30,6 +31,9 @@ from orderflow.orders.store import NOTIFY_CHANNEL, ClaimedBatch, OrderStore, Out
 log = logging.getLogger(__name__)
 
 #: Errors after which the relay waits and tries again: Redis or the database is away.
+#: How long a relay trusts the partition count it read from Redis.
+_LAYOUT_TTL_S = 1.0
+
 _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, sa.exc.DBAPIError)
 
 
@@ -82,11 +86,16 @@ class OutboxRelay:
         config: RelayConfig | None = None,
         retention: Retention | None = None,
         name: str | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.store = store
+        #: Partitions asked for; None adopts the count recorded in Redis (see bus.partitions).
+        self.partitions = partitions
+        self._layouts: dict[str, tuple[PartitionLayout, float]] = {}
         self.config = config or RelayConfig()
         self._redis = redis
         self._publisher = StreamPublisher(redis, retention=retention)
+        self._partitioned = PartitionedPublisher(redis, retention=retention)
         self._pubsub = PubSubPublisher(redis)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stats = RelayStats()
@@ -196,10 +205,30 @@ class OutboxRelay:
             while end < len(rows) and rows[end].stream == stream:
                 end += 1
             messages: list[Message] = [row.message for row in rows[start:end]]
-            await self._publisher.publish_many(stream, messages)
+            layout = await self._layout(stream)
+            if layout.plain:
+                await self._publisher.publish_many(stream, messages)
+            else:
+                # Each order's events go to its id's partition, one pipeline each.
+                keyed = [
+                    (row.order_id if row.order_id is not None else row.message.id, row.message)
+                    for row in rows[start:end]
+                ]
+                await self._partitioned.publish_keyed(layout, keyed)
             if self.config.channel is not None:
                 await self._pubsub.publish_many(self.config.channel, messages)
             start = end
+
+    async def _layout(self, stream: str) -> PartitionLayout:
+        # The count is shared through Redis; looked at again every second, so relays
+        # follow a change made (on a drained stream) by another component.
+        now = time.monotonic()
+        cached = self._layouts.get(stream)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        layout = await resolve_layout(self._redis, stream, self.partitions)
+        self._layouts[stream] = (layout, now + _LAYOUT_TTL_S)
+        return layout
 
     async def _hold_lease(self) -> bool:
         now = time.time()
