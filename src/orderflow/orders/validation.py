@@ -52,7 +52,9 @@ CURRENCIES = frozenset(_ISO_4217.split())
 
 _AMOUNT_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
 # Control characters (CR and LF above all) could split a mail header or a log line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\u0085]")
+# The same set the Email Service refuses (Unicode Cc, Zl, Zp: C1 controls included), so
+# an order accepted here is never dead-lettered there.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BodyError(ValueError):
@@ -107,6 +109,9 @@ class Item(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_clean(cls, value: str) -> str:
+        # The Email Service strips names; a blank one would leave nothing to show.
+        if not value.strip():
+            raise ValueError("must not be blank")
         return _no_control(value)
 
     def wire(self) -> dict[str, Any]:
