@@ -32,6 +32,8 @@ from orderflow.bus import (
     WorkerConfig,
     WorkerStats,
 )
+from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
+from orderflow.bus.partitions import resolve_layout, single_stream
 from orderflow.config import Settings
 from orderflow.email import metrics
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger
@@ -91,7 +93,16 @@ class EmailService:
             config = replace(config, consumer=consumer)
         if worker_options:
             config = replace(config, **worker_options)
-        self.worker = StreamWorker(redis, config, self.handle)
+        self._redis = redis
+        self._worker_config = config
+        self.worker: StreamWorker | PartitionedWorker | OrderedWorker = StreamWorker(
+            redis, config, self.handle
+        )
+        # On a cluster the events stream is hash-tagged, so it and its dead letters
+        # share a slot (a consumer's dead-lettering is one transaction).
+        self.events_stream = single_stream(redis, settings.email_events_stream)
+        self._chosen = asyncio.Event()
+        self._stop_requested = False
 
     @property
     def consumer(self) -> str:
@@ -106,14 +117,42 @@ class EmailService:
             self.settings.stream,
             self.settings.group,
         )
+        await self._choose_worker()
         return await self.worker.run(burst=burst)
+
+    async def _choose_worker(self) -> None:
+        # The partition count is agreed through Redis, so it is known only now. The
+        # plain single stream keeps the plain StreamWorker made in __init__.
+        try:
+            layout = await resolve_layout(
+                self._redis, self.settings.stream, self.settings.partitions
+            )
+            if self.settings.ordered:
+                self.worker = OrderedWorker(self._redis, layout, self._worker_config, self.handle)
+            elif not layout.plain:
+                self.worker = PartitionedWorker(
+                    self._redis, layout, self._worker_config, self.handle
+                )
+            if not layout.plain or self.settings.ordered:
+                log.info(
+                    "%d partitions of %s (%s)",
+                    layout.count,
+                    self.settings.stream,
+                    "ordered: leased" if self.settings.ordered else "competing consumers",
+                )
+        finally:
+            self._chosen.set()
+            if self._stop_requested:
+                self.worker.stop()
 
     async def wait_started(self) -> None:
         """Return once the worker reads the stream."""
+        await self._chosen.wait()
         await self.worker.wait_started()
 
     def stop(self) -> None:
         """Stop reading; in-flight sends finish and are acknowledged."""
+        self._stop_requested = True
         self.worker.stop()
 
     # -- handling one entry --------------------------------------------------------
@@ -255,7 +294,7 @@ class EmailService:
             "at": at or _now(),
         }
         await self.publisher.publish(
-            self.settings.email_events_stream, Message.event(EMAIL_SENT, data, source=SOURCE)
+            self.events_stream, Message.event(EMAIL_SENT, data, source=SOURCE)
         )
 
     async def _publish_failed(
@@ -269,7 +308,7 @@ class EmailService:
             "at": _now(),
         }
         await self.publisher.publish(
-            self.settings.email_events_stream, Message.event(EMAIL_FAILED, data, source=SOURCE)
+            self.events_stream, Message.event(EMAIL_FAILED, data, source=SOURCE)
         )
         log.warning("order %s: email failed: %s", order_id, reason)
 

@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orderflow.bus import Delivery, PermanentError, StreamWorker, WorkerConfig
+from orderflow.bus.partitions import single_stream
 from orderflow.config import Settings
 from orderflow.orders import metrics
 from orderflow.orders.schema import EMAIL_FAILED, EMAIL_SENT, MAX_ORDER_ID
@@ -56,7 +57,8 @@ class EmailStatusConsumer:
     def worker(self, redis: aioredis.Redis, settings: Settings, **options: Any) -> StreamWorker:
         """A worker of group ``settings.orders_group`` on ``settings.email_events_stream``."""
         config = WorkerConfig(
-            stream=settings.email_events_stream,
+            # Hash-tagged on a cluster: the stream and its dead letters share a slot.
+            stream=single_stream(redis, settings.email_events_stream),
             group=settings.orders_group,
             claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
