@@ -1,0 +1,161 @@
+"""A throwaway Redis Cluster of 3 masters and 3 replicas on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from orderflow.embedded.redis_server import RedisServer
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, below 55536."""
+    for _ in range(200):
+        port = random.randint(20_000, 45_000)
+        if _free(port) and _free(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class LocalCluster:
+    """Six ``redis-server --cluster-enabled yes`` children joined by ``redis-cli --cluster``."""
+
+    def __init__(self, directory: Path, *, masters: int = 3, replicas: int = 1) -> None:
+        self.directory = directory
+        self.nodes: list[RedisServer] = []
+        self.size = masters * (1 + replicas)
+        self.replicas = replicas
+        for index in range(self.size):
+            node_dir = directory / f"node{index}"
+            self.nodes.append(
+                RedisServer(
+                    node_dir,
+                    port=cluster_port(),
+                    appendfsync="everysec",
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout",
+                        "1000",
+                        # A replica may take over even right after a restart of the test
+                        # machine's clock; the default factor can refuse a failover.
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """The URL of the first node (any node will do for a cluster client)."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the nodes, create the cluster, wait until every node says it is ok."""
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is needed to create a Redis Cluster")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        self.wait_ok(timeout)
+
+    def running(self) -> list[RedisServer]:
+        """The nodes whose process is alive."""
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Poll until every running node reports ``cluster_state:ok`` and agrees on masters."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._ok(node) for node in self.running()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            info = cast(Any, client).execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            return "cluster_state:ok" in text
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def masters(self) -> list[RedisServer]:
+        """The running nodes that are masters right now."""
+        found = []
+        for node in self.running():
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            try:
+                if client.info("replication").get("role") == "master":
+                    found.append(node)
+            except (redis.RedisError, OSError):
+                pass
+            finally:
+                client.close()
+        return found
+
+    def master_of(self, key: str) -> RedisServer:
+        """The running master serving ``key``'s slot."""
+        for node in self.masters():
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            try:
+                slot = int(cast(Any, client).execute_command("CLUSTER", "KEYSLOT", key))
+                mine = cast(Any, client).execute_command("CLUSTER", "MYID").decode()
+                for row in cast(Any, client).execute_command("CLUSTER", "SLOTS"):
+                    if row[0] <= slot <= row[1] and row[2][2].decode() == mine:
+                        return node
+            finally:
+                client.close()
+        raise RuntimeError(f"no running master serves {key!r}")
+
+    def flushall(self) -> None:
+        """Empty every master (replicas follow)."""
+        for node in self.masters():
+            client = redis.Redis(port=node.port, socket_timeout=5)
+            with contextlib.suppress(redis.ReadOnlyError):
+                client.flushall()
+            client.close()
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
