@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run test lint typecheck pytest bench demo soak clean
 
@@ -14,6 +15,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
 ## run: start the whole system on embedded defaults (Ctrl-C stops it)
 run: $(STAMP)
 	$(BIN)/orderflow up
@@ -22,8 +27,8 @@ run: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -32,7 +37,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: throughput, latency and memory side by side with the baselines
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
 ## demo: the lab's story through the real system

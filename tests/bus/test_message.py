@@ -30,7 +30,10 @@ def test_event_round_trips_through_stream_fields() -> None:
     assert decoded.id == message.id
     assert decoded.type == "order.created"
     assert decoded.headers["ce_source"] == "orderflow/orders"
-    assert decoded.headers["ce_specversion"] == "1.0"
+    # Wire defaults are implied, not stored: absent means CloudEvents 1.0, JSON data.
+    assert "ce_specversion" not in fields
+    assert "content-type" not in fields
+    assert message.headers["ce_specversion"] == "1.0"
     assert decoded.data == {"id": 101, "total": "100.00"}
 
 
@@ -39,6 +42,12 @@ def test_only_data_is_required_and_the_entry_id_becomes_the_message_id() -> None
     assert decoded.id == "7-3"
     assert decoded.type is None
     assert decoded.data["email"] == "alice@example.com"
+
+
+def test_attributes_that_differ_from_the_defaults_are_kept() -> None:
+    message = Message(data={}, headers={"ce_specversion": "1.1", "content-type": "text/json"})
+    assert encode(message)["ce_specversion"] == "1.1"
+    assert encode(message)["content-type"] == "text/json"
 
 
 def test_unknown_fields_are_kept_as_headers() -> None:

@@ -25,6 +25,8 @@ KNOWN_HEADERS = (
     "content-type",
     "traceparent",
 )
+#: Attributes whose absence means exactly this value in wire format v1.
+WIRE_DEFAULTS = {"ce_specversion": "1.0", "content-type": "application/json"}
 #: Upper bound of one encoded entry; larger entries are refused by publishers and
 #: dead-lettered by consumers.
 MAX_ENTRY_BYTES = 256 * 1024
@@ -109,7 +111,11 @@ def _json_default(value: object) -> object:
 def encode(message: Message) -> dict[str, bytes | str]:
     """The stream entry fields of a message; raises ValueError when it is too large."""
     fields: dict[str, bytes | str] = {DATA_FIELD: dumps(message.data)}
-    fields.update(message.headers)
+    for name, value in message.headers.items():
+        # Attributes that only restate wire format v1's defaults are left out: they
+        # cost Redis ~50 bytes an entry, and a consumer reads their absence the same.
+        if WIRE_DEFAULTS.get(name) != value:
+            fields[name] = value
     if "ce_id" not in fields:
         fields["ce_id"] = message.id
     size = sum(len(k) + len(v) for k, v in fields.items())
