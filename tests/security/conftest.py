@@ -1,0 +1,107 @@
+"""Fixtures of the security tests: a Redis with the documented ACL users, CLI runs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from orderflow.embedded.redis_server import RedisServer
+
+SECURITY_DOC = Path(__file__).parents[2] / "docs" / "SECURITY.md"
+ADMIN_PASSWORD = "admin-pw-5f1c"
+
+
+def documented_acl_lines() -> list[str]:
+    """The ``user …`` lines of the ```acl block in docs/SECURITY.md, as documented."""
+    text = SECURITY_DOC.read_text()
+    block = re.search(r"```acl\n(.*?)```", text, re.S)
+    assert block is not None, "docs/SECURITY.md has no ```acl block"
+    return [line for line in block.group(1).splitlines() if line.startswith("user ")]
+
+
+def password_of(user: str) -> str:
+    """The test password that replaces ``>CHANGE-ME-…`` for ``user``."""
+    return f"pw-{user}-9Xq"
+
+
+@dataclass
+class AclRedis:
+    """A redis-server running the documented ACL lines (passwords filled in)."""
+
+    server: RedisServer
+    users: list[str]
+
+    def url(self, user: str) -> str:
+        """The URL a service uses to connect as ``user``."""
+        return f"redis://{user}:{password_of(user)}@127.0.0.1:{self.server.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        """An all-powerful user for the test's own inspection."""
+        return f"redis://admin:{ADMIN_PASSWORD}@127.0.0.1:{self.server.port}/0"
+
+    def admin(self) -> redis.Redis:
+        """A sync admin client (the caller closes it)."""
+        return redis.Redis.from_url(self.admin_url)
+
+    def denials(self, user: str) -> list[str]:
+        """What ``user`` was refused since the last reset (from ACL LOG)."""
+        client = self.admin()
+        try:
+            entries = client.acl_log(count=100)
+        finally:
+            client.close()
+        return [
+            f"{e['reason']} {e['object']} ({e.get('context')})"
+            for e in entries
+            if e["username"] == user
+        ]
+
+    def reset_log(self) -> None:
+        """Empty ACL LOG."""
+        client = self.admin()
+        try:
+            client.acl_log_reset()
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    """A private redis-server with exactly the ACL lines of docs/SECURITY.md."""
+    directory = tmp_path_factory.mktemp("redis-acl")
+    aclfile = directory / "users.acl"
+    # Start open, so the server's readiness check (no password) passes; then load.
+    aclfile.write_text("user default on nopass ~* &* +@all\n")
+    server = RedisServer(directory, appendonly=False, extra_args=["--aclfile", str(aclfile)])
+    server.start()
+    lines = []
+    users = []
+    for line in documented_acl_lines():
+        name = line.split()[1]
+        users.append(name)
+        lines.append(re.sub(r">CHANGE-ME-\S+", f">{password_of(name)}", line))
+    lines.append(f"user admin on >{ADMIN_PASSWORD} ~* &* +@all")
+    aclfile.write_text("\n".join(lines) + "\n")
+    loader = redis.Redis.from_url(server.url)
+    loader.acl_load()
+    loader.close()
+    yield AclRedis(server, users)
+    server.stop()
+
+
+@pytest.fixture
+def acl(acl_redis: AclRedis) -> AclRedis:
+    """The ACL server, emptied, with an empty ACL LOG."""
+    client = acl_redis.admin()
+    try:
+        client.flushall()
+        client.acl_log_reset()
+    finally:
+        client.close()
+    return acl_redis
