@@ -13,12 +13,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import case_consume, case_latency, case_memory, case_publish, report
+from bench import (
+    case_consume,
+    case_end_to_end,
+    case_latency,
+    case_memory,
+    case_publish,
+    report,
+)
 from bench.common import Figure, PinnedRedisServer, can_pin, pin_client
 from bench.report import RunInfo
 
 HERE = Path(__file__).resolve().parent
-CASES = ("publish", "consume", "latency", "memory")
+CASES = ("publish", "consume", "end-to-end", "latency", "memory")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,10 @@ class Sizes:
     latency_seconds: float
     memory_count: int
     rss_count: int
+    #: Case 3: seconds of saturation per worker count, seconds of latency, worker counts.
+    e2e_seconds: float
+    e2e_latency_seconds: float
+    e2e_workers: tuple[int, ...]
 
 
 FULL = Sizes(
@@ -40,6 +51,9 @@ FULL = Sizes(
     latency_seconds=5.0,
     memory_count=100_000,
     rss_count=1_000_000,
+    e2e_seconds=8.0,
+    e2e_latency_seconds=6.0,
+    e2e_workers=(2, 1),
 )
 QUICK = Sizes(
     publish_count=10_000,
@@ -48,6 +62,9 @@ QUICK = Sizes(
     latency_seconds=1.0,
     memory_count=10_000,
     rss_count=50_000,
+    e2e_seconds=1.5,
+    e2e_latency_seconds=1.5,
+    e2e_workers=(2,),
 )
 
 
@@ -76,6 +93,12 @@ async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[F
             url, port, count=sizes.publish_count, repeats=sizes.repeats
         ),
         "consume": lambda: case_consume.run(url, count=sizes.consume_count, repeats=sizes.repeats),
+        # Case 3 runs its own stack (embedded Redis and all), not on the bench's server.
+        "end-to-end": lambda: case_end_to_end.run(
+            seconds=sizes.e2e_seconds,
+            latency_seconds=sizes.e2e_latency_seconds,
+            worker_counts=sizes.e2e_workers,
+        ),
         "latency": lambda: case_latency.run(url, seconds=sizes.latency_seconds),
         "memory": lambda: case_memory.run(
             url, port, count=sizes.memory_count, rss_count=sizes.rss_count

@@ -1,35 +1,518 @@
-"""Case 3 (pending): end to end, orders POSTed to the API → emails accepted by the SMTP sink.
+"""Case 3: end to end, orders POSTed to the API → emails accepted by the SMTP sink.
 
-Not run yet: it needs the Order and Email services, written in parallel with these
-benchmarks. The plan, for whoever finishes it:
+The whole stack runs as ``orderflow up`` runs it (:func:`orderflow.cli.up.start_stack`):
+the embedded Redis (AOF everysec), the API with its outbox relay on SQLite, N email
+worker processes and the SMTP sink writing a Maildir (fsync per message), in a
+temporary data dir. Every process may use both cores: the bench's own pinning is lifted
+while the stack starts, so the children inherit the whole machine.
 
-1. Start the whole stack as ``orderflow up`` does (embedded Redis, API with its outbox
-   relay, email workers, the SMTP sink delivering to a Maildir) in a temporary data dir.
-2. Saturation: POST orders from ``CLIENTS`` concurrent httpx clients for ``seconds``;
-   the rate is emails accepted by the sink per second once steady (sink count over time).
-3. Latency at half the saturation rate, open loop: POST at a fixed rate, stamping each
-   order's send time (``time.time_ns()``, wall clock, as the sink's files carry it); the
-   email's arrival is its Maildir file's mtime, matched to the order by its deterministic
-   ``Message-ID: <order-{id}@domain>`` (``orderflow.email.render.message_id_for``), or by
-   the subject ``Order #{id} confirmed``; p50 and p99.
-4. Targets: ≥ 1,000 orders/s on 2 cores; p99 order → email ≤ 50 ms at half saturation.
-5. Wire it into ``bench/__main__.py`` (a ``"end-to-end"`` entry in ``CASES``), and drop
-   ``_end_to_end_pending`` from ``bench/report.py`` in favour of a table of its figures
-   and a row in ``TARGETS``.
+1. Saturation, per worker count (2, then 1 with worker 2 paused, on the same stack):
+   a load generator in its own process POSTs orders on ``CLIENTS`` keep-alive
+   connections as fast as the API answers, for ``seconds``. The API's rate is its 201s
+   per second; the end-to-end rate is the growth of the Maildir's ``new/`` count per
+   second once steady (the first :data:`SETTLE` of the window left out). Each process's
+   CPU over the window (the generator's too) is read from ``/proc``, in % of a core.
+2. Latency at half the best saturation rate, open loop, once the backlog drained: the
+   generator POSTs at a fixed rate whatever the stack does, stamping each order's send
+   time (``time.time_ns()``); the email's arrival is its Maildir file's mtime (ns),
+   matched to the order by its ``Message-ID: <order-{id}@…>``. p50, p99, p99.9, max,
+   and a breakdown: POST → 201, 201 → XADD (the entry id's ms), XADD → Maildir.
 
-The load generator is itself Python on the same two cores: give it its own process (or
-``httpx`` with HTTP/1.1 keep-alive and a few hundred connections) and report how much
-CPU it took, so the figure is the stack's and not the client's.
+The generator is a small asyncio HTTP/1.1 client (no httpx: httpx's own CPU per request
+would be a large part of what we measure on two cores); its CPU is reported so the
+figure is seen to be the stack's and not the client's.
 """
 
 from __future__ import annotations
 
-from bench.common import Figure
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import Figure, percentile
+from orderflow.bus import connect
+from orderflow.bus.message import DecodeError, decode
+from orderflow.cli.up import Stack, start_stack
+from orderflow.config import Settings
+from orderflow.embedded.redis_server import free_port
 
 CASE = "end to end"
+#: Keep-alive connections of the saturating generator.
 CLIENTS = 32
+#: Share of the saturation window left out before the steady rate is taken.
+SETTLE = 0.3
+#: Contender names, shared with the report.
+SATURATION = "orderflow up, {n} email worker{s}"
+LATENCY = "order → email at half saturation"
+#: ``Figure.extra`` keys.
+API_RATE = "API orders/s"
+CPU_PREFIX = "CPU % "
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*<order-(\d+)@", re.MULTILINE | re.IGNORECASE)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-async def run(url: str, *, seconds: float) -> list[Figure]:
-    """Not implemented yet: see the module docstring."""
-    raise NotImplementedError("case 3 (end to end) is pending the Order and Email services")
+@dataclass(frozen=True)
+class Saturation:
+    """One saturation run: rates, and each process's share of a core."""
+
+    workers: int
+    emails_per_s: float
+    api_per_s: float
+    errors: int
+    #: CPU of each process over the window, in % of one core, by name ("generator" too).
+    cpu_pct: dict[str, float]
+
+
+async def run(
+    *, seconds: float, latency_seconds: float, worker_counts: tuple[int, ...] = (2, 1)
+) -> list[Figure]:
+    """Saturate one stack with each worker count, then measure latency at half the best.
+
+    One stack serves every phase (starting one costs seconds): it starts with the most
+    workers, and the extra ones are paused for the smaller counts. The saturation phases
+    leave a backlog (the API takes orders faster than they are emailed); it is drained
+    before the latency phase, whose orders are told apart by their ids.
+    """
+    counts = sorted(set(worker_counts), reverse=True)
+    figures: list[Figure] = []
+    results: list[Saturation] = []
+    async with _stack(counts[0]) as stack:
+        await _warm_up(stack)
+        for phase, workers in enumerate(counts, start=1):
+            for n in range(workers + 1, counts[0] + 1):
+                await stack.supervisor.pause(f"email-worker-{n}")
+            result = await _saturate(stack, workers, seconds, first_id=phase * 10_000_000)
+            results.append(result)
+            figures.append(_saturation_figure(result))
+        best = max(results, key=lambda r: r.emails_per_s)
+        for n in range(1, best.workers + 1):
+            await stack.supervisor.resume(f"email-worker-{n}")
+        await _drain(stack)
+        rate = max(1.0, best.emails_per_s / 2)
+        figures.append(await _latency(stack, best.workers, rate, latency_seconds))
+    return figures
+
+
+def _saturation_figure(result: Saturation) -> Figure:
+    n = result.workers
+    extra = {API_RATE: result.api_per_s}
+    extra |= {CPU_PREFIX + name: pct for name, pct in result.cpu_pct.items()}
+    note = f"{result.errors} failed requests" if result.errors else ""
+    return Figure(
+        CASE,
+        SATURATION.format(n=n, s="" if n == 1 else "s"),
+        result.emails_per_s,
+        "emails/s",
+        note,
+        extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _stack(workers: int) -> AsyncIterator[Stack]:
+    """A fresh ``orderflow up`` stack in a temporary data dir, on every core."""
+    with tempfile.TemporaryDirectory(prefix="orderflow-e2e-") as tmp:
+        settings = Settings(data_dir=Path(tmp), redis_url=None, database_url=None, smtp_url=None)
+        with _all_cores():
+            stack = await start_stack(settings, port=free_port(), host="127.0.0.1", workers=workers)
+        try:
+            yield stack
+        finally:
+            await stack.stop()
+
+
+@contextlib.contextmanager
+def _all_cores() -> Iterator[None]:
+    """Lift this process's pinning while it starts children, which inherit it."""
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
+
+
+def _pids(stack: Stack) -> dict[str, int]:
+    pids = {
+        child.name: child.pid
+        for child in stack.supervisor.children
+        if child.pid is not None and not child.paused
+    }
+    if stack.redis_server is not None and stack.redis_server.pid:
+        pids["redis"] = stack.redis_server.pid
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, from ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _mail_count(stack: Stack) -> int:
+    try:
+        return sum(1 for _ in os.scandir(stack.mail_dir / "new"))
+    except FileNotFoundError:
+        return 0
+
+
+async def _saturate(stack: Stack, workers: int, seconds: float, *, first_id: int) -> Saturation:
+    pids = _pids(stack)
+    generator = _Generator.start(
+        stack.api_url, {"mode": "closed", "seconds": seconds, "first_id": first_id}
+    )
+    await generator.wait_started()
+    started = time.monotonic()
+    cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    samples: list[tuple[float, int]] = [(0.0, _mail_count(stack))]
+    while not generator.done():
+        await asyncio.sleep(0.25)
+        samples.append((time.monotonic() - started, _mail_count(stack)))
+    cpu_after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    result = generator.result()
+    window = samples[-1][0]
+    steady = [s for s in samples if s[0] >= SETTLE * window]
+    (t0, c0), (t1, c1) = steady[0], steady[-1]
+    cpu_pct = {name: (cpu_after[name] - cpu_before[name]) / window * 100 for name in sorted(pids)}
+    cpu_pct["generator"] = result["cpu"] / result["seconds"] * 100
+    return Saturation(
+        workers,
+        (c1 - c0) / (t1 - t0) if t1 > t0 else float("nan"),
+        result["ok"] / result["seconds"],
+        result["errors"],
+        cpu_pct,
+    )
+
+
+async def _warm_up(stack: Stack, count: int = 100) -> None:
+    """A few orders through every process, so imports and connections are done."""
+    before = _mail_count(stack)
+    generator = _Generator.start(
+        stack.api_url, {"mode": "closed", "count": count, "first_id": 900_000_000}
+    )
+    while not generator.done():  # noqa: ASYNC110 (a process's pipe, not an event)
+        await asyncio.sleep(0.05)
+    generator.result()
+    deadline = time.monotonic() + 20
+    while _mail_count(stack) < before + count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+async def _drain(stack: Stack, within_s: float = 30.0) -> None:
+    """Wait until the Maildir stops growing: the saturation backlog is out."""
+    deadline = time.monotonic() + within_s
+    last, still_since = _mail_count(stack), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        count = _mail_count(stack)
+        if count != last:
+            last, still_since = count, time.monotonic()
+        elif time.monotonic() - still_since >= 0.5:
+            return
+
+
+async def _latency(stack: Stack, workers: int, rate: float, seconds: float) -> Figure:
+    before = {entry.name for entry in os.scandir(stack.mail_dir / "new")}
+    generator = _Generator.start(
+        stack.api_url, {"mode": "open", "rate": rate, "seconds": seconds, "first_id": 1}
+    )
+    while not generator.done():  # noqa: ASYNC110 (a process's pipe, not an event)
+        await asyncio.sleep(0.1)
+    result = generator.result()
+    sent = {order_id: (sent_ns, answered_ns) for order_id, sent_ns, answered_ns in result["sent"]}
+    deadline = time.monotonic() + 15
+    while _mail_count(stack) - len(before) < len(sent) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    arrivals = _arrivals(stack.mail_dir / "new", before)
+    appended = await _appended(stack, set(sent))
+    # Leave out the first half second: the generator opening its connections.
+    skip = int(rate / 2)
+    measured = [(k, sent[k]) for k in sorted(sent)[skip:] if k in arrivals]
+    latencies = [(arrivals[k] - sent_ns) / 1e6 for k, (sent_ns, _) in measured]
+    # Where the time goes: POST → 201, 201 → XADD (the relay), XADD → Maildir (ms stamps).
+    answered = [(answered_ns - sent_ns) / 1e6 for _, (sent_ns, answered_ns) in measured]
+    relayed = [(appended[k] - a) / 1e6 for k, (_, a) in measured if k in appended]
+    emailed = [(arrivals[k] - appended[k]) / 1e6 for k, _ in measured if k in appended]
+    missing = sum(1 for order_id in sent if order_id not in arrivals)
+    extra = {
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "p99.9": percentile(latencies, 99.9),
+        "max": max(latencies, default=float("nan")),
+        "POST→201 p50": percentile(answered, 50),
+        "POST→201 p99": percentile(answered, 99),
+        "201→XADD p50": percentile(relayed, 50),
+        "201→XADD p99": percentile(relayed, 99),
+        "XADD→Maildir p50": percentile(emailed, 50),
+        "XADD→Maildir p99": percentile(emailed, 99),
+        "rate": rate,
+        "workers": float(workers),
+        CPU_PREFIX + "generator": result["cpu"] / result["seconds"] * 100,
+        "late ms": result["late_ms"],
+    }
+    note = (
+        f"{rate:,.0f} orders/s for {seconds:.0f} s, {workers} worker(s), {len(latencies):,} "
+        f"samples; generator at most {result['late_ms']:.1f} ms late"
+    )
+    if missing or result["errors"]:
+        note += f"; {missing} emails missing, {result['errors']} failed requests"
+    return Figure(CASE, LATENCY, extra["p99"], "ms", note, extra)
+
+
+async def _appended(stack: Stack, order_ids: set[int]) -> dict[int, int]:
+    """Order id → when the relay appended its event (the entry id's ms, as ns)."""
+    client = connect(stack.redis_url)
+    appended: dict[int, int] = {}
+    try:
+        streams = [
+            key
+            async for key in client.scan_iter(match=f"{stack.settings.stream}*", _type="stream")
+            if not key.endswith(b":dlq")
+        ]
+        for stream in streams:
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(stream)  # type: ignore[assignment]
+            for raw_id, fields in entries:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                try:
+                    order_id = decode(fields, entry_id).data.get("id")
+                except DecodeError:
+                    continue
+                if order_id in order_ids:
+                    appended[order_id] = int(entry_id.split("-")[0]) * 1_000_000
+    finally:
+        await client.aclose()
+    return appended
+
+
+def _arrivals(new: Path, before: set[str]) -> dict[int, int]:
+    """Order id → its email's mtime (ns), for every message not in ``before``."""
+    arrivals: dict[int, int] = {}
+    for entry in os.scandir(new):
+        if entry.name in before:
+            continue
+        with open(entry.path, "rb") as file:
+            head = file.read(4096)
+        match = _MESSAGE_ID.search(head)
+        if match:
+            arrivals[int(match.group(1))] = entry.stat().st_mtime_ns
+    return arrivals
+
+
+# --- the load generator, in its own process ---------------------------------------------
+
+
+class _Generator:
+    """A load generator process; ``result()`` once ``done()``."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, pipe: Connection) -> None:
+        self.process = process
+        self.pipe = pipe
+        self._result: dict[str, Any] | None = None
+        self._started = False
+
+    @classmethod
+    def start(cls, url: str, job: dict[str, Any]) -> _Generator:
+        """Spawn the generator on ``url`` with ``job``."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_generator_main, args=(url, job, child), daemon=True)
+        # Not pinned: the generator shares both cores with the stack, as a client would.
+        with _all_cores():
+            process.start()
+        child.close()
+        return cls(process, parent)
+
+    async def wait_started(self) -> None:
+        """Wait for the generator's 'started' word (its imports done)."""
+        while not self._started:
+            if self.pipe.poll():
+                message = self.pipe.recv()
+                assert message == "started", message
+                self._started = True
+            else:
+                await asyncio.sleep(0.01)
+
+    def done(self) -> bool:
+        """True once the generator sent its result."""
+        if self._result is None and self.pipe.poll():
+            message = self.pipe.recv()
+            if message == "started":
+                self._started = True
+                return self.done()
+            self._result = message
+        if self._result is None and not self.process.is_alive() and not self.pipe.poll():
+            raise RuntimeError(f"the load generator died (exit {self.process.exitcode})")
+        return self._result is not None
+
+    def result(self) -> dict[str, Any]:
+        """The generator's counts; joins the process."""
+        assert self._result is not None
+        self.process.join(5)
+        return self._result
+
+
+def _generator_main(url: str, job: dict[str, Any], pipe: Connection) -> None:
+    pipe.send("started")
+    result = asyncio.run(_generate(url, job))
+    pipe.send(result)
+    pipe.close()
+
+
+def _order_body(order_id: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": order_id,
+            "email": f"customer{order_id:07d}@example.com",
+            "total": "123.45",
+            "currency": "USD",
+            "items": [
+                {"name": "Widget", "quantity": 2, "price": "49.90"},
+                {"name": "Gadget", "quantity": 1, "price": "23.65"},
+            ],
+        }
+    )
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: POST /orders, read the status and body."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """Open the connection unless open."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post_order(self, order_id: int) -> bool:
+        """POST one order; True on 201."""
+        await self.connect()
+        assert self.reader is not None
+        assert self.writer is not None
+        body = _order_body(order_id)
+        self.writer.write(
+            b"POST /orders HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), self.port, len(body), body)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status == 201
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+async def _generate(url: str, job: dict[str, Any]) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if job["mode"] == "open":
+        result = await _open_loop(host, int(port), job["rate"], job["seconds"], job["first_id"])
+    else:
+        result = await _closed_loop(host, int(port), job)
+    result["cpu"] = time.process_time() - cpu0
+    result["seconds"] = time.perf_counter() - wall0
+    return result
+
+
+async def _closed_loop(host: str, port: int, job: dict[str, Any]) -> dict[str, Any]:
+    """``CLIENTS`` connections, each POSTing as soon as its previous answer is in."""
+    counts = {"ok": 0, "errors": 0}
+    next_id = job.get("first_id", 1)
+    limit = job.get("count")
+    deadline = time.perf_counter() + job.get("seconds", 1e9)
+
+    async def client() -> None:
+        nonlocal next_id
+        connection = _Connection(host, port)
+        try:
+            while time.perf_counter() < deadline:
+                if limit is not None and next_id - job.get("first_id", 1) >= limit:
+                    return
+                order_id, next_id = next_id, next_id + 1
+                try:
+                    ok = await connection.post_order(order_id)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    ok = False
+                    await connection.close()
+                    connection = _Connection(host, port)
+                counts["ok" if ok else "errors"] += 1
+        finally:
+            await connection.close()
+
+    clients = min(CLIENTS, limit) if limit is not None else CLIENTS
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return dict(counts)
+
+
+async def _open_loop(
+    host: str, port: int, rate: float, seconds: float, first_id: int
+) -> dict[str, Any]:
+    """POST at ``rate`` orders/s on a pool of connections, whatever the answers take."""
+    idle: list[_Connection] = []
+    #: (order id, sent, answered), wall clock ns.
+    sent: list[tuple[int, int, int]] = []
+    errors = 0
+    late_ns = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def post(order_id: int) -> None:
+        nonlocal errors
+        connection = idle.pop() if idle else _Connection(host, port)
+        try:
+            await connection.connect()
+            sent_ns = time.time_ns()
+            ok = await connection.post_order(order_id)
+            sent.append((order_id, sent_ns, time.time_ns()))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            ok = False
+            await connection.close()
+            connection = _Connection(host, port)
+        errors += not ok
+        idle.append(connection)
+
+    total = int(rate * seconds)
+    start = time.perf_counter_ns()
+    interval_ns = 1e9 / rate
+    k = 0
+    while k < total:
+        now = time.perf_counter_ns()
+        due = min(total, int((now - start) / interval_ns) + 1)
+        while k < due:
+            late_ns = max(late_ns, now - start - int(k * interval_ns))
+            task = asyncio.create_task(post(first_id + k))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+        wait_ns = start + k * interval_ns - time.perf_counter_ns()
+        await asyncio.sleep(max(0.0, wait_ns / 1e9))
+    if tasks:
+        await asyncio.gather(*tasks)
+    for connection in idle:
+        await connection.close()
+    return {"sent": sent, "ok": len(sent) - errors, "errors": errors, "late_ms": late_ns / 1e6}
