@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
@@ -37,10 +38,52 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
         try:
             await client.ping()
         except (RedisConnectionError, OSError) as exc:
-            raise CommandError(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
+            reason = describe_connection_error(exc)
+            raise CommandError(f"cannot reach Redis at {redact_url(url)}: {reason}") from None
         yield client
     finally:
         await client.aclose()
+
+
+# OpenSSL's verification codes that mean "no trusted CA signed this certificate".
+_UNTRUSTED_CODES = frozenset({2, 18, 19, 20, 21})
+# Host name, e-mail and IP address mismatches.
+_HOST_MISMATCH_CODES = frozenset({62, 63, 64})
+_EXPIRED_CODE = 10
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """Why a connection failed, in words; TLS verification failures say what to fix.
+
+    redis-py reports a failed certificate check as "Error 1 connecting to … [SSL:
+    CERTIFICATE_VERIFY_FAILED] … self-signed certificate in certificate chain", which
+    does not tell a user that the CA is the problem.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "TLS certificate verification failed: " + _verification_advice(cause)
+        if isinstance(cause, ssl.SSLError):
+            return (
+                f"TLS handshake failed ({cause.reason or cause}); is that port serving "
+                "TLS, and does it accept this client?"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return str(exc)
+
+
+def _verification_advice(error: ssl.SSLCertVerificationError) -> str:
+    detail = error.verify_message or str(error)
+    if error.verify_code in _UNTRUSTED_CODES:
+        return (
+            f"the server's certificate is not signed by a trusted CA ({detail}); give the "
+            "CA that signed it with ?ssl_ca_certs=/path/to/ca.pem in the URL"
+        )
+    if error.verify_code in _HOST_MISMATCH_CODES:
+        return f"{detail.rstrip('.')}; connect with a host name the certificate lists"
+    if error.verify_code == _EXPIRED_CODE:
+        return f"the server's certificate has expired ({detail})"
+    return detail
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

@@ -17,7 +17,13 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from orderflow.bus import connect, redact_url
-from orderflow.cli.common import CommandError, UsageError, load_settings, stop_on_signals
+from orderflow.cli.common import (
+    CommandError,
+    UsageError,
+    describe_connection_error,
+    load_settings,
+    stop_on_signals,
+)
 from orderflow.config import REDIS_URL_FILE, Settings
 from orderflow.embedded.redis_server import RedisServer, RedisServerNotFound, free_port
 from orderflow.supervisor import AlreadyRunning, Child, DataDirLock, Supervisor
@@ -169,7 +175,8 @@ async def _check_redis(url: str) -> None:
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
-        raise CommandError(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
+        reason = describe_connection_error(exc)
+        raise CommandError(f"cannot reach Redis at {redact_url(url)}: {reason}") from None
     finally:
         await client.aclose()
 
