@@ -38,6 +38,9 @@ def connect(url: str, **options: Any) -> aioredis.Redis:
     options.setdefault("health_check_interval", 30)
     options.setdefault("socket_connect_timeout", 5)
     if is_cluster_url(url):
+        # No health check on the cluster client: redis-py 8.1's async cluster runs it
+        # on connections to a node that just died and fails with an AttributeError.
+        options.pop("health_check_interval", None)
         # A cluster client is not a Redis subclass but answers the same commands.
         return cast(aioredis.Redis, RedisCluster.from_url(url, decode_responses=False, **options))
     return aioredis.Redis.from_url(url, decode_responses=False, **options)

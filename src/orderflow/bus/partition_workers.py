@@ -56,6 +56,64 @@ def _sum_stats(parts: list[WorkerStats]) -> WorkerStats:
     return total
 
 
+class SupervisedStreamWorker(StreamWorker):
+    """A :class:`StreamWorker` that starts again when a loop of it fails.
+
+    During a cluster failover the client can raise what the worker does not wait out
+    (CLUSTERDOWN, a slot not covered yet, a half-closed connection): rather than stop
+    consuming, the worker is rebuilt and runs again after ``restart_delay_s``. What it
+    held stays pending and is claimed back after the claim timeout.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: WorkerConfig,
+        handler: Handler,
+        *,
+        restart_delay_s: float = 0.5,
+    ) -> None:
+        super().__init__(redis, config, handler)
+        self._args = (redis, config, handler)
+        self._restart_delay_s = restart_delay_s
+        self._stop_asked = asyncio.Event()
+        self.restarts = 0
+
+    def stop(self) -> None:
+        """Stop for good (no restart)."""
+        self._stop_asked.set()
+        super().stop()
+
+    async def run(self, *, burst: bool = False) -> WorkerStats:
+        """Consume until ``stop()``, starting again after a failure."""
+        earlier: list[WorkerStats] = []
+        while True:
+            try:
+                stats = await super().run(burst=burst)
+                return _sum_stats([*earlier, stats])
+            except Exception as exc:
+                earlier.append(self.stats)
+                if self._stop_asked.is_set():
+                    # Failed while stopping (a last ack flush): what it held stays
+                    # pending, for a claim by another consumer.
+                    log.warning("worker of %s failed while stopping: %s", self.config.stream, exc)
+                    return _sum_stats(earlier)
+                log.warning(
+                    "worker of %s failed (%s: %s); starting it again",
+                    self.config.stream,
+                    type(exc).__name__,
+                    exc,
+                )
+                metrics.REDIS_ERRORS.labels("worker").inc()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_asked.wait(), self._restart_delay_s)
+            if self._stop_asked.is_set():
+                return _sum_stats(earlier)
+            self.restarts += 1
+            # A fresh worker state (queues, events, tasks), same consumer name.
+            StreamWorker.__init__(self, *self._args)
+
+
 class PartitionedWorker:
     """One consumer of a group on every partition of a stream (competing consumers).
 
@@ -73,16 +131,14 @@ class PartitionedWorker:
         restart_delay_s: float = 0.5,
     ) -> None:
         self.layout = layout
-        self._redis = redis
-        self._handler = handler
-        self._restart_delay_s = restart_delay_s
         per = max(4, math.ceil(config.concurrency / layout.count))
         self.config = replace(config, stream=layout.names[0], concurrency=per)
         self.workers = [
-            StreamWorker(redis, replace(self.config, stream=name), handler) for name in layout.names
+            SupervisedStreamWorker(
+                redis, replace(self.config, stream=name), handler, restart_delay_s=restart_delay_s
+            )
+            for name in layout.names
         ]
-        self._finished: list[WorkerStats] = []
-        self._stopping = asyncio.Event()
 
     @property
     def consumer(self) -> str:
@@ -91,8 +147,8 @@ class PartitionedWorker:
 
     @property
     def stats(self) -> WorkerStats:
-        """What the partition workers did, summed."""
-        return _sum_stats(self._finished + [w.stats for w in self.workers])
+        """What the partition workers did, summed (since their latest start)."""
+        return _sum_stats([w.stats for w in self.workers])
 
     @property
     def held(self) -> int:
@@ -101,7 +157,6 @@ class PartitionedWorker:
 
     def stop(self) -> None:
         """Stop every partition's worker."""
-        self._stopping.set()
         for worker in self.workers:
             worker.stop()
 
@@ -111,34 +166,8 @@ class PartitionedWorker:
 
     async def run(self, *, burst: bool = False) -> WorkerStats:
         """Consume every partition until ``stop()``; with ``burst``, until all are drained."""
-        await asyncio.gather(*(self._supervise(i, burst) for i in range(len(self.workers))))
-        return self.stats
-
-    async def _supervise(self, index: int, burst: bool) -> None:
-        # A cluster failover can surface as an error the worker does not wait out
-        # (CLUSTERDOWN, a slot not covered yet): start the partition's worker again.
-        while True:
-            worker = self.workers[index]
-            try:
-                await worker.run(burst=burst)
-                return
-            except (RedisError, OSError) as exc:
-                if self._stopping.is_set():
-                    return
-                log.warning(
-                    "worker of partition %s stopped (%s: %s); starting it again",
-                    worker.config.stream,
-                    type(exc).__name__,
-                    exc,
-                )
-                metrics.REDIS_ERRORS.labels("worker").inc()
-            self._finished.append(worker.stats)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._restart_delay_s)
-            if self._stopping.is_set():
-                return
-            fresh = StreamWorker(self._redis, worker.config, self._handler)
-            self.workers[index] = fresh
+        results = await asyncio.gather(*(w.run(burst=burst) for w in self.workers))
+        return _sum_stats(list(results))
 
 
 # -- ordered mode: leases ---------------------------------------------------------------

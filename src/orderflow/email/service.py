@@ -33,10 +33,10 @@ from orderflow.bus import (
     WorkerStats,
 )
 from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
-from orderflow.bus.partitions import resolve_layout, single_stream
+from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
 from orderflow.email import metrics
-from orderflow.email.ledger import Claim, ClaimState, EmailLedger
+from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
 from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.email.sender import Sender, SendError
@@ -48,6 +48,8 @@ SOURCE = "orderflow/email"
 EMAIL_SENT = "email.sent"
 EMAIL_FAILED = "email.failed"
 DEFAULT_CONCURRENCY = 32
+#: How long a ledger write waits for a replica on a cluster.
+_WAIT_MS = 100
 
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
@@ -102,6 +104,8 @@ class EmailService:
         # share a slot (a consumer's dead-lettering is one transaction).
         self.events_stream = single_stream(redis, settings.email_events_stream)
         self._chosen = asyncio.Event()
+        #: Cluster nodes found without a replica, not waited for until then.
+        self._no_replica_until: dict[str, float] = {}
         self._stop_requested = False
 
     @property
@@ -214,6 +218,8 @@ class EmailService:
         pause = 0.01
         while True:
             claim = await self.ledger.claim(order.id, token)
+            if claim.state is ClaimState.CLAIMED:
+                await self._replicated(order.id)
             if claim.state is not ClaimState.BUSY:
                 return claim
             # Usually the other sender finishes within milliseconds (a duplicate entry
@@ -224,6 +230,25 @@ class EmailService:
                 raise OrderBusy(f"order {order.id} is being sent by another worker")
             await asyncio.sleep(min(pause, left, claim.lease_left_ms / 1000 + 0.005))
             pause = min(pause * 2, 0.5)
+
+    async def _replicated(self, order_id: int) -> None:
+        """On a cluster, wait until a replica has the order's ledger record (WAIT).
+
+        A failover promotes a replica: a lease it never got would let a second sender
+        in while the first still sends, and a lost "sent" mark would send again. If
+        the master dies first, WAIT fails and the delivery is retried (nothing sent
+        yet, or the send is repeated: the unavoidable window of async replication).
+        """
+        if not is_cluster(self._redis):
+            return
+        cluster: Any = self._redis
+        node = cluster.get_node_from_key(ledger_key(order_id))
+        if self._no_replica_until.get(node.name, 0.0) > time.monotonic():
+            return
+        acked = await cluster.execute_command("WAIT", 1, _WAIT_MS, target_nodes=node)
+        if not int(acked):
+            # No replica (or a slow one): do not pay the timeout on every order.
+            self._no_replica_until[node.name] = time.monotonic() + 10.0
 
     async def _send_holding_lease(self, order: Order, token: str, email: OutgoingEmail) -> None:
         """Send, renewing the order's lease while the send runs, so no one steals it."""
@@ -262,6 +287,7 @@ class EmailService:
         for attempt in range(12):
             try:
                 held = await self.ledger.mark_sent(order.id, token, message_id, at)
+                await self._replicated(order.id)
                 break
             except _REDIS_ERRORS as exc:
                 if attempt == 11:

@@ -14,7 +14,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orderflow.bus import Delivery, PermanentError, StreamWorker, WorkerConfig
-from orderflow.bus.partitions import single_stream
+from orderflow.bus.partition_workers import SupervisedStreamWorker
+from orderflow.bus.partitions import is_cluster, single_stream
 from orderflow.config import Settings
 from orderflow.orders import metrics
 from orderflow.orders.schema import EMAIL_FAILED, EMAIL_SENT, MAX_ORDER_ID
@@ -65,6 +66,9 @@ class EmailStatusConsumer:
             dlq_maxlen=settings.dlq_maxlen,
             **options,
         )
+        if is_cluster(redis):
+            # A failover can fail a worker loop: start it again rather than stop.
+            return SupervisedStreamWorker(redis, config, self.handle)
         return StreamWorker(redis, config, self.handle)
 
 
