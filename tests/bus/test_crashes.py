@@ -14,8 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orderflow.bus import Delivery, Message, StreamPublisher, StreamWorker, WorkerConfig, connect
 from orderflow.embedded.redis_server import RedisServer
-
-from .conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.chaos
 

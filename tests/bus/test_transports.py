@@ -22,8 +22,7 @@ from orderflow.bus import (
     StreamWorker,
     WorkerConfig,
 )
-
-from .conftest import wait_until
+from tests.support import wait_until
 
 TOPIC = "orders"
 

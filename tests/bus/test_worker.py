@@ -19,8 +19,7 @@ from orderflow.bus import (
     WorkerConfig,
     ensure_group,
 )
-
-from .conftest import wait_until
+from tests.support import wait_until
 
 STREAM = "orders"
 GROUP = "email-service"

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +20,6 @@ from orderflow.orders.api import OrderRuntime
 
 #: The console answers only to loopback names unless an admin token is set.
 BASE_URL = "http://127.0.0.1:8000"
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 def make_settings(redis_url: str, data_dir: Path, **options: Any) -> Settings:

@@ -9,8 +9,9 @@ import orjson
 import redis.asyncio as aioredis
 
 from orderflow.console.live import RateTracker, sse
+from tests.support import wait_until
 
-from .conftest import Console, wait_until
+from .conftest import Console
 
 
 def events_of(body: bytes) -> list[tuple[str, Any]]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import inspect
 import os
 import signal
 import sys
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,22 +29,6 @@ from orderflow.embedded.smtp_sink import SmtpServer
 #: Bus timings that keep tests fast: quick retries, short blocking reads.
 FAST_WORKER = {"retry_base_ms": 20, "retry_max_ms": 200, "block_ms": 100}
 ORDERFLOW = Path(sys.executable).parent / "orderflow"
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
-) -> None:
-    """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 @dataclass

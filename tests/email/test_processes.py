@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from orderflow.config import Settings
 from orderflow.email import ledger_key
 from orderflow.embedded.smtp_sink import SMTP_URL_FILE, SmtpSink, count_delivered, read_maildir
+from tests.support import wait_until
 
 from .conftest import (
     ServiceFactory,
@@ -24,7 +25,6 @@ from .conftest import (
     publish_order,
     run_burst,
     start_cli,
-    wait_until,
 )
 
 MESSAGE_ID = "<order-101@orderflow.localhost>"

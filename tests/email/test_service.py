@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from orderflow.bus import Delivery, Message
 from orderflow.config import Settings
 from orderflow.email import Claim, ClaimState, EmailLedger, EmailService, ledger_key
+from tests.support import wait_until
 
 from .conftest import (
     ServiceFactory,
@@ -24,7 +25,6 @@ from .conftest import (
     publish_event,
     publish_order,
     run_burst,
-    wait_until,
 )
 
 ALICE: dict[str, Any] = {"id": 101, "email": "alice@example.com", "total": 100}

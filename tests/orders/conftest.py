@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +20,7 @@ from orderflow.config import Settings
 from orderflow.orders import create_app
 from orderflow.orders.api import OrderRuntime
 from orderflow.orders.schema import idempotency_keys, orders, outbox
+from tests.support import wait_until
 
 
 def create_test_database(admin_url: str) -> str:
@@ -67,22 +65,6 @@ def make_settings(database_url: str, redis_url: str, data_dir: Any, **options: A
 def settings(database_url: str, redis_url: str, tmp_path: Any) -> Settings:
     """Settings on the shared test Redis and this test's database."""
     return make_settings(database_url, redis_url, tmp_path)
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 @dataclass

@@ -7,8 +7,9 @@ from typing import Any
 from orderflow.bus import Message, StreamPublisher, StreamWorker
 from orderflow.config import Settings
 from orderflow.orders import EmailStatusConsumer
+from tests.support import wait_until
 
-from .conftest import Api, order_body, running_api, wait_until
+from .conftest import Api, order_body, running_api
 
 
 def email_event(kind: str, order_id: Any, **extra: Any) -> Message:

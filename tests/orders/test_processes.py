@@ -17,8 +17,9 @@ import redis
 
 from orderflow.cli import main
 from orderflow.embedded.redis_server import free_port
+from tests.support import wait_until
 
-from .conftest import order_body, stream_events, wait_until
+from .conftest import order_body, stream_events
 
 ORDERFLOW = str(Path(sys.executable).parent / "orderflow")
 

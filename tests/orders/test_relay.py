@@ -13,8 +13,9 @@ from orderflow.bus.message import Message
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import RedisServer
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+from tests.support import wait_until
 
-from .conftest import make_settings, order_body, running_api, stream_events, wait_until
+from .conftest import make_settings, order_body, running_api, stream_events
 
 
 async def test_relay_publishes_promptly_after_a_commit(settings: Settings, aredis: Any) -> None:
