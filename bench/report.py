@@ -244,12 +244,12 @@ TARGETS = (
     Target(
         "bytes per retained entry vs raw XADD",
         "≤ 1.1×",
-        _ratio("memory", "orderflow wire format v1 (all headers)", "raw XADD (data only)"),
+        _ratio("memory", "orderflow wire format v1 (as encoded)", "raw XADD (data only)"),
         lambda r: r <= 1.1,
         "Wire format v1 carries the CloudEvents attributes as separate stream fields. Field "
         "names cost nothing (a stream node stores them once when entries share them), but "
-        "each value is stored per entry: see the breakdown below. Meeting 1.1× needs a wire "
-        "format change; proposed below, not made.",
+        "each value is stored per entry: see the breakdown below. Meeting 1.1× needs the "
+        "event's id, type, source and time gone from the wire; kept on purpose, see below.",
     ),
     Target(
         "worker RSS growth",
@@ -544,13 +544,15 @@ EXPLANATIONS = {
     "memory": (
         "Bytes per entry: `used_memory` growth over the same orders, appended with "
         "`redis-cli --pipe`. Field names are free (a stream node stores them once when "
-        "entries share them); values are not. **Proposed wire-format change (not made)**: "
-        "omit headers that equal their defaults (`ce_type` = `order.created`, `ce_source`, "
-        "`ce_specversion` = `1.0`, `content-type` = `application/json`), the decoder "
-        "restoring them; that is the 'data + ce_id + ce_time' row. Dropping `ce_time` (the "
-        "entry id already holds the append time in ms) gives 'data + ce_id'; reaching 1.1× "
-        "also needs `ce_id` gone, using the entry id as event id (DESIGN allows it; the "
-        "Email Service deduplicates by order id, so relay duplicates stay harmless).\n\n"
+        "entries share them); values are not. The encoder leaves out the attributes that "
+        "only restate wire format v1's defaults (`ce_specversion` = `1.0`, `content-type` = "
+        "`application/json`). What remains above raw is kept on purpose: `ce_id` (an event "
+        "keeps its identity through relay duplicates, so any consumer can deduplicate and "
+        "trace it), `ce_type` and `ce_source` (routing for consumers in other languages) "
+        "and `ce_time` (the event's own time, not the append time: an outbox entry can be "
+        "appended long after the order). Reaching 1.1× would mean dropping all four, which "
+        "DESIGN allows ('data' alone is valid) but which we judge not worth ~150 bytes an "
+        "entry; the 'data + ce_id' rows show what each costs.\n\n"
         "Worker RSS: a `StreamWorker` in a child process handles the entries with a no-op "
         "handler, fed one chunk ahead; growth is measured from warm (after the first 10%) to "
         "the end, the figure from start is in the note."
