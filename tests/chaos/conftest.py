@@ -48,6 +48,10 @@ TEMPLATE = Path(__file__).with_name("reliability_template.md")
 MESSAGE_ID = b"Message-ID: <order-"
 
 
+#: The per-test timeout of a scenario: the soak sizes need far more than the default.
+SCENARIO_TIMEOUT = pytest.mark.timeout(1200 if SOAK else 150)
+
+
 def size(quick: int, soak: int) -> int:
     """A scenario size: ``quick`` in ``make test``, ``soak`` in ``make soak``."""
     return soak if SOAK else quick

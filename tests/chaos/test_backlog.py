@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from .conftest import Record, Stack, size, wait_until
+from .conftest import SCENARIO_TIMEOUT, Record, Stack, size, wait_until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, SCENARIO_TIMEOUT]
 
 CAP = 200
 #: The publisher trims every tenth of the cap (or every 1000 entries, if fewer).
@@ -29,7 +29,7 @@ async def _over_cap_gauge(stack: Stack) -> float | None:
 async def test_backlog_over_the_cap_keeps_every_entry_and_reports_the_pressure(
     make_stack: Callable[..., Awaitable[Stack]], reliability: Record
 ) -> None:
-    backlog = size(600, 20_000)
+    backlog = size(400, 20_000)
     reliability.scenario = "Backlog over the retention cap"
     reliability.must_hold = (
         f"cap {CAP}, Email Service down: no unacknowledged entry trimmed, the producer "

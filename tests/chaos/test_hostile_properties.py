@@ -24,7 +24,11 @@ from orderflow.email.order import InvalidOrder, parse_order
 from orderflow.email.render import Renderer
 from orderflow.orders.validation import BodyError, parse_body, validate_order
 
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from .conftest import size
+
+PROPERTY = settings(
+    max_examples=size(100, 2000), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 _json = st.recursive(

@@ -13,9 +13,9 @@ import pytest
 from orderflow.bus.message import MAX_ENTRY_BYTES
 from orderflow.orders.validation import MAX_BODY_BYTES
 
-from .conftest import Record, Stack, chaos_rng, size, wait_until
+from .conftest import SCENARIO_TIMEOUT, Record, Stack, chaos_rng, size, wait_until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, SCENARIO_TIMEOUT]
 
 #: Orders named by junk entries: far from the real ones, so no junk touches them.
 JUNK_IDS = 1_000_000

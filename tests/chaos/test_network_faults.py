@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from .conftest import Record, Stack, size
+from .conftest import SCENARIO_TIMEOUT, Record, Stack, size
 from .faultproxy import FaultProxy
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, SCENARIO_TIMEOUT]
 
 SMTP_TIMEOUT_S = 3
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from .conftest import Record, Stack, size, wait_until
+from .conftest import SCENARIO_TIMEOUT, Record, Stack, size, wait_until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, SCENARIO_TIMEOUT]
 
 
 def _confirmed(stack: Stack) -> set[int]:

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 from redis.exceptions import ResponseError
 
-from .conftest import Record, Stack, wait_until
+from .conftest import SCENARIO_TIMEOUT, Record, Stack, wait_until
 from .faultproxy import FaultProxy
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, SCENARIO_TIMEOUT]
 
 CLAIM_IDLE_S = 2.0
 
