@@ -215,6 +215,7 @@ async def _publish_now(settings: Settings, store: Any) -> None:
         client,
         config=_relay_config(settings),
         retention=Retention(maxlen=settings.stream_maxlen),
+        partitions=settings.partitions,
     )
     try:
         published = await relay.publish_pending()
@@ -256,6 +257,7 @@ async def relay_command(args: argparse.Namespace) -> int:
             client,
             config=config,
             retention=Retention(maxlen=settings.stream_maxlen),
+            partitions=settings.partitions,
         )
         stop = asyncio.Event()
         stop_on_signals(stop)

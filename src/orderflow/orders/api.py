@@ -222,7 +222,11 @@ def _start(
         channel = settings.channel if settings.transport == "pubsub" else None
         relay_config = RelayConfig(channel=channel)
     relay = OutboxRelay(
-        store, client, config=relay_config, retention=Retention(maxlen=settings.stream_maxlen)
+        store,
+        client,
+        config=relay_config,
+        retention=Retention(maxlen=settings.stream_maxlen),
+        partitions=settings.partitions,
     )
     runtime = OrderRuntime(
         settings=settings,
