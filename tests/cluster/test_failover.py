@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
 import pytest
@@ -19,10 +20,14 @@ from tests.orders.conftest import order_body, running_api
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.chaos,
-    # Known gap (see the issue 8 report): some runs send one or two orders twice (a send
-    # lease or "sent" mark lost with the killed master), others stall after the failover
-    # until redis-py's cluster client refreshes its topology. Kept running, not hidden.
-    pytest.mark.xfail(reason="failover: duplicates and stalls not yet ruled out", strict=False),
+    # Known defect, open in issue 8: some runs send one or two orders twice (a send lease
+    # or "sent" mark lost with the killed master), others stall after the failover until
+    # redis-py's cluster client refreshes its topology. The test asserts the promise and
+    # fails until that is fixed; it runs in `make soak`, not in `make test`.
+    pytest.mark.skipif(
+        os.environ.get("ORDERFLOW_SOAK") != "1",
+        reason="known failover defect (issue 8); runs with ORDERFLOW_SOAK=1 (make soak)",
+    ),
 ]
 
 
