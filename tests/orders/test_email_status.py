@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 from orderflow.bus import Message, StreamPublisher, StreamWorker
@@ -85,3 +87,85 @@ async def test_bad_and_foreign_events_are_handled(api: Api, aredis: Any) -> None
     assert (await api.client.get("/orders/8")).json()["email_status"] == "sent"
     pending = await aredis.xpending("email-events", "order-service")
     assert pending["pending"] == 0
+
+
+async def _statuses(api: Api, *ids: int) -> dict[int, str]:
+    return {i: (await api.client.get(f"/orders/{i}")).json()["email_status"] for i in ids}
+
+
+async def test_a_batch_of_events_is_one_transaction_applied_in_order(api: Api, aredis: Any) -> None:
+    for order_id in (21, 22, 23):
+        assert (await api.post(order_body(id=order_id))).status_code == 201
+    events = [
+        email_event("failed", 21, reason="451"),
+        email_event("sent", 21, at="2026-01-01T00:00:00+00:00"),  # sent after failed: sent
+        email_event("sent", 22),
+        email_event("failed", 22, reason="late"),  # failed after sent: still sent
+        email_event("failed", 23, reason="550 no such user"),
+        email_event("sent", 999),  # unknown order: acknowledged
+    ]
+    for event in events:
+        await StreamPublisher(aredis).publish("email-events", event)
+    # The batch is written when full: all six events, one transaction.
+    consumer = EmailStatusConsumer(api.runtime.store, max_batch=len(events), linger_s=30)
+    calls: list[int] = []
+    store = api.runtime.store
+    original = store.set_email_statuses
+
+    def spy(updates: Any) -> list[str]:
+        calls.append(len(updates))
+        return original(updates)
+
+    store.set_email_statuses = spy  # type: ignore[method-assign]
+    worker = consumer.worker(aredis, api.runtime.settings, block_ms=10)
+    await worker.run(burst=True)
+
+    assert calls == [6]
+    assert consumer.transactions == 1
+    assert worker.stats.handled == 6
+    assert await _statuses(api, 21, 22, 23) == {21: "sent", 22: "sent", 23: "failed"}
+    assert (await api.client.get("/orders/22")).json()["email_reason"] is None
+    assert (await aredis.xpending("email-events", "order-service"))["pending"] == 0
+
+
+async def test_events_are_acknowledged_only_after_their_commit(api: Api, aredis: Any) -> None:
+    for order_id in (31, 32):
+        assert (await api.post(order_body(id=order_id))).status_code == 201
+    store = api.runtime.store
+    original = store.set_email_statuses
+    entered = threading.Event()
+    release = threading.Event()
+    failures = [RuntimeError("disk I/O error")]
+
+    def held(updates: Any) -> list[str]:
+        entered.set()
+        assert release.wait(30)
+        if failures:
+            raise failures.pop()
+        return original(updates)
+
+    store.set_email_statuses = held  # type: ignore[method-assign]
+    for order_id in (31, 32):
+        await StreamPublisher(aredis).publish("email-events", email_event("sent", order_id))
+    consumer = EmailStatusConsumer(store, max_batch=2, linger_s=30)
+    worker = consumer.worker(aredis, api.runtime.settings, block_ms=10, retry_base_ms=10)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(entered.is_set, what="the batch's transaction to start")
+        # Handed over but not committed: nothing is acknowledged.
+        assert (await aredis.xpending("email-events", "order-service"))["pending"] == 2
+        release.set()
+        # The first transaction fails: retried through the bus, then stored and acked.
+        await wait_until(
+            lambda: _is_pending(aredis, 0), what="both events acknowledged after the commit"
+        )
+        assert await _statuses(api, 31, 32) == {31: "sent", 32: "sent"}
+        assert worker.stats.retried == 2
+    finally:
+        release.set()
+        worker.stop()
+        await task
+
+
+async def _is_pending(aredis: Any, count: int) -> bool:
+    return bool((await aredis.xpending("email-events", "order-service"))["pending"] == count)

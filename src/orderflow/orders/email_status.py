@@ -3,10 +3,15 @@
 The Email Service publishes ``Message.event("email.sent" | "email.failed",
 {"order_id", "email", "reason", "message_id", "at"}, source="orderflow/email")`` on
 stream ``email-events``; this records the outcome on the order (``sent`` is final).
+
+The events of a burst share one database transaction (group commit, as the order
+writer does for inserts): a handler hands its update over and waits for the commit,
+so the bus acknowledges an event only once its outcome is stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -19,23 +24,50 @@ from orderflow.bus.partitions import is_cluster, single_stream
 from orderflow.config import Settings
 from orderflow.orders import metrics
 from orderflow.orders.schema import EMAIL_FAILED, EMAIL_SENT, MAX_ORDER_ID
-from orderflow.orders.store import OrderStore
+from orderflow.orders.store import EmailStatusUpdate, OrderStore
 
 log = logging.getLogger(__name__)
 
 EMAIL_SENT_TYPE = "email.sent"
 EMAIL_FAILED_TYPE = "email.failed"
 _STATUS_OF = {EMAIL_SENT_TYPE: EMAIL_SENT, EMAIL_FAILED_TYPE: EMAIL_FAILED}
+#: Most updates in one transaction.
+DEFAULT_MAX_BATCH = 256
+#: How long the first update of a batch waits for others (the bus hands a read batch's
+#: entries to the handler one loop turn apart, so without it the first of them would
+#: ride alone). Short beside a transaction, and the status is not on the email's path.
+DEFAULT_LINGER_S = 0.002
+
+_Waiter = tuple[EmailStatusUpdate, "asyncio.Future[str]"]
 
 
 class EmailStatusConsumer:
-    """Handles email events, one order update each; unknown event types are skipped."""
+    """Handles email events, one order update each, batched into shared transactions;
+    unknown event types are skipped."""
 
-    def __init__(self, store: OrderStore) -> None:
+    def __init__(
+        self,
+        store: OrderStore,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        linger_s: float = DEFAULT_LINGER_S,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if linger_s < 0:
+            raise ValueError(f"linger_s must not be negative, got {linger_s}")
         self.store = store
+        self.max_batch = max_batch
+        self.linger_s = linger_s
+        self._pending: list[_Waiter] = []
+        self._full = asyncio.Event()
+        self._flushing: asyncio.Task[None] | None = None
+        #: Transactions written and updates in them, for tests and metrics.
+        self.transactions = 0
+        self.updates = 0
 
     async def handle(self, delivery: Delivery) -> None:
-        """Record one email outcome (a StreamWorker handler)."""
+        """Record one email outcome (a StreamWorker handler); returns after the commit."""
         message = delivery.message
         status = _STATUS_OF.get(message.type or "")
         if status is None:
@@ -43,17 +75,62 @@ class EmailStatusConsumer:
             return
         data = message.data
         order_id = _order_id(data.get("order_id"))
-        outcome = await self.store.db.run(
-            self.store.set_email_status,
+        update = EmailStatusUpdate(
             order_id,
             status,
             at=_time(data.get("at")),
             reason=_text(data.get("reason"), 1000),
             message_id=_text(data.get("message_id"), 998),
         )
+        outcome = await self._record(update)
         metrics.EMAIL_STATUS.labels(status, outcome).inc()
         if outcome == "unknown":
             log.warning("%s event %s names unknown order %s", message.type, message.id, order_id)
+
+    async def _record(self, update: EmailStatusUpdate) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((update, future))
+        if len(self._pending) >= self.max_batch:
+            self._full.set()
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush(), name="orderflow-email-status")
+        return await future
+
+    async def wait_idle(self) -> None:
+        """Return once every update handed over so far is written (or failed)."""
+        while self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            if len(self._pending) < self.max_batch and self.linger_s > 0:
+                self._full.clear()
+                try:
+                    async with asyncio.timeout(self.linger_s):
+                        await self._full.wait()
+                except TimeoutError:
+                    pass
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                outcomes = await self.store.db.run(
+                    self.store.set_email_statuses, [update for update, _ in batch]
+                )
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as exc:
+                # Nothing of the batch was stored: each handler fails, the bus retries.
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.transactions += 1
+            self.updates += len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():  # a cancelled handler: its entry is redelivered
+                    future.set_result(outcome)
 
     def worker(self, redis: aioredis.Redis, settings: Settings, **options: Any) -> StreamWorker:
         """A worker of group ``settings.orders_group`` on ``settings.email_events_stream``."""

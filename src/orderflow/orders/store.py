@@ -6,9 +6,12 @@ idempotency key commit together or not at all; the relay later publishes the out
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -144,6 +147,33 @@ _BUMP_SEQUENCE = sa.text(
 )
 #: Most values in one SQL ``IN`` list.
 _IN_CHUNK = 500
+# One prepared statement for every email outcome (compiled and cache-keyed once, run as
+# an executemany); ``sent`` is final, so the guard is in the statement itself.
+_SET_EMAIL_STATUS = (
+    sa.update(orders)
+    .where(orders.c.id == sa.bindparam("o_id"), orders.c.email_status != EMAIL_SENT)
+    .values(
+        email_status=sa.bindparam("o_status"),
+        email_status_at=sa.bindparam("o_at"),
+        email_reason=sa.bindparam("o_reason"),
+        email_message_id=sa.bindparam("o_message_id"),
+    )
+)
+#: One lock per SQLite database: the process's writers (group commit, relay, email
+#: status) take turns here instead of in SQLite's busy handler, which sleeps 1 to 100 ms
+#: between tries. Other processes still meet the busy handler.
+_SQLITE_WRITE_LOCKS: weakref.WeakKeyDictionary[Database, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_LOCKS_LOCK = threading.Lock()
+
+
+def _sqlite_write_lock(db: Database) -> threading.RLock:
+    with _LOCKS_LOCK:
+        lock = _SQLITE_WRITE_LOCKS.get(db)
+        if lock is None:
+            lock = _SQLITE_WRITE_LOCKS[db] = threading.RLock()
+        return lock
 
 
 def _chunks(values: Sequence[Any]) -> list[Sequence[Any]]:
@@ -167,12 +197,33 @@ def order_event(order: Order) -> Message:
     return Message.event(ORDER_CREATED, order.event_data(), source=SOURCE)
 
 
+@dataclass(frozen=True, slots=True)
+class EmailStatusUpdate:
+    """One confirmation outcome to record on an order (``sent`` or ``failed``)."""
+
+    order_id: int
+    status: str
+    at: datetime
+    reason: str | None = None
+    message_id: str | None = None
+
+
 class OrderStore:
     """Reads and writes orders, idempotency keys and the outbox."""
 
     def __init__(self, db: Database, *, stream: str) -> None:
         self.db = db
         self.stream = stream
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """``db.write()``, on SQLite one thread of this process at a time."""
+        if not self.db.is_sqlite:
+            with self.db.write() as conn:
+                yield conn
+            return
+        with _sqlite_write_lock(self.db), self.db.write() as conn:
+            yield conn
 
     # -- orders ----------------------------------------------------------------------
 
@@ -230,7 +281,7 @@ class OrderStore:
         results: list[CreateResult | OrderConflict] = []
         events: list[tuple[int | None, Message]] = []
         now = _now()
-        with self.db.write() as conn:
+        with self._write() as conn:
             for request, key in requests:
                 fingerprint = request.fingerprint()
                 try:
@@ -262,7 +313,7 @@ class OrderStore:
         keys = [key for _, key in requests if key is not None]
         client_ids = [request.id for request, _ in requests if request.id is not None]
         results: list[CreateResult | OrderConflict | int | None] = [None] * len(requests)
-        with self.db.write() as conn:
+        with self._write() as conn:
             known_keys = {
                 row.key: (int(row.order_id), row.fingerprint)
                 for chunk in _chunks(keys)
@@ -515,23 +566,54 @@ class OrderStore:
 
         Returns ``updated``, ``unchanged`` (already sent) or ``unknown`` (no such order).
         """
-        if status not in (EMAIL_SENT, EMAIL_FAILED):
-            raise ValueError(f"email status must be sent or failed, not {status!r}")
-        with self.db.write() as conn:
-            result = conn.execute(
-                sa.update(orders)
-                .where(orders.c.id == order_id, orders.c.email_status != EMAIL_SENT)
-                .values(
-                    email_status=status,
-                    email_status_at=at,
-                    email_reason=reason,
-                    email_message_id=message_id,
-                )
-            )
-            if result.rowcount:
-                return "updated"
-            exists = conn.execute(sa.select(orders.c.id).where(orders.c.id == order_id)).first()
-            return "unchanged" if exists is not None else "unknown"
+        update = EmailStatusUpdate(order_id, status, at, reason, message_id)
+        (outcome,) = self.set_email_statuses([update])
+        return outcome
+
+    def set_email_statuses(self, updates: Sequence[EmailStatusUpdate]) -> list[str]:
+        """Record several outcomes, in order, in ONE transaction; each gets the outcome
+        ``set_email_status`` would have given it, applied one after another."""
+        for update in updates:
+            if update.status not in (EMAIL_SENT, EMAIL_FAILED):
+                raise ValueError(f"email status must be sent or failed, not {update.status!r}")
+        if not updates:
+            return []
+        ids = sorted({update.order_id for update in updates})
+        outcomes: list[str] = []
+        rows: list[dict[str, Any]] = []
+        with self._write() as conn:
+            # The current status of each order first: it decides every outcome, so one
+            # executemany then writes only the updates that change something.
+            query = sa.select(orders.c.id, orders.c.email_status)
+            if not self.db.is_sqlite:
+                # Concurrent writers in other processes: keep the outcomes exact.
+                query = query.with_for_update()
+            current: dict[int, str] = {
+                int(row.id): row.email_status
+                for chunk in _chunks(ids)
+                for row in conn.execute(query.where(orders.c.id.in_(chunk)))
+            }
+            for update in updates:
+                status = current.get(update.order_id)
+                if status is None:
+                    outcomes.append("unknown")
+                elif status == EMAIL_SENT:
+                    outcomes.append("unchanged")
+                else:
+                    outcomes.append("updated")
+                    current[update.order_id] = update.status
+                    rows.append(
+                        {
+                            "o_id": update.order_id,
+                            "o_status": update.status,
+                            "o_at": update.at,
+                            "o_reason": update.reason,
+                            "o_message_id": update.message_id,
+                        }
+                    )
+            if rows:
+                conn.execute(_SET_EMAIL_STATUS, rows)
+        return outcomes
 
     def republish_due(
         self, *, older_than_s: float, now: datetime | None = None, limit: int = 500
@@ -541,7 +623,7 @@ class OrderStore:
         the relay has published again, so it is not queued twice meanwhile."""
         now = now or _now()
         cutoff = now - timedelta(seconds=older_than_s)
-        with self.db.write() as conn:
+        with self._write() as conn:
             query = (
                 sa.select(orders)
                 .where(
@@ -574,7 +656,7 @@ class OrderStore:
     def acquire_lease(self, holder: str, ttl_s: float) -> bool:
         """Take or renew the SQLite relay lease; True if ``holder`` has it now."""
         now = time.time()
-        with self.db.write() as conn:
+        with self._write() as conn:
             result = conn.execute(
                 sa.update(relay_lease)
                 .where(
@@ -591,7 +673,7 @@ class OrderStore:
 
     def release_lease(self, holder: str) -> None:
         """Give the lease up at once (another relay need not wait for it to expire)."""
-        with self.db.write() as conn:
+        with self._write() as conn:
             conn.execute(
                 sa.update(relay_lease)
                 .where(relay_lease.c.name == OUTBOX_LEASE, relay_lease.c.holder == holder)
@@ -637,7 +719,7 @@ class OrderStore:
             finally:
                 batch.conn.close()
             return
-        with self.db.write() as conn:
+        with self._write() as conn:
             self._mark(conn, ids, order_ids)
 
     @staticmethod
