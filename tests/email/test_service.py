@@ -425,3 +425,47 @@ async def test_a_send_slower_than_the_lease_is_not_repeated(
     assert await dead_letters(aredis) == []
     assert await aredis.hget(ledger_key(101), "state") == b"sent"
     assert [e.type for e in await email_events(aredis)] == ["email.sent", "email.sent"]
+
+
+async def test_mark_sent_and_email_sent_share_one_transaction(
+    aredis: aioredis.Redis, smtp: SmtpFixture, make_service: ServiceFactory
+) -> None:
+    # The ledger's record and the email.sent entry go in ONE round trip (one script):
+    # counted by the server itself.
+    await publish_event(aredis, {**ALICE, "id": 301})
+    await publish_event(aredis, {**ALICE, "id": 302})
+    service = await make_service()
+    await aredis.config_resetstat()
+    stats = await run_burst(service)
+
+    assert stats.handled == 2
+    commands = await aredis.info("commandstats")
+    # Per email: the claim script and the mark-sent-and-append script, whose XADD is
+    # the only one (commandstats counts a script's own calls too).
+    assert commands["cmdstat_evalsha"]["calls"] == 4
+    assert commands["cmdstat_xadd"]["calls"] == 2
+    events = await email_events(aredis)
+    assert sorted(e.data["order_id"] for e in events) == [301, 302]
+    assert {e.type for e in events} == {"email.sent"}
+    for order_id in (301, 302):
+        assert await aredis.hget(ledger_key(order_id), "state") == b"sent"
+    assert len(smtp.handler.received) == 2
+    assert await pending_count(aredis) == 0
+
+
+async def test_the_event_never_exists_without_the_ledger_record(
+    aredis: aioredis.Redis, make_service: ServiceFactory
+) -> None:
+    service = await make_service()
+    ledger = service.ledger
+    assert await ledger.mark_sent_and_append(
+        401, "t", "<m>", "now", stream="email-events", fields=["data", "{}"]
+    ) == (False, (await aredis.xrange("email-events"))[-1][0].decode())
+    assert await aredis.hget(ledger_key(401), "state") == b"sent"
+    # The record cannot be written (a foreign value on its key): no event either.
+    await aredis.set(ledger_key(402), "not a hash")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await ledger.mark_sent_and_append(
+            402, "t", "<m>", "now", stream="email-events", fields=["data", "{}"]
+        )
+    assert await aredis.xlen("email-events") == 1

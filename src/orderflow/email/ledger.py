@@ -16,6 +16,7 @@ Every transition is one Lua script, so two workers can never both claim an order
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if rec[1] == 'sending' and rec[2] == ARGV[1] then return 1 end
 return 0
 """
+
+# KEYS[1] ledger key, KEYS[2] a stream; ARGV token, message id, at, ttl ms, then the
+# entry's field/value pairs. _MARK_SENT, then XADD the entry (the email.sent event):
+# the event is appended only once the record is written. Returns {mark, entry id}.
+_MARK_SENT_AND_APPEND = (
+    "local function mark()\n"
+    + _MARK_SENT
+    + "\nend\nlocal marked = mark()\n"
+    + "return {marked, redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}\n"
+)
 
 # KEYS[1]; ARGV token. Gives the order back after a failed send, so a retry needs not
 # wait for the lease to run out. Only the holder can release.
@@ -113,6 +124,7 @@ class EmailLedger:
             raise ValueError(f"sent_ttl_s must be positive, got {sent_ttl_s}")
         self.lease_ms = lease_ms
         self.sent_ttl_ms = sent_ttl_s * 1000
+        self._mark_sent_append = redis.register_script(_MARK_SENT_AND_APPEND)
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
         self._mark_sent = redis.register_script(_MARK_SENT)
@@ -140,6 +152,28 @@ class EmailLedger:
             keys=[ledger_key(order_id)], args=[token, message_id, at, self.sent_ttl_ms]
         )
         return int(reply) == 1
+
+    async def mark_sent_and_append(
+        self,
+        order_id: int,
+        token: str,
+        message_id: str,
+        at: str,
+        *,
+        stream: str,
+        fields: Sequence[bytes | str],
+    ) -> tuple[bool, str]:
+        """``mark_sent``, then XADD ``fields`` to ``stream``, in ONE script (one round
+        trip): the entry is appended only after the record is written, and never if
+        that fails. Returns ``mark_sent``'s answer and the new entry's id.
+
+        Both keys must live on one server: not for a cluster (different slots).
+        """
+        reply: Any = await self._mark_sent_append(
+            keys=[ledger_key(order_id), stream],
+            args=[token, message_id, at, self.sent_ttl_ms, *fields],
+        )
+        return int(reply[0]) == 1, _text(reply[1])
 
     async def release(self, order_id: int, token: str) -> bool:
         """Give the order back after a failed send; False if the caller did not hold it."""

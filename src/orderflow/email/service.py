@@ -31,7 +31,9 @@ from orderflow.bus import (
     StreamWorker,
     WorkerConfig,
     WorkerStats,
+    encode,
 )
+from orderflow.bus import metrics as bus_metrics
 from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
 from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
@@ -208,9 +210,15 @@ class EmailService:
             await self._release(order, token)
             raise
         at = _now()
-        await self._mark_sent(order, token, message_id, at)
-        metrics.SENT.inc()
-        await self._publish_sent(order, message_id, at)
+        if is_cluster(self._redis):
+            # The ledger key and the events stream live in different slots: two steps,
+            # the ledger first (and replicated) so the event never precedes the record.
+            await self._mark_sent(order, token, message_id, at)
+            metrics.SENT.inc()
+            await self._publish_sent(order, message_id, at)
+        else:
+            await self._mark_sent_and_publish(order, token, message_id, at)
+            metrics.SENT.inc()
 
     async def _claim(self, order: Order, token: str) -> Claim:
         """Claim the order; while another sender holds it, wait for its outcome."""
@@ -252,33 +260,45 @@ class EmailService:
 
     async def _send_holding_lease(self, order: Order, token: str, email: OutgoingEmail) -> None:
         """Send, renewing the order's lease while the send runs, so no one steals it."""
-        send = asyncio.ensure_future(self.sender.send(email))
+        # The send runs in the handler's own task; a timer starts a renewal only when
+        # a send outlasts a third of the lease (rare), so a fast send costs no extra
+        # task, future or wait set.
+        loop = asyncio.get_running_loop()
         interval = self.ledger.lease_ms / 3000
+        renewals: list[asyncio.Task[None]] = []
+        timers: list[asyncio.TimerHandle] = []
+
+        def renew_due() -> None:
+            if not renewals or renewals[-1].done():
+                renewals.append(asyncio.create_task(self._renew(order, token)))
+            timers[0] = loop.call_later(interval, renew_due)
+
+        timers.append(loop.call_later(interval, renew_due))
         started = time.perf_counter()
         try:
-            while True:
-                done, _ = await asyncio.wait({send}, timeout=interval)
-                if done:
-                    send.result()
-                    return
-                try:
-                    held = await self.ledger.renew(order.id, token)
-                except _REDIS_ERRORS as exc:
-                    log.warning("order %s: could not renew the send lease: %s", order.id, exc)
-                    continue
-                if not held:
-                    log.warning(
-                        "order %s: send lease lost while sending; another worker may send "
-                        "a duplicate (Message-ID %s)",
-                        order.id,
-                        self.renderer.message_id(order.id),
-                    )
+            await self.sender.send(email)
         finally:
+            timers[0].cancel()
             metrics.SEND_SECONDS.observe(time.perf_counter() - started)
-            if not send.done():
-                send.cancel()
+            for renewal in renewals:
+                if not renewal.done():
+                    renewal.cancel()
                 with contextlib.suppress(BaseException):
-                    await send
+                    await renewal
+
+    async def _renew(self, order: Order, token: str) -> None:
+        try:
+            held = await self.ledger.renew(order.id, token)
+        except _REDIS_ERRORS as exc:
+            log.warning("order %s: could not renew the send lease: %s", order.id, exc)
+            return
+        if not held:
+            log.warning(
+                "order %s: send lease lost while sending; another worker may send "
+                "a duplicate (Message-ID %s)",
+                order.id,
+                self.renderer.message_id(order.id),
+            )
 
     async def _mark_sent(self, order: Order, token: str, message_id: str, at: str) -> None:
         # SMTP accepted the email: recording it is what keeps a retry from sending it
@@ -303,6 +323,40 @@ class EmailService:
                 message_id,
             )
 
+    async def _mark_sent_and_publish(
+        self, order: Order, token: str, message_id: str, at: str
+    ) -> None:
+        """``_mark_sent`` and ``_publish_sent`` in one round trip (a single server)."""
+        event = Message.event(EMAIL_SENT, self._sent_data(order, message_id, at), source=SOURCE)
+        fields: list[bytes | str] = []
+        for key, value in encode(event).items():
+            fields += (key, value)
+        delay = 0.05
+        for attempt in range(12):
+            try:
+                held, _ = await self.ledger.mark_sent_and_append(
+                    order.id, token, message_id, at, stream=self.events_stream, fields=fields
+                )
+                break
+            except _REDIS_ERRORS as exc:
+                # As in _mark_sent. A retry after a lost reply may append the event twice;
+                # the Order Service records an outcome idempotently.
+                if attempt == 11:
+                    log.error("order %s: email sent but not recorded: %s", order.id, exc)
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        bus_metrics.PUBLISHED.labels(self.events_stream).inc()
+        # The publisher's retention (a trim check every so many entries) still applies.
+        await self.publisher._maybe_trim(self.events_stream, 1)
+        if not held:
+            log.warning(
+                "order %s: lease had expired before the send was recorded; a duplicate "
+                "may exist (Message-ID %s)",
+                order.id,
+                message_id,
+            )
+
     async def _release(self, order: Order, token: str) -> None:
         # Best effort: if Redis is away the lease simply runs out.
         try:
@@ -312,13 +366,17 @@ class EmailService:
 
     # -- outcome events ------------------------------------------------------------
 
-    async def _publish_sent(self, order: Order, message_id: str, at: str | None) -> None:
-        data = {
+    @staticmethod
+    def _sent_data(order: Order, message_id: str, at: str | None) -> dict[str, Any]:
+        return {
             "order_id": order.id,
             "email": order.email,
             "message_id": message_id,
             "at": at or _now(),
         }
+
+    async def _publish_sent(self, order: Order, message_id: str, at: str | None) -> None:
+        data = self._sent_data(order, message_id, at)
         await self.publisher.publish(
             self.events_stream, Message.event(EMAIL_SENT, data, source=SOURCE)
         )
