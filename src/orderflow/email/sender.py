@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -54,11 +55,19 @@ class PermanentSendError(SendError):
     permanent = True
 
 
+#: A last check before the SMTP transaction (the Email Service's "do I still own it?").
+Guard = Callable[[], Awaitable[None]]
+
+
 class Sender(Protocol):
     """The port through which the Email Service sends: one message, one recipient."""
 
-    async def send(self, email: OutgoingEmail) -> None:
-        """Deliver ``email`` to exactly its recipient; raise SendError on failure."""
+    async def send(self, email: OutgoingEmail, *, before_transaction: Guard | None = None) -> None:
+        """Deliver ``email`` to exactly its recipient; raise SendError on failure.
+
+        ``before_transaction`` is awaited once the connection is ready, just before the
+        SMTP transaction starts; whatever it raises aborts the send, unchanged.
+        """
         ...
 
     async def close(self) -> None:
@@ -191,10 +200,20 @@ class SmtpSender:
         # aiosmtplib would otherwise call socket.getfqdn(), a DNS lookup per connection.
         self._local_hostname = socket.gethostname() or "localhost"
 
-    async def send(self, email: OutgoingEmail) -> None:
-        """Send ``email`` to its one recipient (the envelope, not the headers, decides)."""
+    async def send(self, email: OutgoingEmail, *, before_transaction: Guard | None = None) -> None:
+        """Send ``email`` to its one recipient (the envelope, not the headers, decides).
+
+        ``before_transaction`` runs after connecting (which can take long), right before
+        MAIL FROM; an exception from it aborts the send as it is, nothing sent.
+        """
         async with self._slots:
             client, reused = await self._acquire()
+            if before_transaction is not None:
+                try:
+                    await before_transaction()
+                except BaseException:
+                    self._idle.append((client, asyncio.get_running_loop().time()))
+                    raise
             try:
                 await self._transaction(client, email)
             except asyncio.CancelledError:

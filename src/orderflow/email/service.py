@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -58,6 +59,11 @@ _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, Timeo
 
 class OrderBusy(Exception):
     """Another live sender holds the order's lease; retry later (it will likely send)."""
+
+
+class LeaseLost(OrderBusy):
+    """The order's lease ran out before the SMTP transaction (a frozen or very slow
+    worker); another sender may have it: do not send, retry later (it finds it sent)."""
 
 
 class EmailService:
@@ -276,7 +282,8 @@ class EmailService:
         timers.append(loop.call_later(interval, renew_due))
         started = time.perf_counter()
         try:
-            await self.sender.send(email)
+            guard = functools.partial(self._still_holding, order, token, time.monotonic())
+            await self.sender.send(email, before_transaction=guard)
         finally:
             timers[0].cancel()
             metrics.SEND_SECONDS.observe(time.perf_counter() - started)
@@ -298,6 +305,17 @@ class EmailService:
                 "a duplicate (Message-ID %s)",
                 order.id,
                 self.renderer.message_id(order.id),
+            )
+
+    async def _still_holding(self, order: Order, token: str, since: float) -> None:
+        """Just before the SMTP transaction: if the send has taken long enough for the
+        lease to be at risk (the process was frozen, the connection was slow), check that
+        it is still ours, renewing it. Costs nothing on a fast send."""
+        if time.monotonic() - since < self.ledger.lease_ms / 3000:
+            return
+        if not await self.ledger.renew(order.id, token):
+            raise LeaseLost(
+                f"order {order.id}: send lease lost before the SMTP transaction; not sending"
             )
 
     async def _mark_sent(self, order: Order, token: str, message_id: str, at: str) -> None:
