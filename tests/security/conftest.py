@@ -57,7 +57,7 @@ class AclRedis:
         finally:
             client.close()
         return [
-            f"{e['reason']} {e['object']} ({e.get('context')})"
+            f"{e['reason']} {e['object']} ({e.get('context')}: {str(e.get('client-info'))[-60:]})"
             for e in entries
             if e["username"] == user
         ]

@@ -198,3 +198,36 @@ def test_the_default_user_is_closed(acl: AclRedis) -> None:
             client.ping()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["competing", "ordered"])
+async def test_email_service_on_partitions_works_with_its_user(
+    acl: AclRedis, smtp: SmtpServer, tmp_path: Path, ordered: bool
+) -> None:
+    admin = acl.admin()
+    # Two partitions, recorded as a relay records them; one order in each.
+    admin.set("orderflow:partitions:{orders}", 2)
+    admin.xadd("{orders:0}", {"data": ORDER})
+    admin.xadd("{orders:1}", {"data": b'{"id":102,"email":"bob@example.com","total":5}'})
+    settings = Settings(
+        redis_url=SecretStr(acl.url("email-service")),
+        smtp_url=SecretStr(smtp.url),
+        data_dir=tmp_path,
+        claim_idle_ms=200,
+        ordered=ordered,
+    )
+    client = connect(acl.url("email-service"))
+    sender = SmtpSender(smtp.url)
+    service = EmailService(settings, client, sender, worker_options={"block_ms": 100})
+    task = asyncio.create_task(service.run())
+    try:
+        handler: CountingHandler = smtp.handler
+        await wait_until(lambda: handler.by_order[101] == 1 and handler.by_order[102] == 1)
+        await asyncio.sleep(0.5)  # leases renewed, membership refreshed meanwhile
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 10)
+        await sender.close()
+        await client.aclose()
+        admin.close()
+    assert acl.denials("email-service") == []
