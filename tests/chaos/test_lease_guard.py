@@ -8,16 +8,18 @@ it again. The Email Service now checks its lease once connected, before MAIL FRO
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender, ledger_key
-from orderflow.email.order import parse_order
+from orderflow.email.order import Order, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.embedded.smtp_sink import SmtpServer
 
@@ -63,7 +65,7 @@ async def test_a_slow_connect_checks_the_lease_before_sending(
     # the order and sends it (or nobody does, and the slow sender goes on).
     proxy = FaultProxy("127.0.0.1", smtp.port)
     await proxy.start()
-    proxy.latency_s = 0.6
+    proxy.latency_s = 0.25
     settings = Settings(
         redis_url=SecretStr(redis_url),
         smtp_url=SecretStr(proxy.url("smtp")),
@@ -95,3 +97,44 @@ async def test_a_slow_connect_checks_the_lease_before_sending(
         "max": None,
         "consumers": [],
     }
+
+
+async def test_a_worker_frozen_between_claim_and_send_does_not_send(
+    aredis: aioredis.Redis,
+    redis_url: str,
+    smtp: SmtpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by the SIGSTOP scenario once the check above existed: the check measured the
+    # lease from the start of the send, so a freeze between the claim and the send
+    # (here: inside render, which blocks the whole loop as SIGSTOP does) went unseen.
+    settings = Settings(
+        redis_url=SecretStr(redis_url),
+        smtp_url=SecretStr(smtp.url),
+        data_dir=tmp_path,
+        claim_idle_ms=300,
+        max_deliveries=3,
+    )
+    render = Renderer.render
+    other_worker = redis.Redis.from_url(redis_url)
+
+    def frozen_render(self: Renderer, order: Order) -> OutgoingEmail:
+        time.sleep(0.4)  # frozen past the lease; meanwhile another worker sent it:
+        other_worker.delete(ledger_key(order.id))
+        other_worker.hset(ledger_key(order.id), mapping={"state": "sent", "message_id": "<x>"})
+        return render(self, order)
+
+    monkeypatch.setattr(Renderer, "render", frozen_render)
+    sender = SmtpSender(smtp.url)
+    service = EmailService(
+        settings, aredis, sender, worker_options={"block_ms": 100, "retry_base_ms": 50}
+    )
+    await aredis.xadd("orders", {"data": b'{"id":8,"email":"a@example.com","total":1}'})
+    try:
+        await asyncio.wait_for(service.run(burst=True), 20)
+    finally:
+        await sender.close()
+        other_worker.close()
+    handler: CountingHandler = smtp.handler
+    assert handler.by_order[8] == 0

@@ -187,7 +187,7 @@ class EmailService:
 
     async def _deliver(self, order: Order, delivery: Delivery) -> None:
         token = f"{self.consumer}:{uuid.uuid4().hex}"
-        claim = await self._claim(order, token)
+        claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
             metrics.DUPLICATES.inc()
             log.debug("order %s: email already sent, not sending again", order.id)
@@ -198,7 +198,7 @@ class EmailService:
         message_id = self.renderer.message_id(order.id)
         try:
             email = self.renderer.render(order)
-            await self._send_holding_lease(order, token, email)
+            await self._send_holding_lease(order, token, email, leased_at)
         except SendError as exc:
             await self._release(order, token)
             if exc.permanent:
@@ -226,16 +226,23 @@ class EmailService:
             await self._mark_sent_and_publish(order, token, message_id, at)
             metrics.SENT.inc()
 
-    async def _claim(self, order: Order, token: str) -> Claim:
-        """Claim the order; while another sender holds it, wait for its outcome."""
+    async def _claim(self, order: Order, token: str) -> tuple[Claim, float]:
+        """Claim the order; while another sender holds it, wait for its outcome.
+
+        Also returns when the successful claim was asked for (monotonic): the lease
+        cannot run out before that time plus the lease, whatever happens meanwhile.
+        """
         deadline = time.monotonic() + self.ledger.lease_ms / 1000 + 1.0
         pause = 0.01
         while True:
+            # Taken before asking: a process frozen while the reply arrives must not
+            # believe its lease younger than it is.
+            asked = time.monotonic()
             claim = await self.ledger.claim(order.id, token)
             if claim.state is ClaimState.CLAIMED:
                 await self._replicated(order.id)
             if claim.state is not ClaimState.BUSY:
-                return claim
+                return claim, asked
             # Usually the other sender finishes within milliseconds (a duplicate entry
             # or a race); if it died, its lease runs out. Either way, waiting here is
             # cheaper than a retry through the bus, which could give up meanwhile.
@@ -264,7 +271,9 @@ class EmailService:
             # No replica (or a slow one): do not pay the timeout on every order.
             self._no_replica_until[node.name] = time.monotonic() + 10.0
 
-    async def _send_holding_lease(self, order: Order, token: str, email: OutgoingEmail) -> None:
+    async def _send_holding_lease(
+        self, order: Order, token: str, email: OutgoingEmail, leased_at: float
+    ) -> None:
         """Send, renewing the order's lease while the send runs, so no one steals it."""
         # The send runs in the handler's own task; a timer starts a renewal only when
         # a send outlasts a third of the lease (rare), so a fast send costs no extra
@@ -282,7 +291,7 @@ class EmailService:
         timers.append(loop.call_later(interval, renew_due))
         started = time.perf_counter()
         try:
-            guard = functools.partial(self._still_holding, order, token, time.monotonic())
+            guard = functools.partial(self._still_holding, order, token, leased_at)
             await self.sender.send(email, before_transaction=guard)
         finally:
             timers[0].cancel()
@@ -308,9 +317,10 @@ class EmailService:
             )
 
     async def _still_holding(self, order: Order, token: str, since: float) -> None:
-        """Just before the SMTP transaction: if the send has taken long enough for the
-        lease to be at risk (the process was frozen, the connection was slow), check that
-        it is still ours, renewing it. Costs nothing on a fast send."""
+        """Just before the SMTP transaction: if enough time has passed since the lease
+        was asked for (``since``) for it to be at risk (the process was frozen, the
+        connection was slow), check that it is still ours, renewing it. Costs nothing
+        on a fast send."""
         if time.monotonic() - since < self.ledger.lease_ms / 3000:
             return
         if not await self.ledger.renew(order.id, token):
