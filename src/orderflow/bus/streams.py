@@ -140,10 +140,11 @@ class StreamPublisher:
             replies = await send_commands(self._redis, commands[start : start + PIPELINE_CHUNK])
             ids.extend(_text(reply) for reply in replies)
         metrics.PUBLISHED.labels(stream).inc(len(ids))
-        await self._maybe_trim(stream, len(ids))
+        await self.appended(stream, len(ids))
         return ids
 
-    async def _maybe_trim(self, stream: str, added: int) -> None:
+    async def appended(self, stream: str, added: int) -> None:
+        """Count entries appended to ``stream`` by other means; trims when it is time."""
         if self.retention.maxlen is None:
             return
         count = self._since_trim.get(stream, 0) + added

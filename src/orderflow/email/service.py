@@ -376,7 +376,7 @@ class EmailService:
                 delay = min(delay * 2, 1.0)
         bus_metrics.PUBLISHED.labels(self.events_stream).inc()
         # The publisher's retention (a trim check every so many entries) still applies.
-        await self.publisher._maybe_trim(self.events_stream, 1)
+        await self.publisher.appended(self.events_stream, 1)
         if not held:
             log.warning(
                 "order %s: lease had expired before the send was recorded; a duplicate "
