@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from pydantic import SecretStr
 from orderflow.bus import connect
 from orderflow.config import Settings
 from orderflow.embedded.smtp_sink import SmtpServer
+from tests import support
 from tests.cluster.harness import LocalCluster
 from tests.email.conftest import RecordingHandler, SmtpFixture
 
@@ -23,17 +21,8 @@ from tests.email.conftest import RecordingHandler, SmtpFixture
 async def wait_until(
     predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05
 ) -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+    """``tests.support.wait_until`` with the longer patience a cluster needs."""
+    return await support.wait_until(predicate, timeout, interval)
 
 
 @pytest.fixture(scope="session")
