@@ -148,7 +148,7 @@ def test_whatever_the_api_accepts_the_email_service_accepts_and_renders(
     st.dictionaries(
         st.binary(max_size=12) | st.sampled_from([b"data", b"ce_id", b"ce_type"]),
         st.binary(max_size=200) | _json.map(_dumps),
-        max_size=40,
+        max_size=36,
     )
 )
 def test_any_stream_entry_decodes_or_raises_decode_error(fields: dict[bytes, bytes]) -> None:

@@ -54,12 +54,15 @@ async def test_redis_restarted_empty_every_order_still_emailed(
     )
     stack = await make_stack(persistent=False)
     await stack.start_api(reconcile_after_s="2")
-    for _ in range(2):
-        stack.start_worker()
+    workers = [stack.start_worker(), stack.start_worker()]
 
-    first = await stack.submit(list(range(1, half + 1)), rate=size(150, 300))
-    # Let part of the first half be emailed and confirmed, not all of it.
-    await wait_until(lambda: len(stack.handler.by_order) >= half // 2, timeout=60)
+    rate = size(150, 300)
+    submitting = asyncio.create_task(stack.submit(list(range(1, half + 1)), rate=rate))
+    # Mid-stream: some orders emailed and confirmed, some published and unread, some in
+    # flight. The workers die with Redis, so what was unread is gone with it.
+    await wait_until(lambda: len(stack.handler.by_order) >= half // 3, timeout=60)
+    for worker in workers:
+        worker.kill()
     stack.redis.kill()
     wiped_at = time.monotonic()
     await asyncio.sleep(0.5)  # confirmations in flight land, or fail for want of Redis
@@ -67,8 +70,11 @@ async def test_redis_restarted_empty_every_order_still_emailed(
     await asyncio.to_thread(stack.redis.start)  # no AOF: empty
     restarted_at = time.monotonic()
     assert await stack.redis_client.xlen("orders") == 0
+    for worker in workers:
+        stack.restart_worker(worker)
+    first = await submitting
 
-    second = await stack.submit(list(range(half + 1, 2 * half + 1)), rate=size(150, 300))
+    second = await stack.submit(list(range(half + 1, 2 * half + 1)), rate=rate)
     accepted = first + second
     await stack.settle(accepted, timeout=size(90, 300))
     result = await stack.account(accepted)

@@ -12,7 +12,9 @@ import httpx
 import pytest
 import redis
 from pydantic import SecretStr
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.retry import Retry
 
 from orderflow.bus import Message, StreamPublisher, connect
 from orderflow.cli import main
@@ -192,7 +194,8 @@ def test_each_user_is_refused_outside_its_keys_and_commands(
 
 
 def test_the_default_user_is_closed(acl: AclRedis) -> None:
-    client = redis.Redis(port=acl.server.port)
+    # No retries: redis-py would retry an authentication failure with backoff.
+    client = redis.Redis(port=acl.server.port, retry=Retry(NoBackoff(), 0))
     try:
         with pytest.raises(AuthenticationError):
             client.ping()
