@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         default=False,
         description="Email workers lease whole partitions: strict per-order order.",
     )
+    # With 5 deliveries, 1 s doubling to 60 s spans about 8–15 s before a dead letter;
+    # a shorter base dead-letters orders during an SMTP outage of a few seconds.
+    retry_base_ms: int = Field(default=1000, ge=1, description="First retry delay.")
+    retry_max_ms: int = Field(default=60_000, ge=1, description="Longest retry delay.")
 
     @field_validator("stream", "group", "email_events_stream", "orders_group", "channel")
     @classmethod

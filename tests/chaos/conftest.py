@@ -457,6 +457,8 @@ def stack_env(tmp: Path, redis_url: str, smtp_url: str) -> dict[str, str]:
         ORDERFLOW_DATA_DIR=str(tmp),
         ORDERFLOW_CLAIM_IDLE_MS="2000",
         ORDERFLOW_MAX_DELIVERIES="10",
+        # The backoff these scenarios were sized with (about 25–50 s of retries).
+        ORDERFLOW_RETRY_BASE_MS="200",
         ORDERFLOW_RECONCILE_AFTER_S="30",
     )
     return env

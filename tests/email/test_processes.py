@@ -37,6 +37,7 @@ def _env(redis_url: str, smtp_url: str, data_dir: Path) -> dict[str, str]:
         "ORDERFLOW_DATA_DIR": str(data_dir),
         "ORDERFLOW_CLAIM_IDLE_MS": "1000",
         "ORDERFLOW_MAX_DELIVERIES": "4",
+        "ORDERFLOW_RETRY_BASE_MS": "200",
     }
 
 

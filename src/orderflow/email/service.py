@@ -98,6 +98,8 @@ class EmailService:
             claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
             dlq_maxlen=settings.dlq_maxlen,
+            retry_base_ms=settings.retry_base_ms,
+            retry_max_ms=max(settings.retry_max_ms, settings.retry_base_ms),
         )
         if consumer is not None:
             config = replace(config, consumer=consumer)
