@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import random
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError
 from orderflow.bus import connect
 from orderflow.embedded.redis_server import RedisServer, free_port
 from orderflow.embedded.smtp_sink import SmtpServer
+from tests import support
 
 SOAK = os.environ.get("ORDERFLOW_SOAK", "") == "1"
 ORDERFLOW = str(Path(sys.executable).parent / "orderflow")
@@ -60,17 +60,8 @@ def size(quick: int, soak: int) -> int:
 async def wait_until(
     predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05
 ) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+    """``tests.support.wait_until`` with the patience a scenario with real processes needs."""
+    return await support.wait_until(predicate, timeout, interval)
 
 
 # -- the SMTP server that counts -------------------------------------------------------
