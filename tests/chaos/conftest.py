@@ -75,6 +75,8 @@ class Mail:
     rcpt_tos: list[str]
     raw: bytes
     at: float
+    #: The SMTP connection it came on (numbered in order of first message).
+    connection: int = 0
 
 
 @dataclass
@@ -84,6 +86,18 @@ class CountingHandler:
     mails: list[Mail] = field(default_factory=list)
     by_order: Counter[int] = field(default_factory=Counter)
     delay_s: float = 0.0
+    #: The server side of each connection that carried mail, by connection number.
+    connections: dict[int, SMTP] = field(default_factory=dict)
+    #: Connections whose client said QUIT (ended cleanly: it read every reply).
+    quit: set[int] = field(default_factory=set)
+    _numbers: dict[int, int] = field(default_factory=dict)
+
+    def _connection(self, server: SMTP) -> int:
+        number = self._numbers.get(id(server))
+        if number is None:
+            number = self._numbers[id(server)] = len(self._numbers) + 1
+            self.connections[number] = server
+        return number
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Record and answer 250."""
@@ -91,10 +105,40 @@ class CountingHandler:
             await asyncio.sleep(self.delay_s)
         raw = envelope.original_content or b""
         order_id = _order_id(raw)
-        self.mails.append(Mail(order_id, list(envelope.rcpt_tos), raw, time.monotonic()))
+        mail = Mail(order_id, list(envelope.rcpt_tos), raw, time.monotonic())
+        mail.connection = self._connection(server)
+        self.mails.append(mail)
         if order_id is not None:
             self.by_order[order_id] += 1
         return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Note a clean end of the connection."""
+        self.quit.add(self._connection(server))
+        return "221 Bye"
+
+    def connection_open(self, number: int) -> bool:
+        """True while connection ``number`` is still open."""
+        transport = self.connections[number].transport
+        return transport is not None and not transport.is_closing()
+
+    def after_on_connection(self, mail: Mail) -> int:
+        """How many messages came on ``mail``'s connection after it."""
+        return sum(1 for m in self.mails if m.connection == mail.connection and m.at > mail.at)
+
+    def cut_before_recorded(self, mail: Mail) -> bool:
+        """True if ``mail``'s connection ended without QUIT (its client was killed, or
+        the connection dropped) right after it: at most one more message followed, so
+        the client may never have read its 250, or died before recording it."""
+        return (
+            not self.connection_open(mail.connection)
+            and mail.connection not in self.quit
+            and self.after_on_connection(mail) <= 1
+        )
+
+    def first_copy(self, order_id: int) -> Mail:
+        """The first message accepted for ``order_id``."""
+        return next(m for m in self.mails if m.order_id == order_id)
 
 
 def _order_id(raw: bytes) -> int | None:
@@ -566,3 +610,35 @@ def render_reliability(records: list[dict[str, Any]]) -> str:
 def chaos_rng(seed: int = 7) -> random.Random:
     """A seeded random source, so a failing run can be replayed."""
     return random.Random(int(os.environ.get("ORDERFLOW_CHAOS_SEED", seed)))
+
+
+def write_duplicate_report(
+    stack: Stack, duplicates: dict[int, int], log: dict[str, list[float]]
+) -> Path:
+    """``test-artifacts/duplicates/<scenario>.json``: each duplicate's copies, when they
+    came relative to the faults in ``log`` and how their SMTP connection ended."""
+    handler = stack.handler
+    events = sorted((at, kind) for kind, times in log.items() for at in times)
+    rows = []
+    for order_id in sorted(duplicates):
+        copies = []
+        for mail in handler.mails:
+            if mail.order_id != order_id:
+                continue
+            before = [(round(mail.at - at, 3), kind) for at, kind in events if at <= mail.at]
+            after = [(round(at - mail.at, 3), kind) for at, kind in events if at > mail.at]
+            copies.append(
+                {
+                    "connection": mail.connection,
+                    "connection_open": handler.connection_open(mail.connection),
+                    "client_quit": mail.connection in handler.quit,
+                    "messages_after_on_connection": handler.after_on_connection(mail),
+                    "s_since_last_fault": before[-1] if before else None,
+                    "s_to_next_fault": after[0] if after else None,
+                }
+            )
+        rows.append({"order": order_id, "copies": copies})
+    out = Path("test-artifacts") / "duplicates" / f"{'soak' if SOAK else 'quick'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    return out
