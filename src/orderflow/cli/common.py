@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderflow.bus import connect, redact_url
 from orderflow.config import Settings, resolve_redis_url
+
+log = logging.getLogger(__name__)
+
+#: Longest pause between two attempts to reach Redis while waiting for it.
+MAX_CONNECT_BACKOFF_S = 5.0
+#: How often a service still waiting for Redis says so.
+WAITING_REPORT_S = 30.0
 
 
 class UsageError(ValueError):
@@ -30,19 +41,67 @@ def load_settings() -> Settings:
 
 
 @asynccontextmanager
-async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    """A connected client, or a CommandError naming the (redacted) URL."""
+async def redis_client(
+    settings: Settings, *, wait_unless: asyncio.Event | None = None
+) -> AsyncIterator[aioredis.Redis]:
+    """A connected client, or a CommandError naming the (redacted) URL.
+
+    A long-running service passes ``wait_unless`` (its stop event): then a Redis that
+    is down or still loading is waited for, with backoff, until it answers or the
+    event is set (the client is then yielded unconnected: check the event). A wrong
+    password, an ACL refusal or a certificate that fails verification is a
+    configuration error and fails at once either way.
+    """
     url = resolve_redis_url(settings)
     client = connect(url)
     try:
-        try:
-            await client.ping()
-        except (RedisConnectionError, OSError) as exc:
-            reason = describe_connection_error(exc)
-            raise CommandError(f"cannot reach Redis at {redact_url(url)}: {reason}") from None
+        await _reach(client, url, wait_unless)
         yield client
     finally:
         await client.aclose()
+
+
+async def _reach(client: aioredis.Redis, url: str, wait_unless: asyncio.Event | None) -> None:
+    delay = 0.1
+    started = time.monotonic()
+    reported = 0.0
+    while True:
+        try:
+            await client.ping()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            reason = describe_connection_error(exc)
+            if wait_unless is None or _is_configuration_error(exc):
+                raise CommandError(f"cannot reach Redis at {redact_url(url)}: {reason}") from None
+            waited = time.monotonic() - started
+            if not reported or waited - reported >= WAITING_REPORT_S:
+                reported = max(waited, 1e-9)
+                log.warning(
+                    "cannot reach Redis at %s (%s); waiting for it (%.0f s so far)",
+                    redact_url(url),
+                    reason,
+                    waited,
+                )
+            try:
+                await asyncio.wait_for(wait_unless.wait(), delay)
+                return
+            except TimeoutError:
+                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
+            continue
+        if reported:
+            log.warning(
+                "Redis at %s reachable after %.1f s", redact_url(url), time.monotonic() - started
+            )
+        return
+
+
+def _is_configuration_error(exc: BaseException) -> bool:
+    """Errors that waiting does not cure: credentials and TLS verification."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, AuthenticationError | ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 # OpenSSL's verification codes that mean "no trusted CA signed this certificate".

@@ -81,13 +81,16 @@ async def worker_command(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_port)
     smtp_url = resolve_smtp_url(settings)
     sender = SmtpSender(smtp_url, pool_size=min(args.concurrency, MAX_SMTP_POOL))
+    stop = asyncio.Event()
+    stop_on_signals(stop)
     try:
-        async with redis_client(settings) as client:
+        # A worker started before Redis (a reboot, a restarted container) waits for it.
+        async with redis_client(settings, wait_unless=stop) as client:
+            if stop.is_set():
+                return 0
             service = EmailService(
                 settings, client, sender, concurrency=args.concurrency, consumer=args.name
             )
-            stop = asyncio.Event()
-            stop_on_signals(stop)
             task = asyncio.create_task(service.run())
             await service.wait_started()
             print(
