@@ -15,6 +15,7 @@ from orderflow.email.sender import (
     SendError,
     SmtpConfig,
     SmtpSender,
+    SmtpUnreachable,
     TransientSendError,
     resolve_smtp_url,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Sender",
     "SmtpConfig",
     "SmtpSender",
+    "SmtpUnreachable",
     "TransientSendError",
     "ledger_key",
     "message_id_for",

@@ -49,6 +49,11 @@ class TransientSendError(SendError):
     """A failure that may pass: 4xx, connection refused or lost, timeout."""
 
 
+class SmtpUnreachable(TransientSendError):
+    """The SMTP server could not be reached or refused the session (connect, greeting,
+    TLS, login): nothing of this email was sent."""
+
+
 class PermanentSendError(SendError):
     """A failure no retry can fix: 5xx to this message, recipient refused."""
 
@@ -282,7 +287,10 @@ class SmtpSender:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise classify(exc) from exc
+            error = classify(exc)
+            if error.permanent:
+                raise error from exc
+            raise SmtpUnreachable(error.reason, code=error.code) from exc
         self.connections_opened += 1
         return client
 
