@@ -30,12 +30,40 @@ servers, or after deletions or a ``group reset``), it is counted on the server u
 (``at-least``); ``unknown`` (``lag`` null) only when even that failed. The age of the
 oldest pending entry is measured from the time in its id (when it was added), against
 the Redis server's clock; its idle time is since its last delivery.
+
+Partitions. Every operation takes a stream's logical name (``orders``) and finds the
+Redis streams it is made of from what is recorded in Redis (:func:`stream_partitions`):
+its partitions ``{orders:0}`` … when a partition count is recorded, else the single
+stream (``orders``; ``{orders}`` on a cluster). A name in braces (``{orders:3}``) names
+one Redis stream, as given. A stream of more than one partition is described by the
+sum over its partitions, with each partition under ``partitions`` (empty for a single
+stream)::
+
+    {
+      "name": "orders", "exists": true, "length": 9, ...,   # sums (see below)
+      "dead_letter_stream": "orders:dlq", "dead_letters": 2,
+      "groups": [{"name": "email-service", "pending": 3, "lag": 4, ...}],
+      "partitions": [{"name": "{orders:0}", "dead_letter_stream": "{orders:0}:dlq",
+                      "partitions": [], ...}, ...]
+    }
+
+In the sum: ``length``, ``memory_bytes``, ``entries_added`` and ``dead_letters`` add up;
+``first_entry_id`` is the oldest first entry, ``last_entry_id`` and
+``last_generated_id`` the newest; ``dead_letter_stream`` is the logical name (the real
+keys are each partition's). A group is summed over the partitions where it exists:
+``pending``, ``entries_read`` and ``lag`` add up (``lag`` null when one partition's is
+unknown; ``lag_source`` the least exact); ``last_delivered_id`` is the newest; the oldest
+pending entry (id, age, idle, consumer, deliveries) is the oldest of every partition;
+consumers are merged by name (``pending`` added up, ``idle_ms`` and ``inactive_ms`` the
+least). Dead letters of every partition are listed, replayed (each back to its own
+partition) and purged together; a group reset moves the group on every partition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -44,6 +72,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from orderflow.bus.keys import DLQ_SUFFIX, StreamKeys
+from orderflow.bus.partitions import recorded_layout, single_stream
 
 #: Most entries counted on the server when Redis does not report a group's lag.
 LAG_COUNT_LIMIT = 10_000
@@ -92,6 +121,10 @@ class OperationError(RuntimeError):
 
 class NoSuchGroup(OperationError):
     """The consumer group (or its stream) does not exist."""
+
+
+class AmbiguousDeadLetter(OperationError):
+    """A dead-letter id found in more than one partition: the operator must name one."""
 
 
 # -- ids, positions and names ----------------------------------------------------------
@@ -170,6 +203,36 @@ def dead_letter_stream(stream: str) -> str:
     return StreamKeys(stream).dlq
 
 
+# -- partitions ------------------------------------------------------------------------
+
+
+async def stream_partitions(redis: aioredis.Redis, stream: str) -> list[str]:
+    """The Redis streams that make up ``stream``, found from what Redis records; reads only.
+
+    A name in braces (``{orders:3}``) is one Redis stream, as given. Otherwise the
+    partition count recorded by the running components (:mod:`orderflow.bus.partitions`)
+    gives the partitions; with none recorded, the stream is a single one: ``stream`` on
+    a single server, ``{stream}`` on a cluster (so its dead letters share its slot).
+    """
+    StreamKeys(stream)
+    if stream.startswith("{"):
+        return [stream]
+    layout = await recorded_layout(redis, stream)
+    if layout is None:
+        return [single_stream(redis, stream)]
+    return layout.names
+
+
+async def dead_letter_streams(redis: aioredis.Redis, stream: str) -> list[str]:
+    """The dead-letter streams of source ``stream``, one per partition."""
+    dead_letter_stream(stream)
+    return [StreamKeys(name).dlq for name in await stream_partitions(redis, stream)]
+
+
+def _source_of(dlq: str) -> str:
+    return dlq[: -len(DLQ_SUFFIX)]
+
+
 # -- stream info -----------------------------------------------------------------------
 
 
@@ -217,6 +280,8 @@ class StreamInfo:
     dead_letter_stream: str
     dead_letters: int
     groups: list[GroupInfo] = field(default_factory=list)
+    #: Each partition of a stream of several partitions; empty for a single stream.
+    partitions: list[StreamInfo] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The stable JSON form documented in this module's docstring."""
@@ -226,12 +291,19 @@ class StreamInfo:
 async def stream_info(redis: aioredis.Redis, streams: Sequence[str]) -> list[StreamInfo]:
     """Describe each stream; a missing stream is reported with ``exists`` false.
 
+    A stream of several partitions is their sum, each partition in ``partitions``; a
+    single stream is reported under its Redis name (``{email-events}`` on a cluster).
     Raises ValueError for a bad stream name, OperationError for a key that is not a stream.
     """
     for name in streams:
         StreamKeys(name)
     now_ms = await _server_time_ms(redis)
-    return [await _one_stream_info(redis, name, now_ms) for name in streams]
+    infos = []
+    for name in streams:
+        parts = await stream_partitions(redis, name)
+        described = await asyncio.gather(*(_one_stream_info(redis, part, now_ms) for part in parts))
+        infos.append(described[0] if len(parts) == 1 else _summed_stream(name, described))
+    return infos
 
 
 async def _one_stream_info(redis: aioredis.Redis, name: str, now_ms: int) -> StreamInfo:
@@ -262,6 +334,79 @@ async def _one_stream_info(redis: aioredis.Redis, name: str, now_ms: int) -> Str
         dead_letters=dead_letters,
         groups=groups,
     )
+
+
+#: Lag sources from the most exact to the least.
+_LAG_SOURCES = ("redis", "counted", "at-least", "unknown")
+
+
+def _summed_stream(name: str, parts: list[StreamInfo]) -> StreamInfo:
+    existing = [p for p in parts if p.exists]
+    memory = [p.memory_bytes for p in existing if p.memory_bytes is not None]
+    added = [p.entries_added for p in existing if p.entries_added is not None]
+    groups: dict[str, list[GroupInfo]] = {}
+    for part in existing:
+        for group in part.groups:
+            groups.setdefault(group.name, []).append(group)
+    return StreamInfo(
+        name=name,
+        exists=bool(existing),
+        length=sum(p.length for p in existing),
+        memory_bytes=sum(memory) if memory else None,
+        first_entry_id=_oldest_id(p.first_entry_id for p in existing),
+        last_entry_id=_newest_id(p.last_entry_id for p in existing),
+        last_generated_id=_newest_id(p.last_generated_id for p in existing),
+        entries_added=sum(added) if existing and len(added) == len(existing) else None,
+        dead_letter_stream=StreamKeys(name).dlq,
+        dead_letters=sum(p.dead_letters for p in parts),
+        groups=[_summed_group(group, same) for group, same in groups.items()],
+        partitions=parts,
+    )
+
+
+def _summed_group(name: str, same: list[GroupInfo]) -> GroupInfo:
+    lags = [g.lag for g in same if g.lag is not None]
+    reads = [g.entries_read for g in same if g.entries_read is not None]
+    with_pending = [g for g in same if g.oldest_pending_id is not None]
+    oldest = min(with_pending, key=lambda g: _id_key(g.oldest_pending_id or "0"), default=None)
+    consumers: dict[str, ConsumerInfo] = {}
+    for consumer in (c for g in same for c in g.consumers):
+        seen = consumers.get(consumer.name)
+        if seen is None:
+            consumers[consumer.name] = consumer
+            continue
+        inactive = [v for v in (seen.inactive_ms, consumer.inactive_ms) if v is not None]
+        consumers[consumer.name] = ConsumerInfo(
+            name=consumer.name,
+            pending=seen.pending + consumer.pending,
+            idle_ms=min(seen.idle_ms, consumer.idle_ms),
+            inactive_ms=min(inactive) if inactive else None,
+        )
+    lag = sum(lags) if len(lags) == len(same) else None
+    return GroupInfo(
+        name=name,
+        pending=sum(g.pending for g in same),
+        last_delivered_id=_newest_id(g.last_delivered_id for g in same) or "0-0",
+        entries_read=sum(reads) if len(reads) == len(same) else None,
+        lag=lag,
+        lag_source="unknown"
+        if lag is None
+        else max((g.lag_source for g in same), key=_LAG_SOURCES.index),
+        oldest_pending_id=oldest.oldest_pending_id if oldest else None,
+        oldest_pending_age_ms=oldest.oldest_pending_age_ms if oldest else None,
+        oldest_pending_idle_ms=oldest.oldest_pending_idle_ms if oldest else None,
+        oldest_pending_consumer=oldest.oldest_pending_consumer if oldest else None,
+        oldest_pending_deliveries=oldest.oldest_pending_deliveries if oldest else None,
+        consumers=list(consumers.values()),
+    )
+
+
+def _oldest_id(ids: Iterable[str | None]) -> str | None:
+    return min((i for i in ids if i is not None), key=_id_key, default=None)
+
+
+def _newest_id(ids: Iterable[str | None]) -> str | None:
+    return max((i for i in ids if i is not None), key=_id_key, default=None)
 
 
 async def _group_info(
@@ -330,9 +475,11 @@ async def _lag(
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One dead letter: why it failed, and the original entry's fields."""
+    """One dead letter: where it is, why it failed, and the original entry's fields."""
 
     id: str
+    #: The Redis stream holding it (a partition's own on a partitioned stream).
+    dead_letter_stream: str
     source_stream: str | None
     source_id: str | None
     group: str | None
@@ -357,42 +504,83 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetterCount:
+    """How many dead letters one partition's dead-letter stream holds."""
+
+    dead_letter_stream: str
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetterPage:
-    """The first dead letters of a stream, and how many there are in all."""
+    """The first dead letters of a stream, and how many there are in all.
+
+    For a stream of several partitions, ``dead_letter_stream`` is the logical name,
+    ``entries`` the oldest of every partition merged (by id, so by time) and
+    ``partitions`` each partition's count; ``partitions`` is empty for a single stream.
+    """
 
     stream: str
     dead_letter_stream: str
     total: int
     entries: list[DeadLetter]
+    partitions: list[DeadLetterCount] = field(default_factory=list)
 
 
 async def list_dead_letters(
     redis: aioredis.Redis, stream: str, *, limit: int = 20
 ) -> DeadLetterPage:
-    """The oldest ``limit`` dead letters of source ``stream``."""
+    """The oldest ``limit`` dead letters of source ``stream``, over all its partitions."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    dlq = dead_letter_stream(stream)
-    total = await _stream_length(redis, dlq)
-    rows: Any = await redis.xrange(dlq, "-", "+", count=limit) if total else []
-    return DeadLetterPage(stream, dlq, total, [_dead_letter(i, f) for i, f in rows])
+    dlqs = await dead_letter_streams(redis, stream)
+    totals = await asyncio.gather(*(_stream_length(redis, dlq) for dlq in dlqs))
+    rows: list[tuple[str, bytes, Mapping[bytes, bytes]]] = []
+    for dlq, total in zip(dlqs, totals, strict=True):
+        if total:
+            found: Any = await redis.xrange(dlq, "-", "+", count=limit)
+            rows.extend((dlq, raw_id, fields) for raw_id, fields in found)
+    # Stable: dead letters with the same id in two partitions stay in partition order.
+    rows.sort(key=lambda row: _id_key(_text(row[1])))
+    entries = [_dead_letter(dlq, raw_id, fields) for dlq, raw_id, fields in rows[:limit]]
+    if len(dlqs) == 1:
+        return DeadLetterPage(stream, dlqs[0], totals[0], entries)
+    counts = [DeadLetterCount(d, t) for d, t in zip(dlqs, totals, strict=True)]
+    return DeadLetterPage(stream, StreamKeys(stream).dlq, sum(totals), entries, counts)
 
 
 @dataclass(slots=True)
 class ReplayResult:
-    """What a replay did: dead-letter id → new id in its source stream, and what failed."""
+    """What a replay did: dead-letter id → new id in its source stream, and what failed.
+
+    ``count`` is how many moved; on a partitioned stream two partitions may hold a dead
+    letter of the same id, which ``replayed`` then shows once.
+    """
 
     replayed: dict[str, str] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    count: int = 0
 
 
 ProgressCallback = Callable[[int], None]
 
 
 async def count_dead_letters(redis: aioredis.Redis, stream: str) -> int:
-    """How many dead letters source ``stream`` has."""
-    return await _stream_length(redis, dead_letter_stream(stream))
+    """How many dead letters source ``stream`` has, over all its partitions."""
+    dlqs = await dead_letter_streams(redis, stream)
+    return sum(await asyncio.gather(*(_stream_length(redis, dlq) for dlq in dlqs)))
+
+
+async def dead_letter_snapshot(redis: aioredis.Redis, stream: str) -> dict[str, str]:
+    """The newest dead letter of each dead-letter stream of ``stream`` that has one: the
+    bound that ``purge_all_dead_letters(snapshot=…)`` keeps to."""
+    snapshot = {}
+    for dlq in await dead_letter_streams(redis, stream):
+        newest: Any = await redis.xrevrange(dlq, "+", "-", count=1)
+        if newest:
+            snapshot[dlq] = _text(newest[0][0])
+    return snapshot
 
 
 async def replay_dead_letters(
@@ -408,28 +596,94 @@ async def replay_dead_letters(
     and it is deleted from the dead letters in one step. With ``ids`` None, only the
     dead letters present at the start are replayed, so one that fails again and comes
     back is not replayed in a loop. ``progress`` is called with the number done so far.
+
+    On a partitioned stream each dead letter goes back to its own partition (the one
+    whose dead-letter stream holds it); an id found in two partitions raises
+    :class:`AmbiguousDeadLetter` before anything moves.
     """
-    dlq = dead_letter_stream(stream)
-    if ids is not None:
-        return await _replay_ids(
-            redis, stream, dlq, _unique(parse_entry_id(i) for i in ids), progress
-        )
-    result = ReplayResult()
-    newest: Any = await redis.xrevrange(dlq, "+", "-", count=1)
-    if not newest:
-        return result
-    end = _text(newest[0][0])
-    cursor = "-"
+    dlqs = await dead_letter_streams(redis, stream)
+    if len(dlqs) == 1:
+        (dlq,) = dlqs
+        # The entry's own dlq_stream says where it came from; else this stream.
+        source = stream if dlq == StreamKeys(stream).dlq else _source_of(dlq)
+        if ids is not None:
+            wanted = _unique(parse_entry_id(i) for i in ids)
+            return await _replay_ids(redis, source, dlq, wanted, progress)
+        ends = await dead_letter_snapshot(redis, stream)
+        return await _replay_all(redis, {dlq: source}, ends, progress, partitioned=False)
+    targets = {dlq: _source_of(dlq) for dlq in dlqs}
+    if ids is None:
+        ends = await dead_letter_snapshot(redis, stream)
+        return await _replay_all(redis, targets, ends, progress, partitioned=True)
+    located, unknown = await _locate(redis, dlqs, _unique(parse_entry_id(i) for i in ids))
+    result = ReplayResult(unknown=unknown)
     done = 0
-    while True:
-        rows: Any = await redis.xrange(dlq, cursor, end, count=BATCH_SIZE)
-        if not rows:
-            return result
-        await _replay_rows(redis, stream, dlq, rows, result)
-        done += len(rows)
-        if progress is not None:
-            progress(done)
-        cursor = "(" + _text(rows[-1][0])
+    for dlq, rows in located.items():
+        for start in range(0, len(rows), BATCH_SIZE):
+            batch = rows[start : start + BATCH_SIZE]
+            await _replay_rows(redis, targets[dlq], dlq, batch, result, partitioned=True)
+            done += len(batch)
+            if progress is not None:
+                progress(done)
+    return result
+
+
+async def _replay_all(
+    redis: aioredis.Redis,
+    targets: Mapping[str, str],
+    ends: Mapping[str, str],
+    progress: ProgressCallback | None,
+    *,
+    partitioned: bool,
+) -> ReplayResult:
+    result = ReplayResult()
+    done = 0
+    for dlq, end in ends.items():
+        cursor = "-"
+        while True:
+            rows: Any = await redis.xrange(dlq, cursor, end, count=BATCH_SIZE)
+            if not rows:
+                break
+            await _replay_rows(redis, targets[dlq], dlq, rows, result, partitioned=partitioned)
+            done += len(rows)
+            if progress is not None:
+                progress(done)
+            cursor = "(" + _text(rows[-1][0])
+    return result
+
+
+async def _locate(
+    redis: aioredis.Redis, dlqs: Sequence[str], wanted: Sequence[str]
+) -> tuple[dict[str, list[tuple[bytes, Mapping[bytes, bytes]]]], list[str]]:
+    """Which dead-letter stream holds each id; ids held by none are returned apart."""
+    located: dict[str, list[tuple[bytes, Mapping[bytes, bytes]]]] = {}
+    unknown: list[str] = []
+    ambiguous: list[str] = []
+    for start in range(0, len(wanted), BATCH_SIZE):
+        batch = wanted[start : start + BATCH_SIZE]
+        pipe = redis.pipeline(transaction=False)
+        for entry_id in batch:
+            for dlq in dlqs:
+                pipe.xrange(dlq, entry_id, entry_id)
+        found = await pipe.execute()
+        for index, entry_id in enumerate(batch):
+            replies = found[index * len(dlqs) : (index + 1) * len(dlqs)]
+            hits = [(dlq, hit[0]) for dlq, hit in zip(dlqs, replies, strict=True) if hit]
+            if not hits:
+                unknown.append(entry_id)
+            elif len(hits) > 1:
+                where = " and ".join(dlq for dlq, _ in hits)
+                partitions = " or ".join(repr(_source_of(dlq)) for dlq, _ in hits)
+                ambiguous.append(f"{entry_id} is in {where} (--stream {partitions})")
+            else:
+                dlq, row = hits[0]
+                located.setdefault(dlq, []).append(row)
+    if ambiguous:
+        raise AmbiguousDeadLetter(
+            "dead letter " + "; ".join(ambiguous) + ": name the partition with --stream; "
+            "nothing was done"
+        )
+    return located, unknown
 
 
 async def _replay_ids(
@@ -452,7 +706,7 @@ async def _replay_ids(
                 rows.append(hit[0])
             else:
                 result.unknown.append(entry_id)
-        await _replay_rows(redis, stream, dlq, rows, result)
+        await _replay_rows(redis, stream, dlq, rows, result, partitioned=False)
         if progress is not None:
             progress(start + len(batch))
     return result
@@ -464,13 +718,17 @@ async def _replay_rows(
     dlq: str,
     rows: Sequence[tuple[bytes, Mapping[bytes, bytes]]],
     result: ReplayResult,
+    *,
+    partitioned: bool,
 ) -> None:
     if not rows:
         return
     pipe = redis.pipeline(transaction=False)
     for raw_id, fields in rows:
+        source = stream
         raw_source = fields.get(b"dlq_stream")
-        source = raw_source.decode(errors="replace") if raw_source else stream
+        if raw_source and not partitioned:
+            source = raw_source.decode(errors="replace")
         pipe.eval(_REPLAY_SCRIPT, 2, dlq, source, raw_id)
     replies = await pipe.execute(raise_on_error=False)
     for (raw_id, _fields), reply in zip(rows, replies, strict=True):
@@ -482,6 +740,7 @@ async def _replay_rows(
             result.unknown.append(entry_id)
         else:
             result.replayed[entry_id] = _text(reply)
+            result.count += 1
 
 
 @dataclass(slots=True)
@@ -493,20 +752,29 @@ class PurgeResult:
 
 
 async def last_dead_letter_id(redis: aioredis.Redis, stream: str) -> str | None:
-    """The id of the newest dead letter of ``stream``, or None when there is none."""
-    newest: Any = await redis.xrevrange(dead_letter_stream(stream), "+", "-", count=1)
-    return _text(newest[0][0]) if newest else None
+    """The id of the newest dead letter of ``stream`` (of all its partitions), or None."""
+    return _newest_id((await dead_letter_snapshot(redis, stream)).values())
 
 
 async def purge_dead_letters(redis: aioredis.Redis, stream: str, ids: Sequence[str]) -> PurgeResult:
-    """Delete the given dead letters of source ``stream``; unknown ids are reported."""
-    dlq = dead_letter_stream(stream)
+    """Delete the given dead letters of source ``stream``; unknown ids are reported.
+
+    On a partitioned stream each id is looked for in every partition; one found in two
+    raises :class:`AmbiguousDeadLetter` before anything is deleted.
+    """
+    dlqs = await dead_letter_streams(redis, stream)
     wanted = _unique(parse_entry_id(i) for i in ids)
     result = PurgeResult()
+    targets = [(dlqs[0], entry_id) for entry_id in wanted]
+    if len(dlqs) > 1:
+        located, result.unknown = await _locate(redis, dlqs, wanted)
+        targets = [(dlq, _text(row[0])) for dlq, rows in located.items() for row in rows]
+    if not targets:
+        return result
     pipe = redis.pipeline(transaction=False)
-    for entry_id in wanted:
+    for dlq, entry_id in targets:
         pipe.xdel(dlq, entry_id)
-    for entry_id, deleted in zip(wanted, await pipe.execute(), strict=True):
+    for (_dlq, entry_id), deleted in zip(targets, await pipe.execute(), strict=True):
         if int(deleted):
             result.deleted += 1
         else:
@@ -515,21 +783,33 @@ async def purge_dead_letters(redis: aioredis.Redis, stream: str, ids: Sequence[s
 
 
 async def purge_all_dead_letters(
-    redis: aioredis.Redis, stream: str, *, up_to: str | None = None
+    redis: aioredis.Redis,
+    stream: str,
+    *,
+    up_to: str | None = None,
+    snapshot: Mapping[str, str] | None = None,
 ) -> PurgeResult:
-    """Delete every dead letter of ``stream`` up to id ``up_to`` (default: the newest now).
+    """Delete every dead letter of ``stream`` up to a bound (default: the newest now).
 
-    Dead letters added after ``up_to`` (e.g. while an operator confirmed) are kept.
+    ``snapshot`` (from :func:`dead_letter_snapshot`) bounds each dead-letter stream by
+    its own newest id; ``up_to`` bounds every one by the same id. Dead letters added
+    after the bound (e.g. while an operator confirmed) are kept.
     """
-    dlq = dead_letter_stream(stream)
-    if up_to is None:
-        up_to = await last_dead_letter_id(redis, stream)
+    dlqs = await dead_letter_streams(redis, stream)
+    if snapshot is None:
         if up_to is None:
-            return PurgeResult()
-    ms, _, seq = parse_entry_id(up_to).partition("-")
-    after = f"{ms}-{int(seq) + 1}" if int(seq) < MAX_ID_PART else f"{int(ms) + 1}-0"
-    deleted = await cast(Any, redis).execute_command("XTRIM", dlq, "MINID", after)
-    return PurgeResult(deleted=int(deleted))
+            snapshot = await dead_letter_snapshot(redis, stream)
+        else:
+            snapshot = dict.fromkeys(dlqs, up_to)
+    strays = [dlq for dlq in snapshot if dlq not in dlqs]
+    if strays:
+        raise ValueError(f"{', '.join(strays)} is not a dead-letter stream of {stream!r}")
+    deleted = 0
+    for dlq, last in snapshot.items():
+        ms, _, seq = parse_entry_id(last).partition("-")
+        after = f"{ms}-{int(seq) + 1}" if int(seq) < MAX_ID_PART else f"{int(ms) + 1}-0"
+        deleted += int(await cast(Any, redis).execute_command("XTRIM", dlq, "MINID", after))
+    return PurgeResult(deleted=deleted)
 
 
 # -- group reset -----------------------------------------------------------------------
@@ -537,7 +817,7 @@ async def purge_all_dead_letters(
 
 @dataclass(frozen=True, slots=True)
 class GroupReset:
-    """A group moved: where it was, where it is, and what stays pending."""
+    """A group moved on one Redis stream: where it was, where it is, what stays pending."""
 
     stream: str
     group: str
@@ -547,31 +827,87 @@ class GroupReset:
     lag: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class GroupResets:
+    """A group moved on every partition of a stream (one reset for a single stream)."""
+
+    stream: str
+    group: str
+    resets: list[GroupReset]
+    #: Partitions where the group does not exist (yet): left as they are.
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def pending(self) -> int:
+        """Entries still pending, over every partition."""
+        return sum(r.pending for r in self.resets)
+
+    @property
+    def lag(self) -> int | None:
+        """Entries to deliver after the reset, over every partition; None if unknown."""
+        lags = [r.lag for r in self.resets if r.lag is not None]
+        return sum(lags) if len(lags) == len(self.resets) else None
+
+
 async def reset_group(
     redis: aioredis.Redis, stream: str, group: str, position: Position
-) -> GroupReset:
-    """Set the group's last delivered id (``XGROUP SETID``); pending entries stay pending.
+) -> GroupResets:
+    """Set the group's last delivered id (``XGROUP SETID``) on every partition of ``stream``.
 
-    Raises NoSuchGroup when the stream or the group does not exist, ValueError when the
-    position is past the stream's newest entry.
+    Pending entries stay pending. Everything is checked before anything moves: raises
+    NoSuchGroup when the group exists on no partition (or the single stream), ValueError
+    when the position is past the newest entry of every partition. An entry id or time
+    past one partition's newest entry (but not every partition's) puts that partition's
+    group at its newest entry. Partitions move one after the other, not atomically.
     """
     StreamKeys(stream)
-    before = await _find_group(redis, stream, group)
+    parts = await stream_partitions(redis, stream)
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    missing: list[str] = []
+    for name in parts:
+        try:
+            found.append((name, await _find_group(redis, name, group)))
+        except NoSuchGroup:
+            if len(parts) == 1:
+                raise
+            missing.append(name)
+    if not found:
+        raise NoSuchGroup(f"no group {group!r} on any of the {len(parts)} partitions of {stream!r}")
+    targets = await _reset_targets(redis, stream, [name for name, _ in found], position)
+    resets = [
+        await _move_group(redis, name, group, before, target)
+        for (name, before), target in zip(found, targets, strict=True)
+    ]
+    return GroupResets(stream, group, resets, missing)
+
+
+async def _reset_targets(
+    redis: aioredis.Redis, stream: str, names: Sequence[str], position: Position
+) -> list[str]:
     target = position.id
-    if target not in ("0", "$"):
+    if target in ("0", "$"):
+        return [target] * len(names)
+    infos: list[Mapping[str, Any]] = [await redis.xinfo_stream(name) for name in names]
+    newest_each = [_text(info["last-generated-id"]) for info in infos]
+    newest = max(newest_each, key=_id_key)
+    if _id_key(target) > _id_key(newest):
         # Redis accepts an id past the stream's end, and the group would then skip
         # every entry added until that id's time: refuse it (a past time past the
         # newest entry is the end, as Kafka clamps offsets).
-        info: Mapping[str, Any] = await redis.xinfo_stream(stream)
-        newest = _text(info["last-generated-id"])
-        if _id_key(target) > _id_key(newest):
-            now_ms = await _server_time_ms(redis)
-            if position.time_ms is None or position.time_ms > now_ms:
-                raise ValueError(
-                    f"--to {position.description} is after the newest entry of {stream!r} "
-                    f"({newest}); use 'end' to skip to the end"
-                )
-            target = newest
+        now_ms = await _server_time_ms(redis)
+        if position.time_ms is None or position.time_ms > now_ms:
+            where = stream if len(names) == 1 else f"any partition of {stream}"
+            raise ValueError(
+                f"--to {position.description} is after the newest entry of {where!r} "
+                f"({newest}); use 'end' to skip to the end"
+            )
+    # Past a partition's own newest entry (but in the past): that partition's end.
+    return [min(target, last, key=_id_key) for last in newest_each]
+
+
+async def _move_group(
+    redis: aioredis.Redis, stream: str, group: str, before: Mapping[str, Any], target: str
+) -> GroupReset:
     try:
         await redis.xgroup_setid(stream, group, target)
     except ResponseError as exc:
@@ -619,7 +955,7 @@ def _escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def _dead_letter(raw_id: bytes, raw_fields: Mapping[bytes, bytes]) -> DeadLetter:
+def _dead_letter(dlq: str, raw_id: bytes, raw_fields: Mapping[bytes, bytes]) -> DeadLetter:
     meta: dict[str, str] = {}
     original: dict[str, str] = {}
     for key, value in raw_fields.items():
@@ -631,6 +967,7 @@ def _dead_letter(raw_id: bytes, raw_fields: Mapping[bytes, bytes]) -> DeadLetter
     deliveries = meta.get("dlq_deliveries")
     return DeadLetter(
         id=_text(raw_id),
+        dead_letter_stream=dlq,
         source_stream=meta.get("dlq_stream"),
         source_id=meta.get("dlq_source_id"),
         group=meta.get("dlq_group"),
@@ -688,10 +1025,15 @@ def _opt_text(value: object) -> str | None:
 
 
 async def record_stream_metrics(redis: aioredis.Redis, streams: Sequence[str]) -> None:
-    """Set the stream, group-lag, pending and dead-letter gauges from Redis, now."""
+    """Set the stream, group-lag, pending and dead-letter gauges from Redis, now.
+
+    Labelled by Redis stream: a partitioned stream's gauges are its partitions'
+    (``{orders:0}`` …), so that a sum over the label is the stream's total.
+    """
     from orderflow.bus import metrics
 
-    for info in await stream_info(redis, streams):
+    described = await stream_info(redis, streams)
+    for info in (part for whole in described for part in whole.partitions or [whole]):
         metrics.STREAM_LENGTH.labels(info.name).set(info.length)
         metrics.DEAD_LETTERS.labels(info.name).set(info.dead_letters)
         for group in info.groups:

@@ -119,6 +119,18 @@ async def _recorded(redis: Any, stream: str) -> int | None:
     return int(raw)
 
 
+async def recorded_layout(redis: aioredis.Redis, stream: str) -> PartitionLayout | None:
+    """The partitions of ``stream`` as recorded in Redis, or None when none are; writes nothing.
+
+    For operator commands, which must find the partitions without being told the count
+    and must not record one themselves.
+    """
+    recorded = await _recorded(redis, stream)
+    if recorded is None:
+        return None
+    return PartitionLayout(stream, recorded, tagged=is_cluster(redis))
+
+
 async def resolve_layout(
     redis: aioredis.Redis, stream: str, requested: int | None = None
 ) -> PartitionLayout:

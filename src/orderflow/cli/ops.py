@@ -7,11 +7,18 @@ missing group, an unknown dead-letter id or an unusable key to exit 1.
 ``--json`` output (stable keys):
 
 - ``streams info``: ``{"redis": <URL, password redacted>, "streams": [<StreamInfo>...]}``,
-  each stream as documented in :mod:`orderflow.operations`.
+  each stream as documented in :mod:`orderflow.operations`; a partitioned stream is the
+  sum of its partitions with each partition under ``partitions`` (empty otherwise).
 - ``dlq list``: ``{"stream", "dead_letter_stream", "total", "entries": [{"id",
-  "source_stream", "source_id", "group", "consumer", "reason", "deliveries", "time",
-  "fields", "preview"}]}``, oldest first; ``fields`` are the original fields (bytes that
-  are not UTF-8 escaped as ``\\xNN``), ``preview`` one printable line of the payload.
+  "dead_letter_stream", "source_stream", "source_id", "group", "consumer", "reason",
+  "deliveries", "time", "fields", "preview"}], "partitions": [{"dead_letter_stream",
+  "total"}]}``, oldest first (over every partition); ``fields`` are the original fields
+  (bytes that are not UTF-8 escaped as ``\\xNN``), ``preview`` one printable line of the
+  payload. ``partitions`` is empty for a single stream; for a partitioned one it counts
+  each partition's dead letters, and the top ``dead_letter_stream`` is the logical name.
+
+Every command finds a stream's partitions from the count recorded in Redis; a partition
+is named alone with ``--stream '{orders:3}'``.
 """
 
 from __future__ import annotations
@@ -196,14 +203,24 @@ async def streams_info_command(args: argparse.Namespace) -> int:
         print(json.dumps({"redis": url, "streams": [i.to_json() for i in infos]}, indent=2))
         return 0
     console = _console()
-    console.print(_streams_table(infos, url))
-    groups = [(i, g) for i in infos for g in i.groups]
+    rows = [(label, i) for whole in infos for label, i in _with_partitions(whole)]
+    console.print(_streams_table(rows, url))
+    groups = [(label, i, g) for label, i in rows for g in i.groups]
     if groups:
         console.print(_groups_table(groups))
-    consumers = [(i, g, c) for i, g in groups for c in g.consumers]
+    # Consumers serve every partition: shown once per stream, merged over partitions.
+    consumers = [(i, g, c) for i in infos for g in i.groups for c in g.consumers]
     if consumers:
         console.print(_consumers_table(consumers))
     return 0
+
+
+def _with_partitions(info: ops.StreamInfo) -> list[tuple[str, ops.StreamInfo]]:
+    """A stream's table rows: itself, then its partitions (indented) when it has some."""
+    if not info.partitions:
+        return [(info.name, info)]
+    whole = f"{info.name} (Σ {len(info.partitions)} partitions)"
+    return [(whole, info), *((f"  {p.name}", p) for p in info.partitions)]
 
 
 def _table(
@@ -235,15 +252,15 @@ def _table(
     return table
 
 
-def _streams_table(infos: Sequence[ops.StreamInfo], url: str) -> Table:
+def _streams_table(infos: Sequence[tuple[str, ops.StreamInfo]], url: str) -> Table:
     rows: list[Sequence[str | Text]] = []
-    for info in infos:
+    for label, info in infos:
         if not info.exists:
-            rows.append([info.name, "-", "-", "(no such stream)", "-", str(info.dead_letters)])
+            rows.append([label, "-", "-", "(no such stream)", "-", str(info.dead_letters)])
             continue
         rows.append(
             [
-                info.name,
+                label,
                 str(info.length),
                 _size(info.memory_bytes),
                 info.first_entry_id or "-",
@@ -260,9 +277,9 @@ def _streams_table(infos: Sequence[ops.StreamInfo], url: str) -> Table:
     )
 
 
-def _groups_table(groups: Sequence[tuple[ops.StreamInfo, ops.GroupInfo]]) -> Table:
+def _groups_table(groups: Sequence[tuple[str, ops.StreamInfo, ops.GroupInfo]]) -> Table:
     rows = []
-    for info, group in groups:
+    for label, _info, group in groups:
         oldest = "-"
         if group.oldest_pending_age_ms is not None:
             oldest = f"{_duration(group.oldest_pending_age_ms)} old"
@@ -270,7 +287,7 @@ def _groups_table(groups: Sequence[tuple[ops.StreamInfo, ops.GroupInfo]]) -> Tab
                 oldest += f", idle {_duration(group.oldest_pending_idle_ms)}"
         rows.append(
             [
-                info.name,
+                label,
                 group.name,
                 _lag(group),
                 str(group.pending),
@@ -368,15 +385,22 @@ async def dlq_list_command(args: argparse.Namespace) -> int:
             "dead_letter_stream": page.dead_letter_stream,
             "total": page.total,
             "entries": [entry.to_json() for entry in page.entries],
+            "partitions": [
+                {"dead_letter_stream": p.dead_letter_stream, "total": p.total}
+                for p in page.partitions
+            ],
         }
         print(json.dumps(document, indent=2))
         return 0
     console = _console()
+    where = _dlq_place(page)
     if not page.entries:
-        console.print(f"no dead letters in {page.dead_letter_stream}", markup=False)
+        console.print(f"no dead letters in {where}", markup=False)
         return 0
-    rows = [
-        [
+    headers = ["id", "source id", "reason", "deliveries", "time", "payload"]
+    rows = []
+    for entry in page.entries:
+        row = [
             entry.id,
             entry.source_id or "-",
             ops.preview(entry.reason or "-", 60),
@@ -384,14 +408,18 @@ async def dlq_list_command(args: argparse.Namespace) -> int:
             _short_time(entry.time),
             entry.preview,
         ]
-        for entry in page.entries
-    ]
+        if page.partitions:
+            # Ids are per partition: the same id may be in two of them.
+            row.insert(1, entry.dead_letter_stream)
+        rows.append(row)
+    if page.partitions:
+        headers.insert(1, "dead-letter stream")
     table = _table(
-        f"Dead letters in {page.dead_letter_stream} (oldest first)",
-        ["id", "source id", "reason", "deliveries", "time", "payload"],
+        f"Dead letters in {where} (oldest first)",
+        headers,
         rows,
         right=["deliveries"],
-        whole=["id", "source id", "deliveries"],
+        whole=["id", "dead-letter stream", "source id", "deliveries"],
     )
     console.print(table)
     if page.total > len(page.entries):
@@ -401,25 +429,39 @@ async def dlq_list_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dlq_place(page: ops.DeadLetterPage) -> str:
+    if not page.partitions:
+        return page.dead_letter_stream
+    return f"{page.dead_letter_stream} ({len(page.partitions)} partitions)"
+
+
+def _dlq_names(dlqs: Sequence[str]) -> str:
+    """The dead-letter streams of a command's messages: one name, or how many."""
+    if len(dlqs) == 1:
+        return dlqs[0]
+    return f"{len(dlqs)} partitions ({dlqs[0]} … {dlqs[-1]})"
+
+
 async def dlq_replay_command(args: argparse.Namespace) -> int:
-    """Republish dead letters to their source stream, each moved atomically."""
+    """Republish dead letters to their source stream (partition), each moved atomically."""
     ids = _ids_or_all(args, "replay")
     settings = load_settings()
     stream = _dlq_source(args, settings)
-    dlq = StreamKeys(stream).dlq
     async with redis_client(settings) as client:
         with _operation_errors():
+            where = _dlq_names(await ops.dead_letter_streams(client, stream))
             total = len(ids) if ids is not None else await ops.count_dead_letters(client, stream)
             with _progress(total) as advance:
                 result = await ops.replay_dead_letters(client, stream, ids, progress=advance)
     for entry_id in result.unknown:
         print(
-            f"orderflow: no dead letter {entry_id} in {dlq}; nothing done for it", file=sys.stderr
+            f"orderflow: no dead letter {entry_id} in {where}; nothing done for it",
+            file=sys.stderr,
         )
     for entry_id, why in result.failed.items():
         print(f"orderflow: could not replay {entry_id}: {why}", file=sys.stderr)
-    count = len(result.replayed)
-    print(f"replayed {count} dead letter{'' if count == 1 else 's'} from {dlq}")
+    count = result.count
+    print(f"replayed {count} dead letter{'' if count == 1 else 's'} from {where}")
     return 1 if result.unknown or result.failed else 0
 
 
@@ -449,28 +491,29 @@ async def dlq_purge_command(args: argparse.Namespace) -> int:
         raise UsageError("dlq purge --all deletes every dead letter: add --yes to confirm")
     settings = load_settings()
     stream = _dlq_source(args, settings)
-    dlq = StreamKeys(stream).dlq
     async with redis_client(settings) as client:
         with _operation_errors():
+            where = _dlq_names(await ops.dead_letter_streams(client, stream))
             if ids is not None:
                 result = await ops.purge_dead_letters(client, stream, ids)
             else:
                 count = await ops.count_dead_letters(client, stream)
-                # Only what exists now is purged, so entries arriving while the
-                # operator reads the question are kept.
-                up_to = await ops.last_dead_letter_id(client, stream)
-                if up_to is None:
-                    print(f"no dead letters in {dlq}")
+                # Only what exists now is purged (each partition up to its newest now),
+                # so entries arriving while the operator reads the question are kept.
+                snapshot = await ops.dead_letter_snapshot(client, stream)
+                if not snapshot:
+                    print(f"no dead letters in {where}")
                     return 0
-                if not args.yes and not _confirm(f"Delete all {count} dead letters in {dlq}?"):
+                if not args.yes and not _confirm(f"Delete all {count} dead letters in {where}?"):
                     print("nothing purged")
                     return 1
-                result = await ops.purge_all_dead_letters(client, stream, up_to=up_to)
+                result = await ops.purge_all_dead_letters(client, stream, snapshot=snapshot)
     for entry_id in result.unknown:
         print(
-            f"orderflow: no dead letter {entry_id} in {dlq}; nothing done for it", file=sys.stderr
+            f"orderflow: no dead letter {entry_id} in {where}; nothing done for it",
+            file=sys.stderr,
         )
-    print(f"purged {result.deleted} dead letter{'' if result.deleted == 1 else 's'} from {dlq}")
+    print(f"purged {result.deleted} dead letter{'' if result.deleted == 1 else 's'} from {where}")
     return 1 if result.unknown else 0
 
 
@@ -486,7 +529,10 @@ def _confirm(question: str) -> bool:
 
 
 async def group_reset_command(args: argparse.Namespace) -> int:
-    """Move a group's last delivered id to an id, a time, the beginning or the end."""
+    """Move a group's last delivered id to an id, a time, the beginning or the end.
+
+    On a partitioned stream the group moves on every partition (where it exists).
+    """
     group = args.group
     if not group or any(ch.isspace() for ch in group):
         raise UsageError(f"GROUP {group!r} must be non-empty, without spaces")
@@ -498,15 +544,31 @@ async def group_reset_command(args: argparse.Namespace) -> int:
     stream = _check_stream(args.stream or settings.stream)
     async with redis_client(settings) as client:
         with _operation_errors():
-            reset = await ops.reset_group(client, stream, group, position)
-    lag = "an unknown number of" if reset.lag is None else str(reset.lag)
-    print(
-        f"group {group} on {stream}: last delivered id {reset.previous_id} → {reset.new_id} "
-        f"({position.description}); {lag} entries to deliver"
-    )
-    if reset.pending:
+            done = await ops.reset_group(client, stream, group, position)
+    lag = "an unknown number of" if done.lag is None else str(done.lag)
+    if len(done.resets) == 1 and not done.missing:
+        (reset,) = done.resets
         print(
-            f"{reset.pending} pending entries stay pending "
+            f"group {group} on {reset.stream}: last delivered id {reset.previous_id} → "
+            f"{reset.new_id} ({position.description}); {lag} entries to deliver"
+        )
+    else:
+        for reset in done.resets:
+            part_lag = "?" if reset.lag is None else str(reset.lag)
+            print(
+                f"  {reset.stream}: {reset.previous_id} → {reset.new_id}; "
+                f"{part_lag} entries to deliver"
+            )
+        for name in done.missing:
+            print(f"  {name}: no group {group} there, left as it is")
+        moved = len(done.resets)
+        print(
+            f"group {group} on {stream}: moved on {moved} of {moved + len(done.missing)} "
+            f"partitions to {position.description}; {lag} entries to deliver"
+        )
+    if done.pending:
+        print(
+            f"{done.pending} pending entries stay pending "
             "(claimed by consumers after the idle timeout)"
         )
     return 0
