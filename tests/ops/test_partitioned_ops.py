@@ -76,7 +76,7 @@ def test_info_describes_every_partition_and_their_sum(cli: Cli, sync_redis: redi
     # group audit exists on partition 1 only; 1 dead letter in partitions 0 and 2 each.
     sync_redis.xreadgroup(GROUP, "c1", {NAMES[0]: ">"}, count=2)
     sync_redis.xreadgroup(GROUP, "c1", {NAMES[2]: ">"}, count=1)
-    first = sync_redis.xrange(NAMES[0], count=1)[0][0]
+    first: Any = sync_redis.xrange(NAMES[0], count=1)[0][0]
     sync_redis.xack(NAMES[0], GROUP, first)
     sync_redis.xgroup_create(NAMES[1], "audit", id="0")
     sync_redis.xreadgroup(GROUP, "c2", {NAMES[1]: ">"}, count=1)
