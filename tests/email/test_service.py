@@ -300,7 +300,7 @@ async def test_utf8_address_needs_smtputf8(
 
 @pytest.mark.slow
 @pytest.mark.chaos
-async def test_smtp_down_for_a_while_then_up_delivers_every_email_once(
+async def test_smtp_down_holds_sends_without_spending_deliveries_then_sends_each_once(
     aredis: aioredis.Redis,
     smtp: SmtpFixture,
     settings: Settings,
@@ -308,29 +308,73 @@ async def test_smtp_down_for_a_while_then_up_delivers_every_email_once(
 ) -> None:
     # A warm pooled connection first, so the outage also breaks open connections.
     await publish_event(aredis, {"id": 1, "email": "first@example.com", "total": 1})
+    # Two deliveries only: without the gate, the outage would dead-letter every order.
     service = await make_service(
-        settings.model_copy(update={"max_deliveries": 50}), retry_max_ms=300
+        settings.model_copy(update={"max_deliveries": 2}), concurrency=8, batch_size=10
     )
+    service.gate.base_s = service.gate.max_s = 0.05
     task = asyncio.create_task(service.run())
     await wait_until(lambda: len(smtp.handler.received) == 1)
 
     await smtp.down()
-    orders = [{"id": n, "email": f"u{n}@example.com", "total": n} for n in range(2, 22)]
+    orders = [{"id": n, "email": f"u{n}@example.com", "total": n} for n in range(2, 52)]
     for order in orders:
         await publish_event(aredis, order)
-    # Every order has failed at least once against the dead server.
-    await wait_until(lambda: service.worker.stats.retried >= len(orders), timeout=10)
+    await wait_until(lambda: service.gate.is_open)
+    assert REGISTRY.get_sample_value("orderflow_email_smtp_reachable") == 0
+    # Probed again and again, well past two deliveries' worth of failures.
+    await wait_until(lambda: service.gate.probes >= 10)
+    assert await dead_letters(aredis) == []
+    assert [e.type for e in await email_events(aredis)] == ["email.sent"]  # order 1 only
+    assert service.worker.stats.retried == 0
+    # Consumption paused: the worker read no more than it may hold (2 × max(8, 10)),
+    # and none of those was delivered a second time.
+    pending = await aredis.xpending_range("orders", "email-service", "-", "+", 100)
+    assert 1 <= len(pending) <= 20 < len(orders)
+    assert all(p["times_delivered"] == 1 for p in pending)
+
     await smtp.up()
     await wait_until(lambda: len(smtp.handler.received) == 1 + len(orders), timeout=15)
     await wait_until(_no_pending(aredis), timeout=10)
+    assert not service.gate.is_open
+    assert REGISTRY.get_sample_value("orderflow_email_smtp_reachable") == 1
     service.stop()
     await asyncio.wait_for(task, 10)
 
     ids = sorted(r.message["Message-ID"] for r in smtp.handler.received)
-    assert ids == sorted(f"<order-{n}@orderflow.localhost>" for n in range(1, 22))
+    assert ids == sorted(f"<order-{n}@orderflow.localhost>" for n in range(1, 52))
     assert await dead_letters(aredis) == []
     sent = [e for e in await email_events(aredis) if e.type == "email.sent"]
-    assert sorted(e.data["order_id"] for e in sent) == list(range(1, 22))
+    assert sorted(e.data["order_id"] for e in sent) == list(range(1, 52))
+
+
+async def test_stopping_during_an_smtp_outage_returns_promptly_leaving_entries_pending(
+    aredis: aioredis.Redis, smtp: SmtpFixture, make_service: ServiceFactory
+) -> None:
+    await smtp.down()
+    for n in range(1, 4):
+        await publish_event(aredis, {"id": n, "email": f"u{n}@example.com", "total": n})
+    service = await make_service()
+    task = asyncio.create_task(service.run())
+    await wait_until(lambda: service.gate.is_open)
+    await wait_until(lambda: _pending_is(aredis, 3))
+
+    service.stop()
+    # Well before the worker's shutdown timeout (10 s): held sends are let go.
+    await asyncio.wait_for(task, 5)
+    assert smtp.handler.received == []
+    assert await dead_letters(aredis) == []
+    assert await pending_count(aredis) == 3
+    # Nothing is left claimed in the ledger: the next worker sends them.
+    for n in range(1, 4):
+        assert not await aredis.exists(ledger_key(n))
+
+
+def _pending_is(redis: aioredis.Redis, count: int) -> Any:
+    async def check() -> bool:
+        return await pending_count(redis) == count
+
+    return check
 
 
 def _no_pending(redis: aioredis.Redis) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 SENT = Counter("orderflow_emails_sent_total", "Confirmation emails accepted by SMTP.")
 FAILED = Counter(
@@ -22,3 +22,8 @@ SEND_SECONDS = Histogram(
     "Time one SMTP send took, successful or not.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+SMTP_REACHABLE = Gauge(
+    "orderflow_email_smtp_reachable",
+    "1 while the SMTP server answers; 0 while sends are held (consumption paused) until it does.",
+)
+SMTP_REACHABLE.set(1)

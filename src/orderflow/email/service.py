@@ -39,10 +39,11 @@ from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
 from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
 from orderflow.email import metrics
+from orderflow.email.gate import SmtpGate
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
 from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
-from orderflow.email.sender import Sender, SendError
+from orderflow.email.sender import Sender, SendError, SmtpUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class EmailService:
         self.settings = settings
         self.sender = sender
         self.renderer = Renderer(settings.mail_from)
+        #: Holds sends (and so consumption) while the SMTP server cannot be reached.
+        self.gate = SmtpGate()
         # The lease is the ledger's twin of the bus's claim timeout: a sender silent
         # for that long is presumed dead in both places, so its order and its entry
         # become available again at about the same time.
@@ -167,6 +170,7 @@ class EmailService:
     def stop(self) -> None:
         """Stop reading; in-flight sends finish and are acknowledged."""
         self._stop_requested = True
+        self.gate.release()
         self.worker.stop()
 
     # -- handling one entry --------------------------------------------------------
@@ -185,9 +189,11 @@ class EmailService:
             if exc.order_id is not None:
                 await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
             raise PermanentError(exc.reason) from None
-        await self._deliver(order, delivery)
+        await self.gate.run(functools.partial(self._deliver, order, delivery))
 
     async def _deliver(self, order: Order, delivery: Delivery) -> None:
+        """Claim, send, record. Raises SmtpUnreachable (nothing sent, the lease given
+        back) for the gate to hold the delivery until SMTP answers."""
         token = f"{self.consumer}:{uuid.uuid4().hex}"
         claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
@@ -203,6 +209,8 @@ class EmailService:
             await self._send_holding_lease(order, token, email, leased_at)
         except SendError as exc:
             await self._release(order, token)
+            if isinstance(exc, SmtpUnreachable) and not self._stop_requested:
+                raise
             if exc.permanent:
                 metrics.FAILED.labels("rejected").inc()
                 await self._publish_failed(order.id, order.email, exc.reason, message_id)
