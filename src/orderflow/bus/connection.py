@@ -7,7 +7,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import (
+    ClusterPipeline,
+    PipelineCommand,
+    RedisCluster,
+    TransactionStrategy,
+)
+from redis.exceptions import RedisClusterException
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -20,6 +26,47 @@ def validate_url(url: str) -> str:
             f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// or unix://"
         )
     return url
+
+
+class _QueuedTransaction(TransactionStrategy):
+    """A cluster MULTI/EXEC whose commands are only queued until ``execute()``.
+
+    redis-py 8.1's async cluster transaction runs every queued command in a new thread
+    with its own event loop (``asyncio.run``) to find its slot, and blocks the caller's
+    loop until it is done. When the client must refresh its slot map (at start, and
+    after any connection error: a master killed), that thread runs the refresh on its
+    throwaway loop: it fails with "bound to a different event loop" when the real
+    loop is refreshing too, and otherwise freezes every task of the process for as
+    long as the refresh takes (a dead node's connect timeout). Here the slots are found
+    in ``execute()``, on the caller's loop. WATCH is not supported (orderflow uses none).
+    """
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watching or args[0] in self.IMMEDIATE_EXECUTE_COMMANDS:
+            raise RedisClusterException(f"{args[0]} is not supported in this transaction")
+        self._command_queue.append(PipelineCommand(len(self._command_queue), *args, **kwargs))
+        return self._pipe
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self._pipe.cluster_client
+        if client._initialize:
+            await client.initialize()
+        for command in self._command_queue:
+            self._pipeline_slots.add(await client._determine_slot(*command.args))
+        return await super().execute(raise_on_error, allow_redirections)
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's asyncio ``RedisCluster``, with transactions that stay on the event loop."""
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        """A pipeline; with ``transaction``, one MULTI/EXEC on one slot (see _QueuedTransaction)."""
+        pipe = super().pipeline(transaction, shard_hint)
+        if transaction:
+            pipe._execution_strategy = _QueuedTransaction(pipe)
+        return pipe
 
 
 #: URL -> whether it names a Redis Cluster node, as found by the first connect.
@@ -42,7 +89,7 @@ def connect(url: str, **options: Any) -> aioredis.Redis:
         # on connections to a node that just died and fails with an AttributeError.
         options.pop("health_check_interval", None)
         # A cluster client is not a Redis subclass but answers the same commands.
-        return cast(aioredis.Redis, RedisCluster.from_url(url, decode_responses=False, **options))
+        return cast(aioredis.Redis, ClusterClient.from_url(url, decode_responses=False, **options))
     return aioredis.Redis.from_url(url, decode_responses=False, **options)
 
 
