@@ -6,9 +6,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orderflow.config import ConfigError
 from orderflow.email import InvalidOrder, Renderer, parse_order
+from orderflow.email.order import validate_address
 
 BASE: dict[str, Any] = {"id": 101, "email": "alice@example.com", "total": 100}
 
@@ -153,3 +157,65 @@ def test_message_id_is_deterministic_per_order() -> None:
 def test_bad_mail_from_is_a_config_error(mail_from: str) -> None:
     with pytest.raises(ConfigError, match="MAIL_FROM"):
         Renderer(mail_from)
+
+
+# -- the address check's fast path ----------------------------------------------------
+
+_ADDRESS_CHARS = "aZ09._+-@!#'\"é ()[]:\\"
+
+
+def _full_check(value: str) -> tuple[str, str | None] | str:
+    try:
+        validated = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        return str(exc)
+    return validated.normalized, validated.ascii_email
+
+
+def _fast_check(value: str) -> tuple[str, str | None] | str:
+    try:
+        return validate_address(value)
+    except EmailNotValidError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.com",
+        "Alice.Smith+tag@Example.COM",
+        "a-b_c@sub.example.co.uk",
+        "customer0000123@example.com",
+        "x" * 64 + "@example.com",
+        "x" * 65 + "@example.com",  # local part too long
+        "a..b@example.com",
+        ".a@example.com",
+        "a.@example.com",
+        "a@localhost",  # no dot: not a public domain
+        "a@example.invalid",  # special-use domain
+        "a@-example.com",
+        "a@example..com",
+        "a@123.456",
+        "a@" + "d" * 250 + ".com",  # too long
+        "ünï@exämple.com",
+        "alice@exämple.com",
+        '"quoted"@example.com',
+        "a@[127.0.0.1]",
+        "@example.com",
+        "alice@",
+        "alice",
+    ],
+)
+def test_fast_address_check_agrees_with_email_validator(value: str) -> None:
+    assert _fast_check(value) == _full_check(value)
+
+
+@given(
+    st.text(alphabet=_ADDRESS_CHARS, max_size=20),
+    st.sampled_from(["example.com", "Example.ORG", "a-b.co", "localhost", "x.invalid", "é.com"]),
+)
+def test_fast_address_check_agrees_with_email_validator_on_any_address(
+    local: str, domain: str
+) -> None:
+    value = f"{local}@{domain}"
+    assert _fast_check(value) == _full_check(value)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 
 from orderflow.embedded.redis_server import RedisServer
+from orderflow.orders import api as orders_api
 
 from .conftest import Api, make_settings, order_body, running_api, stream_events
 
@@ -255,3 +260,160 @@ async def test_openapi_documents_the_order_body(api: Api) -> None:
     schema = (await api.client.get("/openapi.json")).json()
     body = schema["paths"]["/orders"]["post"]["requestBody"]["content"]["application/json"]
     assert set(body["schema"]["required"]) == {"email", "total"}
+
+
+# -- POST /orders: the lean ASGI path and the FastAPI route answer alike ---------------
+
+
+def _route_only(api: Api) -> httpx.AsyncClient:
+    """A client on the app's FastAPI stack alone, past OrderServiceApp's lean path."""
+
+    async def fastapi_app(scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(api.app, scope, receive, send)
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=fastapi_app), base_url=BASE)
+
+
+BASE = "http://orders.test"
+_VOLATILE = ("id", "created_at", "email", "instance")
+
+
+def _comparable(response: httpx.Response) -> tuple[Any, ...]:
+    body = response.json()
+    for key in _VOLATILE:
+        body.pop(key, None)
+    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+    headers.pop("location", None)
+    return response.status_code, headers, body
+
+
+_REQUESTS: list[tuple[str, dict[str, str], Any]] = [
+    ("created", {}, order_body(7, items=[{"name": "mug", "quantity": 2, "price": "1.50"}])),
+    ("client id", {}, order_body(11, id=4242)),
+    ("not JSON media", {"content-type": "text/plain"}, order_body(8)),
+    ("+json media", {"content-type": "application/merge-patch+json"}, order_body(9)),
+    ("invalid JSON", {}, b"{nope"),
+    ("not an object", {}, b"[1, 2]"),
+    ("duplicate keys", {}, b'{"email": "a@example.com", "email": "b@example.com", "total": 1}'),
+    ("invalid fields", {}, {"email": "nobody", "total": "-1", "extra": 1}),
+    ("empty key", {"idempotency-key": ""}, order_body(10)),
+    ("too big", {}, b'{"email": "' + b"x" * 70_000 + b'"}'),
+]
+
+
+@pytest.mark.parametrize(("case", "headers", "body"), _REQUESTS, ids=[r[0] for r in _REQUESTS])
+async def test_lean_path_answers_as_the_fastapi_route(
+    api: Api, monkeypatch: pytest.MonkeyPatch, case: str, headers: dict[str, str], body: Any
+) -> None:
+    lean_calls: list[str] = []
+    lean_path = orders_api._post_orders
+
+    async def counted(*args: Any) -> None:
+        lean_calls.append(case)
+        await lean_path(*args)
+
+    monkeypatch.setattr(orders_api, "_post_orders", counted)
+    async with _route_only(api) as route:
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        headers = {"content-type": "application/json", **headers}
+        lean = await api.client.post("/orders", content=content, headers=headers)
+        assert lean_calls == [case]
+        if not isinstance(body, bytes) and "id" in body:
+            content = orjson.dumps({**body, "id": body["id"] + 1000})
+        reference = await route.post("/orders", content=content, headers=headers)
+        assert lean_calls == [case]  # the FastAPI route answered, not the lean path
+    assert _comparable(lean) == _comparable(reference)
+    if lean.status_code >= 400:
+        assert lean.json()["instance"] == "/orders"
+        assert lean.headers["content-type"] == "application/problem+json"
+
+
+async def test_lean_path_replays_and_conflicts_as_the_fastapi_route(api: Api) -> None:
+    async with _route_only(api) as route:
+        for client, key in ((api.client, "lean"), (route, "route")):
+            first = await client.post(
+                "/orders", json=order_body(1), headers={"Idempotency-Key": key}
+            )
+            again = await client.post(
+                "/orders", json=order_body(1), headers={"Idempotency-Key": key}
+            )
+            other = await client.post(
+                "/orders", json=order_body(2), headers={"Idempotency-Key": key}
+            )
+            assert first.status_code == again.status_code == 201
+            assert "idempotent-replayed" not in first.headers
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.json() == first.json()
+            assert again.headers["location"] == f"/orders/{first.json()['id']}"
+            assert other.status_code == 409
+            assert other.json()["type"] == "urn:orderflow:problem:conflict"
+    assert (await api.counts())["orders"] == 2
+
+
+async def test_lean_path_answers_503_when_the_database_fails(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(*_: Any, **__: Any) -> Any:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(api.runtime.writer, "create", failing)
+    async with _route_only(api) as route:
+        lean = await api.post(order_body(1))
+        reference = await route.post("/orders", json=order_body(1))
+    assert lean.status_code == 503
+    assert _comparable(lean) == _comparable(reference)
+
+
+async def _asgi_post(api: Api, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """POST /orders straight through ASGI, the body in ``messages``; what was sent back."""
+    sent: list[dict[str, Any]] = []
+    inbox = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await api.app(scope, receive, send)
+    return sent
+
+
+async def test_lean_path_reads_a_body_in_chunks(api: Api) -> None:
+    body = orjson.dumps(order_body(3))
+    chunks = [body[i : i + 5] for i in range(0, len(body), 5)]
+    sent = await _asgi_post(
+        api,
+        [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+        + [{"type": "http.request", "body": b"", "more_body": False}],
+    )
+    assert sent[0]["status"] == 201
+    assert orjson.loads(sent[1]["body"])["email"] == "buyer3@example.com"
+
+
+async def test_lean_path_refuses_a_chunked_body_over_the_limit(api: Api) -> None:
+    chunk = {"type": "http.request", "body": b" " * 10_000, "more_body": True}
+    sent = await _asgi_post(api, [chunk] * 7)
+    assert sent[0]["status"] == 422
+    assert orjson.loads(sent[1]["body"])["errors"] == [
+        {"field": "body", "message": "is over 65536 bytes"}
+    ]
+    assert (await api.counts())["orders"] == 0
+
+
+async def test_lean_path_stores_nothing_when_the_client_goes_away(api: Api) -> None:
+    sent = await _asgi_post(
+        api,
+        [
+            {"type": "http.request", "body": b'{"email": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ],
+    )
+    assert sent == []
+    assert (await api.counts())["orders"] == 0

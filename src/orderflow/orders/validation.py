@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 import orjson
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from orderflow.email.order import validate_address
 from orderflow.orders.schema import MAX_ORDER_ID
 
 #: Largest accepted request body.
@@ -138,18 +139,12 @@ class OrderRequest(BaseModel):
     def _email(cls, value: str) -> str:
         _no_control(value)
         try:
-            # No display names, no quoted local parts: nothing that could smuggle
-            # another address or a header into the confirmation email.
-            result = validate_email(
-                value,
-                check_deliverability=False,
-                allow_display_name=False,
-                allow_quoted_local=False,
-                allow_domain_literal=False,
-            )
+            # The Email Service's own check (so an order taken here is never refused
+            # there): no display names, no quoted local parts, no domain literals,
+            # nothing that could smuggle another address or a header into the email.
+            return validate_address(value)[0]
         except EmailNotValidError as exc:
             raise ValueError(f"is not a valid email address: {exc}") from None
-        return result.normalized
 
     @field_validator("currency")
     @classmethod
