@@ -142,3 +142,20 @@ def test_untrusted_server_is_refused_with_a_clear_error(
     assert "TLS" in err
     assert reason in err
     assert "Traceback" not in err
+
+
+def test_email_worker_does_not_wait_for_a_server_it_cannot_trust(
+    tls_redis: TlsRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    # A worker waits for a Redis that is down, but a certificate that fails verification
+    # is a configuration error: it exits 1 at once, saying why.
+    monkeypatch.setenv("ORDERFLOW_REDIS_URL", tls_redis.url(ca=tls_redis.other_ca))
+    monkeypatch.setenv("ORDERFLOW_SMTP_URL", "smtp://127.0.0.1:2525")
+    monkeypatch.setenv("ORDERFLOW_DATA_DIR", str(tmp_path))
+    assert main(["email", "worker"]) == 1
+    err = capsys.readouterr().err
+    assert "not signed by a trusted CA" in err
+    assert "waiting for it" not in err
