@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from decimal import Decimal
 
 import orjson
@@ -16,6 +18,7 @@ from orderflow.bus.message import (
     Message,
     decode,
     decode_data,
+    decode_entry,
     encode,
 )
 
@@ -55,30 +58,84 @@ def test_unknown_fields_are_kept_as_headers() -> None:
     assert decoded.headers == {"traceparent": "00-abc-def-01", "x-custom": "1"}
 
 
-@pytest.mark.parametrize(
-    ("fields", "error"),
-    [
-        ({b"payload": b"{}"}, "no 'data' field"),
-        ({b"data": b"not json"}, "not valid UTF-8 JSON"),
-        ({b"data": b"[1, 2]"}, "must be a JSON object, got list"),
-        ({b"data": b"\xff\xfe\x00junk"}, "not valid UTF-8 JSON"),
-        ({b"data": b"{}", b"ce_type": b"\xff"}, "field 'ce_type' is not valid UTF-8"),
-        ({b"\xff": b"x", b"data": b"{}"}, "field name is not valid UTF-8"),
-        ({b"data": b"{}", b"ce_id": b"x" * 2000}, "field 'ce_id' is over"),
-        ({b"data": b'{"a":"' + b"x" * MAX_ENTRY_BYTES + b'"}'}, "over the"),
-    ],
-)
+MALFORMED = [
+    ({b"payload": b"{}"}, "no 'data' field"),
+    ({b"data": b"not json"}, "not valid UTF-8 JSON"),
+    ({b"data": b"[1, 2]"}, "must be a JSON object, got list"),
+    ({b"data": b"\xff\xfe\x00junk"}, "not valid UTF-8 JSON"),
+    ({b"data": b"{}", b"ce_type": b"\xff"}, "field 'ce_type' is not valid UTF-8"),
+    ({b"\xff": b"x", b"data": b"{}"}, "field name is not valid UTF-8"),
+    ({b"data": b"{}", b"ce_id": b"x" * 2000}, "field 'ce_id' is over"),
+    ({b"data": b'{"a":"' + b"x" * MAX_ENTRY_BYTES + b'"}'}, "over the"),
+    ({f"h{i}".encode(): b"v" for i in range(40)} | {b"data": b"{}"}, "fields, over"),
+]
+
+
+def flat(fields: dict[bytes, bytes]) -> list[bytes]:
+    return [part for pair in fields.items() for part in pair]
+
+
+@pytest.mark.parametrize(("fields", "error"), MALFORMED)
 def test_malformed_entries_are_refused_naming_the_problem(
     fields: dict[bytes, bytes], error: str
 ) -> None:
     with pytest.raises(DecodeError, match=error):
         decode(fields, "1-0")
+    # The consumer's flat-list decoder refuses the same, with the same words.
+    with pytest.raises(DecodeError, match=error):
+        decode_entry(flat(fields), "1-0")
 
 
-def test_too_many_fields_are_refused() -> None:
-    fields = {f"h{i}".encode(): b"v" for i in range(40)} | {b"data": b"{}"}
-    with pytest.raises(DecodeError, match="fields, over"):
-        decode(fields, "1-0")
+def test_decode_entry_builds_the_headers_on_first_use_equal_to_decode() -> None:
+    message = Message.event("order.created", {"id": 1}, source="orderflow/orders")
+    fields = {
+        k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode(message).items()
+    }
+    expected = decode(fields, "5-0")
+    entry = decode_entry(flat(fields), "5-0")
+    assert entry.data == {"id": 1}
+    assert entry.id == message.id == expected.id
+    assert entry.headers == expected.headers
+    assert entry.type == "order.created"
+    assert entry == expected
+    assert expected == entry
+    assert repr(entry) == repr(expected)
+    assert copy.deepcopy(entry) == expected
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.headers = {}
+    with pytest.raises(TypeError):
+        hash(entry)
+    # Without ce_id, the entry id.
+    assert decode_entry([b"data", b"{}", b"ce_type", b"t"], "6-1").id == "6-1"
+
+
+field_names = st.one_of(
+    st.sampled_from([b"data", b"ce_id", b"ce_type", b"traceparent", b"x-custom"]),
+    st.binary(max_size=12),
+)
+field_values = st.one_of(
+    st.sampled_from([b"{}", b'{"a": 1}', b"data", b"[1]"]),
+    st.binary(max_size=60),
+    st.text(alphabet="abc\u00e9", min_size=900, max_size=1100).map(str.encode),
+)
+
+
+@given(st.lists(st.tuples(field_names, field_values), max_size=8))
+def test_decode_entry_agrees_with_decode_on_any_fields(pairs: list[tuple[bytes, bytes]]) -> None:
+    # Redis keeps repeated field names; a dict keeps the last, and so must decode_entry.
+    fields = [part for pair in pairs for part in pair]
+    refused: str | None = None
+    try:
+        expected = decode(dict(pairs), "1-0")
+    except DecodeError as exc:
+        refused = str(exc)
+    if refused is not None:
+        with pytest.raises(DecodeError) as raised:
+            decode_entry(fields, "1-0")
+        assert str(raised.value) == refused
+        return
+    entry = decode_entry(fields, "1-0")
+    assert (entry.data, entry.headers, entry.id) == (expected.data, expected.headers, expected.id)
 
 
 def test_encode_refuses_an_oversized_message() -> None:

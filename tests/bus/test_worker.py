@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from orderflow.bus import (
     Delivery,
@@ -136,6 +137,37 @@ async def test_permanent_errors_and_malformed_entries_are_dead_lettered_at_once(
     assert calls == [0]
     assert stats.dead_lettered == 4
     assert await pending_count(aredis) == 0
+
+
+def sample(name: str, group: str) -> float:
+    return REGISTRY.get_sample_value(name, {"stream": STREAM, "group": group}) or 0.0
+
+
+async def test_deliveries_and_handler_times_reach_prometheus(aredis: aioredis.Redis) -> None:
+    # The worker counts per delivery itself and adds to Prometheus in bulk: every
+    # delivery, failed ones too, must be there once the worker stopped.
+    group = "metrics-check"
+    await publish(aredis, 30)
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.message.data["n"] % 10 == 0:
+            raise PermanentError("no")
+        await asyncio.sleep(0.002)
+
+    stats = await StreamWorker(aredis, config(group=group), handler).run(burst=True)
+    assert (stats.handled, stats.dead_lettered, stats.acked) == (27, 3, 27)
+    assert sample("orderflow_consumed_total", group) == 30
+    assert sample("orderflow_acked_total", group) == 27
+    assert sample("orderflow_handler_seconds_count", group) == 30
+    assert 30 * 0.002 <= sample("orderflow_handler_seconds_sum", group) < 30
+    # 27 handlers slept 2 ms: none is in a bucket below 1 ms.
+    assert sample_le("orderflow_handler_seconds_bucket", group, "0.001") <= 3
+    assert sample_le("orderflow_handler_seconds_bucket", group, "+Inf") == 30
+
+
+def sample_le(name: str, group: str, le: str) -> float:
+    labels = {"stream": STREAM, "group": group, "le": le}
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_graceful_stop_leaves_no_finished_entry_unacknowledged(

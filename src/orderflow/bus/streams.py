@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -228,21 +228,94 @@ async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...
     reading every reply. On a client that is not a plain pooled one (a cluster, a single
     connection), this is redis-py's own pipeline.
     """
-    pool = getattr(redis, "connection_pool", None)
-    if pool is None or getattr(redis, "connection", None) is not None:
+    pool = _plain_pool(redis)
+    if pool is None:
         pipe: Any = redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return cast(list[Any], await pipe.execute())
     packed = b"".join([pack_command(command) for command in commands])
+    replies = await _round_trip(pool, packed, len(commands))
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
+#: One stream entry as Redis replies it, unparsed: its id and its fields, flat
+#: (name, value, name, value ...).
+RawEntry = tuple[bytes, list[bytes]]
+
+
+async def read_group(
+    redis: aioredis.Redis, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+) -> list[RawEntry]:
+    """``XREADGROUP ... STREAMS stream >``: new entries for ``consumer``, unparsed.
+
+    The consumer's hot path: redis-py would turn each entry's fields into a dict (in
+    Python) that the decoder then walks again; here hiredis's reply is used as it is.
+    Blocks up to ``block_ms`` (then returns ``[]``). Error replies (NOGROUP) raise.
+    On a cluster or single-connection client, redis-py's ``xreadgroup``, flattened.
+    """
+    pool = _plain_pool(redis)
+    if pool is None:
+        reply: Any = await redis.xreadgroup(
+            group, consumer, {stream: ">"}, count=count, block=block_ms
+        )
+        return [(entry_id, flat_fields(fields)) for entry_id, fields in _entries_of(reply)]
+    command: Any = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms)
+    packed = pack_command((*command, "STREAMS", stream, ">"))
+    # The client's socket timeout counts from the end of the BLOCK.
+    (reply,) = await _round_trip(pool, packed, 1, wait_s=block_ms / 1000)
+    if isinstance(reply, ResponseError):
+        raise reply
+    return cast(list[RawEntry], _entries_of(reply))
+
+
+def _entries_of(reply: Any) -> list[Any]:
+    # RESP2: [[stream, entries]]; RESP3: {stream: entries}; nil when BLOCK timed out.
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(next(iter(reply.values())))
+    return list(reply[0][1])
+
+
+def flat_fields(fields: Any) -> list[bytes]:
+    """Entry fields as a flat list (name, value ...), from a mapping or already flat."""
+    if isinstance(fields, Mapping):
+        flat: list[bytes] = []
+        for key, value in fields.items():
+            flat.append(key)
+            flat.append(value)
+        return flat
+    return list(fields)
+
+
+def _plain_pool(redis: aioredis.Redis) -> Any:
+    # The client's pool when it is a plain pooled client; None for a cluster client or
+    # one bound to a single connection (their commands must go through redis-py).
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None or getattr(redis, "connection", None) is not None:
+        return None
+    return pool
+
+
+async def _round_trip(pool: Any, packed: bytes, replies: int, wait_s: float = 0.0) -> list[Any]:
+    """Send ``packed`` on a pooled connection and read ``replies`` raw replies.
+
+    The replies get the client's socket timeout (if any) plus ``wait_s``, all together.
+    Error replies are returned, not raised, so the connection stays in step.
+    """
     connection = await pool.get_connection()
 
     async def attempt() -> list[Any]:
         await connection.send_packed_command(packed)
         received: list[Any] = []
         # One deadline for all the replies rather than one each (math.inf: none per read).
-        async with asyncio.timeout(connection.socket_timeout):
-            for _ in commands:
+        timeout = connection.socket_timeout
+        async with asyncio.timeout(None if timeout is None else timeout + wait_s):
+            for _ in range(replies):
                 try:
                     received.append(await connection.read_response(timeout=math.inf))
                 except ResponseError as exc:
@@ -253,9 +326,9 @@ async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...
         await connection.disconnect()
 
     try:
-        # Retried on connection errors like redis-py's own pipeline (and, like it, a
+        # Retried on connection errors like redis-py's own commands (and, like them, a
         # retry after a lost reply may append an entry twice: consumers deduplicate).
-        replies: list[Any] = await connection.retry.call_with_retry(attempt, reset)
+        return cast(list[Any], await connection.retry.call_with_retry(attempt, reset))
     except BaseException:
         # Cancelled or failed mid-way: replies may still be on their way, so this
         # connection is out of step with its commands. Drop it, never reuse it.
@@ -263,10 +336,6 @@ async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...
         raise
     finally:
         await pool.release(connection)
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies
 
 
 def _flatten(fields: dict[str, bytes | str]) -> list[bytes | str]:

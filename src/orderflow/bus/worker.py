@@ -21,8 +21,9 @@ import random
 import socket
 import time
 import uuid
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -34,8 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderflow.bus import metrics
 from orderflow.bus.keys import StreamKeys
-from orderflow.bus.message import DecodeError, Message, decode
-from orderflow.bus.streams import ensure_group, send_commands
+from orderflow.bus.message import DecodeError, Message, decode_entry
+from orderflow.bus.streams import ensure_group, flat_fields, read_group, send_commands
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,22 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+_new = object.__new__
+_set_message: Callable[[Delivery, Message], None] = Delivery.__dict__["message"].__set__
+_set_entry_id: Callable[[Delivery, str], None] = Delivery.__dict__["entry_id"].__set__
+_set_stream: Callable[[Delivery, str], None] = Delivery.__dict__["stream"].__set__
+_set_deliveries: Callable[[Delivery, int], None] = Delivery.__dict__["deliveries"].__set__
+
+
+def _delivery(message: Message, entry_id: str, stream: str, deliveries: int) -> Delivery:
+    # Delivery(...) without the frozen dataclass's generic setattr: a third of the cost.
+    delivery: Delivery = _new(Delivery)
+    _set_message(delivery, message)
+    _set_entry_id(delivery, entry_id)
+    _set_stream(delivery, stream)
+    _set_deliveries(delivery, deliveries)
+    return delivery
 
 
 def consumer_name() -> str:
@@ -207,10 +224,17 @@ class StreamWorker:
         self._consumed = metrics.CONSUMED.labels(*self._labels)
         self._handler_seconds = metrics.HANDLER_SECONDS.labels(*self._labels)
         self._acked = metrics.ACKED.labels(*self._labels)
+        #: Per-delivery metrics counted here and added to Prometheus in bulk by the ack
+        #: loop (a Prometheus update takes a lock: per entry it cost as much as a handler).
+        self._consumed_count = 0
+        self._handler_bounds: tuple[float, ...] = tuple(self._handler_seconds._upper_bounds)
+        self._handler_buckets = [0] * len(self._handler_bounds)
+        self._handler_total_s = 0.0
         #: Entries this worker holds: queued, being handled, or being claimed for a retry.
         self._inflight: set[str] = set()
-        #: Entries read but not yet handed to a handler, in stream order.
-        self._queue: deque[tuple[str, Mapping[bytes, bytes], int]] = deque()
+        #: Entries read but not yet handed to a handler, in stream order: id, fields as
+        #: Redis replies them (flat: name, value ...), delivery count.
+        self._queue: deque[tuple[str, list[bytes], int]] = deque()
         #: The tasks that run handlers, one entry at a time each; at most ``concurrency``.
         self._lanes: set[asyncio.Task[None]] = set()
         self._lane_starting = False
@@ -220,6 +244,8 @@ class StreamWorker:
         self._ack_wakeup = asyncio.Event()
         self._ack_lock = asyncio.Lock()
         self._capacity = asyncio.Event()
+        #: Whether the reader waits for capacity (so lanes only signal it then).
+        self._reader_waiting = False
         self._stopping = asyncio.Event()
         self._heartbeat = redis.register_script(_HEARTBEAT_SCRIPT)
         self._prune = redis.register_script(_PRUNE_SCRIPT)
@@ -292,7 +318,11 @@ class StreamWorker:
     async def _wait_capacity(self) -> None:
         while self._free() <= 0 and not self._stopping.is_set():
             self._capacity.clear()
-            await self._capacity.wait()
+            self._reader_waiting = True
+            try:
+                await self._capacity.wait()
+            finally:
+                self._reader_waiting = False
 
     async def _read_loop(self) -> None:
         cfg = self.config
@@ -303,12 +333,13 @@ class StreamWorker:
                 return
             count = min(cfg.batch_size, self._free())
             try:
-                reply: Any = await self._redis.xreadgroup(
+                entries = await read_group(
+                    self._redis,
+                    cfg.stream,
                     cfg.group,
                     cfg.consumer,
-                    {cfg.stream: ">"},
                     count=count,
-                    block=cfg.block_ms if not self._burst else 1,
+                    block_ms=cfg.block_ms if not self._burst else 1,
                 )
                 failures = 0
             except ResponseError as exc:
@@ -321,10 +352,14 @@ class StreamWorker:
                 failures += 1
                 await self._redis_down("read", exc, failures)
                 continue
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                self._start(_text(entry_id), fields, 1)
-            if not entries and self._burst and not self.held:
+            if entries:
+                inflight, queue = self._inflight, self._queue
+                for raw_id, fields in entries:
+                    entry_id = raw_id.decode()
+                    inflight.add(entry_id)
+                    queue.append((entry_id, fields, 1))
+                self._add_lane()
+            elif self._burst and not self.held:
                 self.stop()
 
     async def _claim_loop(self) -> None:
@@ -362,7 +397,7 @@ class StreamWorker:
                 metrics.CLAIMED.labels(*self._labels).inc(len(claimed))
                 log.info("claimed %d idle entries of %s", len(claimed), cfg.stream)
                 for entry_id, fields in claimed:
-                    self._start(entry_id, fields, counts.get(entry_id, 1))
+                    self._start(entry_id, flat_fields(fields), counts.get(entry_id, 1))
             if start == "0-0":
                 return
 
@@ -380,7 +415,7 @@ class StreamWorker:
 
     # -- handling ------------------------------------------------------------------
 
-    def _start(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+    def _start(self, entry_id: str, fields: list[bytes], deliveries: int) -> None:
         self._inflight.add(entry_id)
         self._queue.append((entry_id, fields, deliveries))
         self._add_lane()
@@ -397,56 +432,82 @@ class StreamWorker:
             lane.add_done_callback(self._lanes.discard)
 
     async def _lane(self) -> None:
+        # The hot path, kept in one function: per entry it decodes, runs the handler and
+        # queues the ack, with the rare outcomes (malformed, failed, too many deliveries)
+        # in _settle. Metrics are counted here and flushed in bulk by the ack loop.
         self._lane_starting = False
-        while self._queue:
-            entry_id, fields, deliveries = self._queue.popleft()
-            self._add_lane()
+        queue, inflight, acks = self._queue, self._inflight, self._acks
+        handler, stream, stats = self._handler, self.config.stream, self.stats
+        max_deliveries = self.config.max_deliveries
+        bounds, buckets = self._handler_bounds, self._handler_buckets
+        clock = time.perf_counter
+        while queue:
+            entry_id, fields, deliveries = queue.popleft()
+            if not self._lane_starting:
+                self._add_lane()
             try:
-                await self._process(entry_id, fields, deliveries)
+                try:
+                    message = decode_entry(fields, entry_id)
+                except DecodeError as exc:
+                    await self._dead_letter(entry_id, fields, f"malformed entry: {exc}", deliveries)
+                    continue
+                if deliveries > max_deliveries:
+                    await self._settle(entry_id, fields, deliveries, None)
+                    continue
+                self._consumed_count += 1
+                started = clock()
+                try:
+                    await handler(_delivery(message, entry_id, stream, deliveries))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._observe(clock() - started)
+                    await self._settle(entry_id, fields, deliveries, exc)
+                    continue
+                elapsed = clock() - started
+                buckets[bisect_left(bounds, elapsed)] += 1
+                self._handler_total_s += elapsed
+                stats.handled += 1
+                acks.append(entry_id)
+                if len(acks) == 1:
+                    # The first since the last flush: wake the ack loop (it takes them all).
+                    self._ack_wakeup.set()
             except Exception:
-                # _process handles every failure of the handler; this is a bug or an
+                # _settle handles every failure of the handler; this is a bug or an
                 # unexpected Redis reply. The entry stays pending, for a claim later.
-                log.exception("processing entry %s of %s failed", entry_id, self.config.stream)
+                log.exception("processing entry %s of %s failed", entry_id, stream)
             finally:
-                self._finished(entry_id)
+                inflight.discard(entry_id)
+                if self._reader_waiting:
+                    self._capacity.set()
+
+    def _observe(self, seconds: float) -> None:
+        self._handler_buckets[bisect_left(self._handler_bounds, seconds)] += 1
+        self._handler_total_s += seconds
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.discard(entry_id)
         self._capacity.set()
 
-    async def _process(self, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+    async def _settle(
+        self, entry_id: str, fields: list[bytes], deliveries: int, exc: Exception | None
+    ) -> None:
+        """The rare outcomes: delivered too often (``exc`` None), or the handler failed."""
         cfg = self.config
-        try:
-            message = decode(fields, entry_id)
-        except DecodeError as exc:
-            await self._dead_letter(entry_id, fields, f"malformed entry: {exc}", deliveries)
-            return
-        if deliveries > cfg.max_deliveries:
+        # Failures are rare: count them in Prometheus now, not at the next ack.
+        self._ack_wakeup.set()
+        if exc is None:
             reason = f"delivered {deliveries} times without success (limit {cfg.max_deliveries})"
             await self._dead_letter(entry_id, fields, reason, deliveries)
             return
-        self._consumed.inc()
-        started = time.perf_counter()
-        try:
-            await self._handler(Delivery(message, entry_id, cfg.stream, deliveries))
-        except PermanentError as exc:
-            self.stats.failed += 1
+        self.stats.failed += 1
+        if isinstance(exc, PermanentError):
             await self._dead_letter(entry_id, fields, f"permanent failure: {exc}", deliveries)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.stats.failed += 1
+        elif deliveries >= cfg.max_deliveries:
             reason = f"{type(exc).__name__}: {exc}"
-            if deliveries >= cfg.max_deliveries:
-                await self._dead_letter(entry_id, fields, reason, deliveries)
-            else:
-                self._schedule_retry(entry_id, deliveries, reason)
-            return
-        finally:
-            self._handler_seconds.observe(time.perf_counter() - started)
-        self.stats.handled += 1
-        self._ack(entry_id)
+            await self._dead_letter(entry_id, fields, reason, deliveries)
+        else:
+            self._schedule_retry(entry_id, deliveries, f"{type(exc).__name__}: {exc}")
 
     def _ack(self, entry_id: str) -> None:
         self._acks.append(entry_id)
@@ -511,19 +572,19 @@ class StreamWorker:
             self._ack(entry_id)
             return False
         deliveries = int(pending[0]["times_delivered"]) if pending else 1
-        self._queue.append((entry_id, entries[0][1], deliveries))
+        self._queue.append((entry_id, flat_fields(entries[0][1]), deliveries))
         self._add_lane()
         return True
 
     # -- dead letters --------------------------------------------------------------
 
     async def _dead_letter(
-        self, entry_id: str, fields: Mapping[bytes, bytes], reason: str, deliveries: int
+        self, entry_id: str, fields: list[bytes], reason: str, deliveries: int
     ) -> None:
         """Move an entry to the dead-letter stream and ack it, in one transaction."""
         cfg = self.config
         record: dict[bytes | str, bytes | str] = {
-            k: v for k, v in fields.items() if not _is_dlq_field(k)
+            k: v for k, v in zip(fields[::2], fields[1::2], strict=True) if not _is_dlq_field(k)
         }
         record.update(
             {
@@ -566,6 +627,7 @@ class StreamWorker:
         while True:
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
+            self._flush_metrics()
             try:
                 await self._flush_acks()
                 failures = 0
@@ -574,14 +636,35 @@ class StreamWorker:
                 self._ack_wakeup.set()
                 await self._redis_down("ack", exc, failures)
 
+    def _flush_metrics(self) -> None:
+        """Add the deliveries counted since the last flush to the Prometheus metrics."""
+        if self._consumed_count:
+            self._consumed.inc(self._consumed_count)
+            self._consumed_count = 0
+        buckets = self._handler_buckets
+        if any(buckets):
+            # prometheus_client has no bulk observe: add to the histogram's bucket and
+            # sum values as observe() does, once per bucket instead of once per delivery.
+            histogram = self._handler_seconds
+            histogram._sum.inc(self._handler_total_s)
+            for i, count in enumerate(buckets):
+                if count:
+                    histogram._buckets[i].inc(count)
+                    # In place: a running lane holds this list.
+                    buckets[i] = 0
+            self._handler_total_s = 0.0
+
     async def _flush_acks(self) -> None:
         # One flush at a time: the final flush on stop waits for one in flight.
         async with self._ack_lock:
             await self._flush_acks_locked()
 
     async def _flush_acks_locked(self) -> None:
-        while self._acks:
-            ids, self._acks = self._acks, []
+        acks = self._acks
+        while acks:
+            # Emptied in place: a running lane holds this list.
+            ids = acks.copy()
+            acks.clear()
             try:
                 # Packed in C: redis-py packs 100 ids in Python for longer than it takes to
                 # handle them.
@@ -686,6 +769,7 @@ class StreamWorker:
                 task.cancel()
             await asyncio.gather(*busy, return_exceptions=True)
             log.warning("%d entries left pending for other consumers", left)
+        self._flush_metrics()
         for _ in range(3):
             try:
                 await self._flush_acks()
