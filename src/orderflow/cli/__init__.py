@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from orderflow.cli import demo, email, ops, orders, pubsub, up
 from orderflow.cli.common import CommandError, UsageError
 from orderflow.config import ConfigError
+
+T = TypeVar("T")
 
 #: Modules that add a command group; each has ``register(subparsers)``.
 COMMAND_MODULES = [up, demo, orders, email, ops, pubsub]
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return int(asyncio.run(args.handler(args)) or 0)
+        return int(run(args.handler(args)) or 0)
     except UsageError as exc:
         parser.exit(2, f"orderflow: error: {exc}\n")
     except ValidationError as exc:
@@ -54,6 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def run(command: Coroutine[Any, Any, T]) -> T:
+    """Run a command on uvloop where it is installed (uvicorn[standard] brings it: it
+    cuts the event loop's own CPU per request and per message), else on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(command)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(command)
 
 
 def _first_error(exc: ValidationError) -> str:

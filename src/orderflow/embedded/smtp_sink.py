@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -341,8 +341,8 @@ class SinkSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Greet the client."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports are not asyncio's classes.
+        self.transport = transport = cast(asyncio.Transport, transport)
         self._sessions.add(self)
         loop = asyncio.get_running_loop()
         self._last_active = loop.time()
