@@ -248,13 +248,20 @@ RawEntry = tuple[bytes, list[bytes]]
 
 
 async def read_group(
-    redis: aioredis.Redis, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    count: int,
+    block_ms: int | None,
 ) -> list[RawEntry]:
     """``XREADGROUP ... STREAMS stream >``: new entries for ``consumer``, unparsed.
 
     The consumer's hot path: redis-py would turn each entry's fields into a dict (in
     Python) that the decoder then walks again; here hiredis's reply is used as it is.
-    Blocks up to ``block_ms`` (then returns ``[]``). Error replies (NOGROUP) raise.
+    Blocks up to ``block_ms`` (then returns ``[]``; None: never). Error replies (NOGROUP)
+    raise.
     On a cluster or single-connection client, redis-py's ``xreadgroup``, flattened.
     """
     pool = _plain_pool(redis)
@@ -263,10 +270,12 @@ async def read_group(
             group, consumer, {stream: ">"}, count=count, block=block_ms
         )
         return [(entry_id, flat_fields(fields)) for entry_id, fields in _entries_of(reply)]
-    command: Any = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms)
+    command: Any = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count)
+    if block_ms is not None:
+        command += ("BLOCK", block_ms)
     packed = pack_command((*command, "STREAMS", stream, ">"))
     # The client's socket timeout counts from the end of the BLOCK.
-    (reply,) = await _round_trip(pool, packed, 1, wait_s=block_ms / 1000)
+    (reply,) = await _round_trip(pool, packed, 1, wait_s=(block_ms or 0) / 1000)
     if isinstance(reply, ResponseError):
         raise reply
     return cast(list[RawEntry], _entries_of(reply))

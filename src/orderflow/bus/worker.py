@@ -324,6 +324,16 @@ class StreamWorker:
             finally:
                 self._reader_waiting = False
 
+    async def _wait_for_lanes(self, timeout: float) -> None:
+        """Wait until a held entry is done (or ``timeout``)."""
+        self._capacity.clear()
+        self._reader_waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._capacity.wait(), timeout)
+        finally:
+            self._reader_waiting = False
+
     async def _read_loop(self) -> None:
         cfg = self.config
         failures = 0
@@ -339,7 +349,9 @@ class StreamWorker:
                     cfg.group,
                     cfg.consumer,
                     count=count,
-                    block_ms=cfg.block_ms if not self._burst else 1,
+                    # Burst: never BLOCK (Redis times a BLOCK out on its next cron tick,
+                    # up to 100 ms late); an empty reply ends the run or waits below.
+                    block_ms=cfg.block_ms if not self._burst else None,
                 )
                 failures = 0
             except ResponseError as exc:
@@ -359,8 +371,18 @@ class StreamWorker:
                     inflight.add(entry_id)
                     queue.append((entry_id, fields, 1))
                 self._add_lane()
-            elif self._burst and not self.held:
-                self.stop()
+                if len(entries) < count:
+                    # No backlog: let the lanes start on these before sending the next
+                    # read (which will block anyway), for latency. With a backlog the
+                    # read goes first, so that it overlaps the handling.
+                    await asyncio.sleep(0)
+            elif self._burst:
+                if not self.held:
+                    self.stop()
+                    return
+                # Nothing new, but entries still held (handlers running, retries due):
+                # read again once one is done.
+                await self._wait_for_lanes(timeout=0.05)
 
     async def _claim_loop(self) -> None:
         cfg = self.config
