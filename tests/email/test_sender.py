@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,150 @@ def test_smtp_url_defaults() -> None:
     assert (plain.port, plain.use_tls, plain.username, plain.password) == (25, False, "u", "p")
     tls = SmtpConfig.from_url("smtps://mail.example.com")
     assert (tls.port, tls.use_tls, tls.username, tls.validate_certs) == (465, True, None, True)
+
+
+# -- PIPELINING: MAIL, RCPT and DATA in one write, then the content ---------------------
+
+
+class _PipeliningServer:
+    """A scripted SMTP server that offers PIPELINING and answers a transaction only
+    once MAIL, RCPT and DATA are all in (a client waiting for each reply would hang)."""
+
+    def __init__(self, replies: dict[str, bytes] | None = None, **options: Any) -> None:
+        self.replies = {
+            "MAIL": b"250 OK\r\n",
+            "RCPT": b"250 OK\r\n",
+            "DATA": b"354 go ahead\r\n",
+            "END": b"250 accepted\r\n",
+            **(replies or {}),
+        }
+        self.options = options
+        self.messages: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        scheme = "smtps" if self.options.get("ssl") else "smtp"
+        return f"{scheme}://127.0.0.1:{port}?verify=false&timeout=2"
+
+    async def __aenter__(self) -> _PipeliningServer:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0, **self.options)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 scripted ESMTP\r\n")
+        try:
+            await reader.readline()  # EHLO
+            writer.write(b"250-scripted\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n")
+            while True:
+                commands = [await reader.readline() for _ in range(3)]
+                if not commands[0]:
+                    return
+                assert [c.split(b":")[0].split()[0] for c in commands] == [
+                    b"MAIL",
+                    b"RCPT",
+                    b"DATA",
+                ], commands
+                # Each reply in its own write: the client must take replies as they come.
+                for verb in ("MAIL", "RCPT", "DATA"):
+                    reply = self.replies[verb]
+                    if reply == b"CLOSE":
+                        writer.close()
+                        return
+                    if reply.startswith(b"SLEEP"):
+                        await asyncio.sleep(float(reply.split()[1]))
+                        return
+                    writer.write(reply)
+                    await writer.drain()
+                if not self.replies["DATA"].startswith(b"354"):
+                    continue
+                message = await reader.readuntil(b"\r\n.\r\n")
+                if self.replies["END"].startswith(b"250"):
+                    self.messages.append(message)  # accepted
+                writer.write(self.replies["END"])
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+
+async def test_pipelined_transaction_sends_and_reuses_the_connection() -> None:
+    # A multi-line reply, split over writes, is one reply.
+    async with _PipeliningServer({"MAIL": b"250-sender\r\n250 OK\r\n"}) as server:
+        sender = SmtpSender(server.url)
+        await send(sender, 1)
+        await send(sender, 2, "ünï@example.com")  # SMTPUTF8 over the same connection
+        await sender.close()
+    assert sender.connections_opened == server.connections == 1
+    first, second = server.messages
+    assert b"Message-ID: <order-1@orderflow.localhost>" in first
+    assert first.endswith(b"\r\n.\r\n")
+    assert b"Message-ID: <order-2@orderflow.localhost>" in second
+
+
+async def test_pipelined_transaction_over_tls(certificate: tuple[Path, Path]) -> None:
+    async with _PipeliningServer(ssl=_server_context(certificate)) as server:
+        sender = SmtpSender(server.url)
+        await send(sender, 1)
+        await send(sender, 2)
+        await sender.close()
+    assert len(server.messages) == 2
+    assert sender.connections_opened == 1
+
+
+async def test_pipelined_transaction_dot_stuffs_the_content() -> None:
+    async with _PipeliningServer() as server:
+        sender = SmtpSender(server.url)
+        email = RENDERER.render(parse_order({"id": 3, "email": "a@example.com", "total": 1}))
+        dotted = replace(email, data=b"Subject: x\r\n\r\n.hidden\nlast")
+        await sender.send(dotted)
+        await sender.close()
+    assert server.messages == [b"Subject: x\r\n\r\n..hidden\r\nlast\r\n.\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("replies", "error", "match"),
+    [
+        ({"MAIL": b"550 no such sender\r\n"}, PermanentSendError, "550 no such sender"),
+        ({"MAIL": b"451 try later\r\n"}, TransientSendError, "451 try later"),
+        ({"RCPT": b"550 no such user\r\n"}, PermanentSendError, "550 no such user"),
+        ({"RCPT": b"450 mailbox busy\r\n"}, TransientSendError, "450 mailbox busy"),
+        ({"DATA": b"554 no valid recipients\r\n"}, PermanentSendError, "554"),
+        ({"END": b"552 too big\r\n"}, PermanentSendError, "552 too big"),
+        ({"END": b"451 disk full\r\n"}, TransientSendError, "451 disk full"),
+        ({"RCPT": b"CLOSE"}, TransientSendError, "connection failed"),
+        ({"MAIL": b"SLEEP 5"}, TransientSendError, "timed out"),
+        ({"MAIL": b"nonsense\r\n"}, TransientSendError, "Malformed"),
+    ],
+)
+async def test_pipelined_transaction_errors_are_classified(
+    replies: dict[str, bytes], error: type[Exception], match: str
+) -> None:
+    async with _PipeliningServer(replies) as server:
+        sender = SmtpSender(server.url)
+        with pytest.raises(error, match=match):
+            await send(sender, 1)
+        await sender.close()
+    assert server.messages == []
+    assert sender._idle == []  # a failed connection is never reused
+
+
+async def test_a_pipelined_connection_dropped_while_idle_is_replaced() -> None:
+    async with _PipeliningServer() as server:
+        sender = SmtpSender(server.url, pool_size=1)
+        await send(sender, 1)
+        ((client, _),) = sender._idle
+        assert client.transport is not None
+        client.transport.close()  # as a server timing out an idle client would
+        await send(sender, 2)
+        await sender.close()
+    assert sender.connections_opened == 2
+    assert len(server.messages) == 2
