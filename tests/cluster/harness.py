@@ -60,6 +60,10 @@ class LocalCluster:
                         # machine's clock; the default factor can refuse a failover.
                         "--cluster-replica-validity-factor",
                         "0",
+                        # Replicas sync at once (the default waits 5 s for more replicas
+                        # to join a diskless transfer): see wait_ok.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ],
                 )
             )
@@ -98,14 +102,40 @@ class LocalCluster:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Poll until every running node reports ``cluster_state:ok`` and agrees on masters."""
+        """Poll until every running node reports ``cluster_state:ok`` and every running
+        replica is in sync with its master.
+
+        A replica still loading its first copy holds nothing: were its master killed
+        then, it would take over with an empty data set, and the tests would see a
+        failover lose every key (found by the failover test, whose master was killed
+        within the 5 s a replica used to wait before its first sync).
+        """
         deadline = time.monotonic() + timeout
         while True:
-            if all(self._ok(node) for node in self.running()):
+            running = self.running()
+            if all(self._ok(node) for node in running) and all(
+                self._in_sync(node) for node in running
+            ):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in sync")
             time.sleep(0.05)
+
+    @staticmethod
+    def _in_sync(node: RedisServer) -> bool:
+        """A master, or a replica whose link to its master is up and not syncing."""
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            info = client.info("replication")
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        if info.get("role") != "slave":
+            return True
+        return bool(
+            info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
+        )
 
     @staticmethod
     def _ok(node: RedisServer) -> bool:

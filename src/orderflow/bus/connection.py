@@ -56,8 +56,45 @@ class _QueuedTransaction(TransactionStrategy):
         return await super().execute(raise_on_error, allow_redirections)
 
 
+#: Stream reads whose keys follow the ``STREAMS`` word; where the word may first be.
+_STREAM_READS = {"XREAD": 0, "XREADGROUP": 3}
+
+
 class ClusterClient(RedisCluster):
-    """redis-py's asyncio ``RedisCluster``, with transactions that stay on the event loop."""
+    """redis-py's asyncio ``RedisCluster``, loaded before its first command, with
+    transactions that stay on the event loop and stream reads routed without asking a
+    node first."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run a command; the slot map is loaded first (redis-py 8.1 loads it late)."""
+        # redis-py picks a command's routing policy before loading the slot map; on a
+        # fresh client (or one reloading after a failover) a keyed command then gets
+        # the keyless policy: commands issued at once were found running twice, or
+        # failing on a connection another task reset.
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # redis-py asks its "default node" (COMMAND GETKEYS) for the keys of every
+        # XREADGROUP, as their place varies: a round trip per read, and when that node
+        # is the master just killed, every read of every partition fails until the
+        # client reloads its slot map. The keys follow STREAMS: find them here.
+        first = _STREAM_READS.get(command.upper())
+        if first is None:
+            return await super()._determine_slot(command, *args)
+        words = [a.upper() if isinstance(a, bytes | str) else a for a in args]
+        for at in range(first, len(words)):
+            if words[at] in (b"STREAMS", "STREAMS"):
+                rest = args[at + 1 :]
+                keys = rest[: len(rest) // 2]
+                slots = {self.keyslot(key) for key in keys}
+                if len(slots) != 1:
+                    raise RedisClusterException(
+                        f"{command} - all keys must map to the same key slot"
+                    )
+                return slots.pop()
+        return await super()._determine_slot(command, *args)
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None

@@ -77,12 +77,24 @@ class SupervisedStreamWorker(StreamWorker):
         self._args = (redis, config, handler)
         self._restart_delay_s = restart_delay_s
         self._stop_asked = asyncio.Event()
+        self._loop_failing = False
         self.restarts = 0
 
     def stop(self) -> None:
         """Stop for good (no restart)."""
-        self._stop_asked.set()
+        if not self._loop_failing:
+            self._stop_asked.set()
         super().stop()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        # A failed loop stops this run through stop(): that must not count as asked
+        # from outside, or the worker stays stopped for good (found by the failover
+        # test: the email-events consumer died at a failover and statuses stalled).
+        self._loop_failing = True
+        try:
+            super()._loop_ended(task)
+        finally:
+            self._loop_failing = False
 
     async def run(self, *, burst: bool = False) -> WorkerStats:
         """Consume until ``stop()``, starting again after a failure."""
