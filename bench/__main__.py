@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import (
+    case_cluster,
     case_consume,
     case_end_to_end,
     case_latency,
@@ -25,7 +26,7 @@ from bench.common import Figure, PinnedRedisServer, can_pin, pin_client
 from bench.report import RunInfo
 
 HERE = Path(__file__).resolve().parent
-CASES = ("publish", "consume", "end-to-end", "latency", "memory")
+CASES = ("publish", "consume", "end-to-end", "latency", "memory", "cluster")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Sizes:
     e2e_seconds: float
     e2e_latency_seconds: float
     e2e_workers: tuple[int, ...]
+    #: Case 6: entries published and consumed per setup.
+    cluster_count: int
 
 
 FULL = Sizes(
@@ -54,6 +57,7 @@ FULL = Sizes(
     e2e_seconds=8.0,
     e2e_latency_seconds=6.0,
     e2e_workers=(2, 1),
+    cluster_count=50_000,
 )
 QUICK = Sizes(
     publish_count=10_000,
@@ -65,6 +69,7 @@ QUICK = Sizes(
     e2e_seconds=1.5,
     e2e_latency_seconds=1.5,
     e2e_workers=(2,),
+    cluster_count=5_000,
 )
 
 
@@ -103,6 +108,8 @@ async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[F
         "memory": lambda: case_memory.run(
             url, port, count=sizes.memory_count, rss_count=sizes.rss_count
         ),
+        # Case 6 starts its own servers too: one, then a 3-master cluster.
+        "cluster": lambda: case_cluster.run(count=sizes.cluster_count),
     }
     figures: list[Figure] = []
     for case in CASES:
