@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orderflow.config import ConfigError
-from orderflow.email import InvalidOrder, Renderer, parse_order
+from orderflow.email import InvalidOrder, Renderer, mime, parse_order
+from orderflow.email import order as order_module
 from orderflow.email.order import validate_address
 
 BASE: dict[str, Any] = {"id": 101, "email": "alice@example.com", "total": 100}
@@ -219,3 +222,27 @@ def test_fast_address_check_agrees_with_email_validator_on_any_address(
 ) -> None:
     value = f"{local}@{domain}"
     assert _fast_check(value) == _full_check(value)
+
+
+def test_control_character_checks_match_unicode_categories() -> None:
+    # The regular expressions stand for per-character unicodedata checks.
+    for code in range(0x10000):
+        ch = chr(code)
+        category = unicodedata.category(ch)
+        assert bool(mime._CONTROL.search(ch)) == (category in ("Cc", "Zl", "Zp")), hex(code)
+        assert bool(order_module._CONTROL.search(ch)) == (category in ("Cc", "Zl", "Zp"))
+        assert bool(order_module._SPACE_OR_CONTROL.search(ch)) == (
+            ch.isspace() or category == "Cc"
+        ), hex(code)
+
+
+def test_date_header_is_the_given_time_to_the_second() -> None:
+    renderer = Renderer("orderflow <orders@orderflow.localhost>")
+    order = parse_order(BASE)
+    first = datetime(2026, 11, 27, 1, 2, 3, 400_000, tzinfo=UTC)
+    for now, expected in [
+        (first, "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (first.replace(microsecond=900_000), "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (first.replace(second=4), "Fri, 27 Nov 2026 01:02:04 +0000"),
+    ]:
+        assert renderer.render(order, now=now).parsed()["Date"] == expected

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import re
-import unicodedata
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
@@ -93,10 +92,16 @@ def _amount(value: object) -> Decimal:
     return amount
 
 
+#: Unicode's Cc (C0 and C1 controls, CR and LF among them), Zl and Zp characters.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Whitespace (as str.isspace) or a Cc control character.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
 def _one_line(value: object) -> object:
     """Refuse text with control characters (CR, LF, NUL, …) or line separators."""
     if isinstance(value, str):
-        bad = [ch for ch in value if unicodedata.category(ch) in ("Cc", "Zl", "Zp")]
+        bad = _CONTROL.search(value)
         if bad:
             raise ValueError(f"must be one line of text, found control character {bad[0]!r}")
         return value.strip()
@@ -157,7 +162,7 @@ class Order(BaseModel):
             raise ValueError(f"is longer than {MAX_EMAIL} characters")
         # Whitespace and control characters have no place in an address we put in the
         # envelope and the To header; refuse them before anything else looks at it.
-        if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in value):
+        if _SPACE_OR_CONTROL.search(value):
             raise ValueError("must not contain whitespace or control characters")
         try:
             return validate_address(value)[0]

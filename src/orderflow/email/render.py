@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -69,6 +70,16 @@ class OutgoingEmail:
         return message
 
 
+def _date_header(when: datetime) -> str:
+    """RFC 5322 date of ``when``, to the second (one formatting per second)."""
+    return _format_second(when.replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=4)
+def _format_second(when: datetime) -> str:
+    return format_datetime(when)
+
+
 class Renderer:
     """Turns an order into its confirmation email; templates are compiled once."""
 
@@ -106,7 +117,7 @@ class Renderer:
             ("From", self._from),
             ("To", format_address(order.name, order.envelope_recipient)),
             ("Subject", self.subject(order)),
-            ("Date", format_datetime(now or datetime.now(UTC))),
+            ("Date", _date_header(now or datetime.now(UTC))),
             ("Message-ID", message_id),
             ("X-Orderflow-Order-Id", str(order.id)),
         ]
