@@ -170,6 +170,33 @@ def sample_le(name: str, group: str, le: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"protocol": 3}, {"single_connection_client": True}],
+    ids=["resp3", "single-connection"],
+)
+async def test_the_worker_reads_on_any_client_redis_py_offers(
+    redis_url: str, aredis: aioredis.Redis, options: dict[str, Any]
+) -> None:
+    # The worker reads XREADGROUP's reply raw on a pooled client (RESP2 or RESP3 shapes),
+    # and through redis-py's own commands on a client bound to one connection.
+    await publish(aredis, 5)
+    await aredis.xadd(STREAM, {"data": b"{not json"})
+    client = aioredis.Redis.from_url(redis_url, **options)
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+
+    try:
+        stats = await StreamWorker(client, config(), handler).run(burst=True)
+    finally:
+        await client.aclose()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert (stats.acked, stats.dead_lettered) == (5, 1)
+    assert await pending_count(aredis) == 0
+
+
 async def test_graceful_stop_leaves_no_finished_entry_unacknowledged(
     aredis: aioredis.Redis,
 ) -> None:
