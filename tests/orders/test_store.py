@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -106,3 +107,30 @@ async def test_concurrent_distinct_requests_share_transactions(api: Api, aredis:
     assert await api.counts() == {"orders": 60, "outbox": 60, "idempotency_keys": 60}
     assert await api.runtime.relay.publish_pending() == 60
     assert await aredis.xlen("orders") == 60
+
+
+async def test_hot_path_work_runs_on_the_loop_thread_on_sqlite_only(api: Api) -> None:
+    db = api.runtime.db
+    loop_thread = threading.get_ident()
+
+    assert (await db.run_quick(threading.get_ident) == loop_thread) == db.is_sqlite
+    assert await db.run(threading.get_ident) != loop_thread
+    with pytest.raises(ZeroDivisionError):
+        await db.run_quick(lambda: 1 / 0)
+
+
+async def test_the_writer_and_the_relay_use_the_hot_path(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = api.runtime.db
+    quick: list[str] = []
+    run_quick = db.run_quick
+
+    async def recorded(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        quick.append(fn.__name__)
+        return await run_quick(fn, *args, **kwargs)
+
+    monkeypatch.setattr(db, "run_quick", recorded)
+    assert (await api.post(order_body(1))).status_code == 201
+    assert await api.runtime.relay.publish_pending() == 1
+    assert quick == ["create_many", "claim", "complete"]

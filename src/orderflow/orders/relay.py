@@ -170,7 +170,7 @@ class OutboxRelay:
         while True:
             if db.is_sqlite and not await self._hold_lease():
                 return total
-            batch = await db.run(self.store.claim, self.config.batch_size)
+            batch = await db.run_quick(self.store.claim, self.config.batch_size)
             if not batch.rows:
                 return total
             try:
@@ -191,7 +191,7 @@ class OutboxRelay:
 
     async def _complete(self, batch: ClaimedBatch) -> None:
         try:
-            await self.store.db.run(self.store.complete, batch)
+            await self.store.db.run_quick(self.store.complete, batch)
         except BaseException:
             self.store.abandon(batch)
             raise

@@ -56,7 +56,7 @@ class OrderWriter:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             try:
-                results = await self.store.db.run(
+                results = await self.store.db.run_quick(
                     self.store.create_many, [(request, key) for request, key, _ in batch]
                 )
             except Exception as exc:
