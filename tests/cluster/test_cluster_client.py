@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
 from orderflow.bus import connect
@@ -90,5 +93,55 @@ async def test_stream_reads_are_routed_without_asking_a_node(
         # Keys in two slots: redis-py's own check still refuses them.
         with pytest.raises(Exception, match="same key slot"):
             await client.xread({"{r:1}": "0", "{r:2}": "0"})
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def closed_once(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Arm: the next connection opened is closed by "another task" before its command
+    is written, as redis-py's cluster client does to a node's connections when a node
+    dies (the command then failed with an AttributeError)."""
+    original = AbstractConnection.connect_check_health
+    armed: list[bool] = []
+
+    async def connect_then_close(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        await original(self, *args, **kwargs)
+        if armed:
+            armed.clear()
+            await self.disconnect()
+
+    monkeypatch.setattr(AbstractConnection, "connect_check_health", connect_then_close)
+    return lambda: armed.append(True)
+
+
+async def _reconnecting(client: Any) -> None:
+    """Close every connection of ``client``, so the next command opens one."""
+    for node in client.get_nodes():
+        await node.disconnect()
+
+
+@pytest.mark.parametrize("how", ["command", "pipeline", "transaction"])
+async def test_a_connection_closed_under_a_command_is_a_connection_error(
+    cluster_url: str, closed_once: Callable[[], None], how: str
+) -> None:
+    client: Any = connect(cluster_url)
+    try:
+        await client.set("{c}:k", "0")
+
+        async def run() -> Any:
+            if how == "command":
+                return await client.incr("{c}:k")
+            pipe = client.pipeline(transaction=how == "transaction")
+            pipe.incr("{c}:k")
+            return (await pipe.execute())[0]
+
+        await _reconnecting(client)
+        closed_once()
+        # A ConnectionError, which every caller retries; nothing was written.
+        with pytest.raises(RedisConnectionError, match="closed while in use"):
+            await run()
+        assert await client.get("{c}:k") == b"0"
+        assert await run() == 1
     finally:
         await client.aclose()
