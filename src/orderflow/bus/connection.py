@@ -145,7 +145,8 @@ class ClusterClient(RedisCluster):
         """A pipeline; with ``transaction``, one MULTI/EXEC on one slot (see _QueuedTransaction)."""
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
-        pipe = _ClusterPipeline(self, transaction)
+        # (typed abstract by redis-py for an attribute its __init__ does not need)
+        pipe: ClusterPipeline = cast(Any, _ClusterPipeline)(self, transaction)
         if transaction:
             pipe._execution_strategy = _QueuedTransaction(pipe)
         return pipe
