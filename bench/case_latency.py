@@ -20,7 +20,15 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from bench.common import SERVER_CPU, STREAM, Figure, can_pin, flat_fields, percentile
+from bench.common import (
+    CLIENT_CPU,
+    SERVER_CPU,
+    STREAM,
+    Figure,
+    can_pin,
+    flat_fields,
+    percentile,
+)
 from orderflow.bus.connection import connect
 from orderflow.bus.message import Message
 from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
@@ -52,12 +60,12 @@ def _generate(url: str, rate: int, seconds: float, lag_out: Any) -> None:
     interval = 1e9 / rate
     start = time.monotonic_ns()
     sent = 0
-    worst_lag = 0
+    lags = []
     while sent < total:
         now = time.monotonic_ns()
         due = min(total, int((now - start) / interval) + 1)
         if due > sent:
-            worst_lag = max(worst_lag, now - (start + int(sent * interval)))
+            lags.append((now - (start + int(sent * interval))) / 1e6)
             pipe: Any = client.pipeline(transaction=False)
             stamp = str(time.monotonic_ns()).zfill(19).encode()
             for fields in templates[sent:due]:
@@ -68,7 +76,7 @@ def _generate(url: str, rate: int, seconds: float, lag_out: Any) -> None:
         else:
             time.sleep(max(0.0, (start + sent * interval - now) / 1e9))
     client.close()
-    lag_out.put(worst_lag / 1e6)
+    lag_out.put(lags)
 
 
 def _sent_ns(data: Any) -> int:
@@ -131,31 +139,66 @@ async def _measure_unfrozen(url: str, contender: Any, rate: int, seconds: float)
     consuming = asyncio.create_task(contender(redis_client, total, latencies, ready))
     await ready.wait()
     context = multiprocessing.get_context("spawn")
-    lag_out = context.Queue()
+    lag_out, wake_out = context.Queue(), context.Queue()
     generator = context.Process(target=_generate, args=(url, rate, seconds, lag_out))
+    sleeper = context.Process(target=_wakeups, args=(seconds, wake_out))
     generator.start()
+    sleeper.start()
     try:
         await asyncio.wait_for(consuming, timeout=seconds + 30)
+        lags: list[float] = await asyncio.to_thread(lag_out.get, True, 30)
+        wakeups: list[float] = await asyncio.to_thread(wake_out.get, True, 30)
     finally:
-        generator.join(timeout=30)
+        await asyncio.to_thread(generator.join, 30)
+        await asyncio.to_thread(sleeper.join, 30)
         await redis_client.delete(STREAM)
         await redis_client.aclose()
-    worst_lag = lag_out.get(timeout=5)
     samples = latencies[int(total * WARMUP_SHARE) :]
+    lags = lags[int(len(lags) * WARMUP_SHARE) :]
+    wakeups = wakeups[int(len(wakeups) * WARMUP_SHARE) :]
     name = "orderflow StreamWorker" if contender is _orderflow else "minimal redis-py loop"
+    floor = {
+        "generator late p99": percentile(lags, 99),
+        "generator late max": max(lags),
+        "client core late p99": percentile(wakeups, 99),
+        "client core late max": max(wakeups),
+    }
     return Figure(
         CASE,
         f"{name} @ {rate:,}/s",
         percentile(samples, 99),
         "ms p99",
-        note=f"{len(samples):,} samples; generator at most {worst_lag:.2f} ms late",
+        note=(
+            f"{len(samples):,} samples; meanwhile the generator was late p99 "
+            f"{floor['generator late p99']:.2f} ms (max {floor['generator late max']:.2f}), "
+            f"a 1 ms sleeper on the client core p99 {floor['client core late p99']:.2f} ms "
+            f"(max {floor['client core late max']:.2f})"
+        ),
         extra={
             "p50": percentile(samples, 50),
             "p99": percentile(samples, 99),
             "p99.9": percentile(samples, 99.9),
             "max": max(samples),
+            **floor,
         },
     )
+
+
+def _wakeups(seconds: float, out: Any) -> None:
+    """A 1 ms sleeper on the client core, beside a contender: how late it wakes, in ms.
+
+    No Redis, no work: what the scheduler alone adds on that core during the run.
+    """
+    if can_pin():
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    interval = 1_000_000
+    start = time.monotonic_ns()
+    late = []
+    for k in range(1, int(seconds * 1000) + 1):
+        due = start + k * interval
+        time.sleep(max(0, due - time.monotonic_ns()) / 1e9)
+        late.append((time.monotonic_ns() - due) / 1e6)
+    out.put(late)
 
 
 async def run(url: str, *, seconds: float) -> list[Figure]:
