@@ -159,6 +159,26 @@ _SET_EMAIL_STATUS = (
         email_message_id=sa.bindparam("o_message_id"),
     )
 )
+# The hot path's other statements, built once (an expanding IN list keeps one cached
+# compilation for any number of ids): building a statement per call cost more than
+# running it.
+_IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
+_KNOWN_KEYS = sa.select(
+    idempotency_keys.c.key, idempotency_keys.c.order_id, idempotency_keys.c.fingerprint
+).where(idempotency_keys.c.key.in_(sa.bindparam("keys", expanding=True)))
+_KNOWN_IDS = sa.select(orders.c.id, orders.c.fingerprint).where(orders.c.id.in_(_IDS))
+_ORDERS_BY_ID = sa.select(orders).where(orders.c.id.in_(_IDS))
+_EMAIL_STATUSES = sa.select(orders.c.id, orders.c.email_status).where(orders.c.id.in_(_IDS))
+_CLAIM = sa.select(outbox).order_by(outbox.c.id).limit(sa.bindparam("limit"))
+_DELETE_PUBLISHED = sa.delete(outbox).where(outbox.c.id.in_(_IDS))
+_MARK_PUBLISHED = (
+    sa.update(orders)
+    .where(orders.c.id.in_(_IDS))
+    .values(
+        last_published_at=sa.bindparam("published_at"),
+        publish_count=orders.c.publish_count + 1,
+    )
+)
 #: One lock per SQLite database: the process's writers (group commit, relay, email
 #: status) take turns here instead of in SQLite's busy handler, which sleeps 1 to 100 ms
 #: between tries. Other processes still meet the busy handler.
@@ -317,20 +337,12 @@ class OrderStore:
             known_keys = {
                 row.key: (int(row.order_id), row.fingerprint)
                 for chunk in _chunks(keys)
-                for row in conn.execute(
-                    sa.select(
-                        idempotency_keys.c.key,
-                        idempotency_keys.c.order_id,
-                        idempotency_keys.c.fingerprint,
-                    ).where(idempotency_keys.c.key.in_(chunk))
-                )
+                for row in conn.execute(_KNOWN_KEYS, {"keys": chunk})
             }
             known_ids = {
                 int(row.id): row.fingerprint
                 for chunk in _chunks(client_ids)
-                for row in conn.execute(
-                    sa.select(orders.c.id, orders.c.fingerprint).where(orders.c.id.in_(chunk))
-                )
+                for row in conn.execute(_KNOWN_IDS, {"ids": chunk})
             }
             new_keys: list[dict[str, Any]] = []
             to_insert: list[int] = []
@@ -373,8 +385,7 @@ class OrderStore:
                 order.id: order
                 for chunk in _chunks(replay_ids)
                 for order in (
-                    Order.from_row(row)
-                    for row in conn.execute(sa.select(orders).where(orders.c.id.in_(chunk)))
+                    Order.from_row(row) for row in conn.execute(_ORDERS_BY_ID, {"ids": chunk})
                 )
             }
         final: list[CreateResult | OrderConflict] = []
@@ -584,14 +595,14 @@ class OrderStore:
         with self._write() as conn:
             # The current status of each order first: it decides every outcome, so one
             # executemany then writes only the updates that change something.
-            query = sa.select(orders.c.id, orders.c.email_status)
+            query = _EMAIL_STATUSES
             if not self.db.is_sqlite:
                 # Concurrent writers in other processes: keep the outcomes exact.
                 query = query.with_for_update()
             current: dict[int, str] = {
                 int(row.id): row.email_status
                 for chunk in _chunks(ids)
-                for row in conn.execute(query.where(orders.c.id.in_(chunk)))
+                for row in conn.execute(query, {"ids": chunk})
             }
             for update in updates:
                 status = current.get(update.order_id)
@@ -687,14 +698,16 @@ class OrderStore:
         ``abandon``, so concurrent relays take disjoint batches. On SQLite the caller
         holds the relay lease instead.
         """
-        query = sa.select(outbox).order_by(outbox.c.id).limit(limit)
         if self.db.is_sqlite:
             with self.db.read() as conn:
-                return ClaimedBatch(rows=[_outbox_row(r) for r in conn.execute(query)])
+                return ClaimedBatch(
+                    rows=[_outbox_row(r) for r in conn.execute(_CLAIM, {"limit": limit})]
+                )
         conn = self.db.engine.connect()
         try:
             transaction = conn.begin()
-            rows = [_outbox_row(r) for r in conn.execute(query.with_for_update(skip_locked=True))]
+            query = _CLAIM.with_for_update(skip_locked=True)
+            rows = [_outbox_row(r) for r in conn.execute(query, {"limit": limit})]
         except BaseException:
             conn.close()
             raise
@@ -725,13 +738,9 @@ class OrderStore:
     @staticmethod
     def _mark(conn: Connection, ids: list[int], order_ids: list[int]) -> None:
         now = _now()
-        conn.execute(sa.delete(outbox).where(outbox.c.id.in_(ids)))
+        conn.execute(_DELETE_PUBLISHED, {"ids": ids})
         if order_ids:
-            conn.execute(
-                sa.update(orders)
-                .where(orders.c.id.in_(order_ids))
-                .values(last_published_at=now, publish_count=orders.c.publish_count + 1)
-            )
+            conn.execute(_MARK_PUBLISHED, {"ids": order_ids, "published_at": now})
 
     def abandon(self, batch: ClaimedBatch) -> None:
         """Leave the events pending (unlocking them on PostgreSQL)."""
