@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -229,6 +230,9 @@ async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...
     connection), this is redis-py's own pipeline.
     """
     pool = _plain_pool(redis)
+    if pool is None and len(commands) == 1:
+        # One command (a worker's XACK): no pipeline machinery around it.
+        return [await cast(Any, redis).execute_command(*commands[0])]
     if pool is None:
         pipe: Any = redis.pipeline(transaction=False)
         for command in commands:
@@ -293,11 +297,7 @@ def _entries_of(reply: Any) -> list[Any]:
 def flat_fields(fields: Any) -> list[bytes]:
     """Entry fields as a flat list (name, value ...), from a mapping or already flat."""
     if isinstance(fields, Mapping):
-        flat: list[bytes] = []
-        for key, value in fields.items():
-            flat.append(key)
-            flat.append(value)
-        return flat
+        return list(chain.from_iterable(fields.items()))
     return list(fields)
 
 
