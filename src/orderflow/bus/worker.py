@@ -9,6 +9,13 @@ from being claimed while it is alive, and survives Redis going away.
 
 Delivery counts are Redis's own (the group's pending entries list), so they survive a
 restart of the worker and, with AOF, of Redis.
+
+Per entry the worker does little besides the handler: XREADGROUP's reply is used as
+hiredis parses it (``read_group``), ``decode_entry`` makes every check of wire format v1
+with a few C calls (a malformed entry is dead-lettered, never handed over), handlers
+that do not wait run one after another in one lane task, and the per-delivery metrics
+are counted here and added to Prometheus in bulk when acks are flushed (XACK per batch,
+packed by hiredis). See bench/RESULTS.md for what each part costs.
 """
 
 from __future__ import annotations
