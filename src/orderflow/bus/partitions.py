@@ -138,8 +138,11 @@ async def resolve_layout(
 
     ``requested`` None adopts the recorded count, else the default (1 on a single
     server, :data:`DEFAULT_CLUSTER_PARTITIONS` on a cluster). A requested count that
-    differs from the recorded one replaces it only if no group has unfinished entries
-    (pending or not yet read) in the old partitions; else :class:`PartitionCountError`.
+    differs from the recorded one (on a single server with none recorded: the plain
+    stream) replaces it only if no group has unfinished entries (pending or not yet
+    read) in the old partitions and no old partition that the new count drops holds
+    dead letters (the operator commands would no longer find them); else
+    :class:`PartitionCountError`.
     """
     cluster = is_cluster(redis)
     recorded = await _recorded(redis, stream)
@@ -150,6 +153,9 @@ async def resolve_layout(
         if layout.plain:
             # The single-server default writes nothing: the contract's plain stream.
             return layout
+        if not cluster:
+            # Until now the contract's plain stream: split only once it is drained.
+            await _check_change(redis, PartitionLayout(stream, 1), layout)
         if await redis.set(layout_key(stream), count, nx=True):
             log.info("stream %s: %d partitions recorded", stream, count)
             return layout
@@ -158,17 +164,52 @@ async def resolve_layout(
     if requested is None or requested == recorded:
         return PartitionLayout(stream, recorded, tagged=cluster)
     old = PartitionLayout(stream, recorded, tagged=cluster)
-    left = await unfinished(redis, old)
-    if left:
-        raise PartitionCountError(
-            f"stream {stream!r} has {recorded} partitions, not {requested}: refusing to "
-            f"change while {left} entries are unacknowledged or unread; stop the "
-            f"producers, let the workers drain every partition (`orderflow streams info`), "
-            f"then start with ORDERFLOW_PARTITIONS={requested}"
-        )
+    await _check_change(redis, old, PartitionLayout(stream, requested, tagged=cluster))
     await redis.set(layout_key(stream), requested)
     log.warning("stream %s: partitions changed from %d to %d", stream, recorded, requested)
     return PartitionLayout(stream, requested, tagged=cluster)
+
+
+async def _check_change(redis: aioredis.Redis, old: PartitionLayout, new: PartitionLayout) -> None:
+    """Raise PartitionCountError unless ``old`` may be replaced by ``new`` now."""
+    try:
+        left = await unfinished(redis, old)
+        stranded = await stranded_dead_letters(redis, old, new)
+    except ResponseError as exc:
+        if not str(exc).startswith("NOPERM"):
+            raise
+        # A user allowed to publish but not to inspect groups: do not refuse to start.
+        log.warning(
+            "stream %s: cannot check it is drained before re-partitioning: %s", old.stream, exc
+        )
+        return
+    if not left and not stranded:
+        return
+    problems = []
+    if left:
+        problems.append(f"{left} entries are unacknowledged or unread")
+    if stranded:
+        problems.append(f"{stranded} dead letters are in partitions that would be dropped")
+    was = "is one plain stream" if old.plain else f"has {old.count} partitions"
+    raise PartitionCountError(
+        f"stream {old.stream!r} {was}, not {new.count}: refusing to change while "
+        f"{' and '.join(problems)}; stop the producers, let the workers drain every "
+        f"partition (`orderflow streams info`), replay or purge the dead letters "
+        f"(`orderflow dlq`), then start with ORDERFLOW_PARTITIONS={new.count}"
+    )
+
+
+async def stranded_dead_letters(
+    redis: aioredis.Redis, old: PartitionLayout, new: PartitionLayout
+) -> int:
+    """Dead letters in partitions of ``old`` that ``new`` has not (found by no command)."""
+    kept = {new.keys(i).dlq for i in range(new.count)}
+    total = 0
+    for index in range(old.count):
+        dlq = old.keys(index).dlq
+        if dlq not in kept:
+            total += int(await redis.xlen(dlq))
+    return total
 
 
 async def unfinished(redis: aioredis.Redis, layout: PartitionLayout) -> int:
