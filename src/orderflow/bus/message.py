@@ -185,14 +185,17 @@ def decode_entry(fields: list[bytes], entry_id: str) -> Message:
     Anything unusual takes :func:`decode`'s way.
     """
     try:
-        at = fields.index(DATA_FIELD_BYTES)
-        raw_data = fields[at + 1]
-        # orderflow's encoder puts data first.
-        headers = fields[2:] if at == 0 else fields[:at] + fields[at + 2 :]
+        if fields[0] == DATA_FIELD_BYTES:
+            # orderflow's encoder puts data first.
+            raw_data, headers = fields[1], fields[2:]
+        else:
+            at = fields.index(DATA_FIELD_BYTES)
+            if at % 2:
+                raise ValueError("'data' is a value here, not a field name")
+            raw_data, headers = fields[at + 1], fields[:at] + fields[at + 2 :]
+        count = len(fields)
         usual = (
-            at % 2 == 0
-            and fields.count(DATA_FIELD_BYTES) == 1
-            and len(fields) <= 2 * (MAX_HEADERS + 1)
+            DATA_FIELD_BYTES not in headers and count <= 2 * (MAX_HEADERS + 1) and count % 2 == 0
         )
         if usual:
             joined = b"".join(headers)
