@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import smtplib
 import threading
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from orderflow.embedded.smtp_sink import MaildirHandler, SmtpSink, read_maildir
+from orderflow.embedded.smtp_sink import MaildirHandler, SinkSession, SmtpSink, read_maildir
 from tests.support import wait_until
 
 
@@ -34,7 +35,8 @@ async def test_no_250_before_the_message_and_its_rename_are_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
 ) -> None:
     maildir = tmp_path / "mail"
-    sink = SmtpSink(maildir, port=0)
+    # In a thread, so the test can hold the flush and look meanwhile.
+    sink = SmtpSink(maildir, port=0, flush_in_thread=True)
     handler: MaildirHandler = sink.handler
     if not syncfs:
         handler._syncfs = None
@@ -89,6 +91,56 @@ async def test_no_250_before_the_message_and_its_rename_are_on_disk(
         assert "fsync file" not in events
         assert events.count("syncfs") == handler.flushes
     assert events[-1] == "fsync new/"
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-per-file"])
+async def test_on_the_loop_each_250_follows_its_group_s_sync_renames_and_directory_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
+    maildir = tmp_path / "mail"
+    sink = SmtpSink(maildir, port=0)
+    handler: MaildirHandler = sink.handler
+    assert not handler.flush_in_thread
+    if not syncfs:
+        handler._syncfs = None
+    elif handler._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+    # S syncfs, F fsync of a file, R rename, D fsync of new/, A a 250 sent.
+    events: list[str] = []
+    real_fsync, real_rename, real_sync = os.fsync, os.rename, handler._sync_filesystem
+
+    def fsync(fd: int) -> None:
+        events.append("D" if os.path.isdir(f"/proc/self/fd/{fd}") else "F")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        events.append("R")
+        real_rename(src, dst)
+
+    def sync_filesystem() -> None:
+        events.append("S")
+        real_sync()
+
+    real_send = SinkSession._send_replies
+
+    def send_replies(session: SinkSession) -> None:
+        events.extend("A" for reply in session._replies if reply.startswith("250 Message"))
+        real_send(session)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(handler, "_sync_filesystem", sync_filesystem)
+    monkeypatch.setattr(SinkSession, "_send_replies", send_replies)
+    async with sink:
+        await asyncio.gather(
+            *(aiosmtplib.send(_message(n), hostname=sink.host, port=sink.port) for n in range(1, 9))
+        )
+    trace = "".join(events)
+    group = r"SR+DA+" if syncfs else r"F+R+DA+"
+    assert re.fullmatch(f"({group})+", trace), trace
+    assert trace.count("A") == handler.delivered == 8
+    assert trace.count("D") == handler.flushes
+    assert len(read_maildir(maildir)) == 8
 
 
 async def test_a_disk_error_answers_451_to_the_whole_group(
