@@ -267,9 +267,11 @@ class _PipeliningServer:
             await reader.readline()  # EHLO
             writer.write(b"250-scripted\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n")
             while True:
-                commands = [await reader.readline() for _ in range(3)]
-                if not commands[0]:
+                first = await reader.readline()
+                if not first or first.upper().startswith(b"QUIT"):
+                    writer.write(b"221 bye\r\n")
                     return
+                commands = [first, await reader.readline(), await reader.readline()]
                 assert [c.split(b":")[0].split()[0] for c in commands] == [
                     b"MAIL",
                     b"RCPT",
