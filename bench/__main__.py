@@ -37,6 +37,8 @@ class Sizes:
     repeats: int
     consume_count: int
     latency_seconds: float
+    #: Case 4: rounds the seconds are split into, alternating between the contenders.
+    latency_rounds: int
     memory_count: int
     rss_count: int
     #: Case 3: seconds of saturation per worker count, seconds of latency, worker counts.
@@ -52,6 +54,7 @@ FULL = Sizes(
     repeats=3,
     consume_count=100_000,
     latency_seconds=5.0,
+    latency_rounds=5,
     memory_count=100_000,
     rss_count=1_000_000,
     e2e_seconds=8.0,
@@ -64,6 +67,7 @@ QUICK = Sizes(
     repeats=1,
     consume_count=10_000,
     latency_seconds=1.0,
+    latency_rounds=1,
     memory_count=10_000,
     rss_count=50_000,
     e2e_seconds=1.5,
@@ -104,7 +108,9 @@ async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[F
             latency_seconds=sizes.e2e_latency_seconds,
             worker_counts=sizes.e2e_workers,
         ),
-        "latency": lambda: case_latency.run(url, seconds=sizes.latency_seconds),
+        "latency": lambda: case_latency.run(
+            url, seconds=sizes.latency_seconds, rounds=sizes.latency_rounds
+        ),
         "memory": lambda: case_memory.run(
             url, port, count=sizes.memory_count, rss_count=sizes.rss_count
         ),

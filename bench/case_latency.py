@@ -119,18 +119,22 @@ async def _minimal(
             await redis_client.xack(STREAM, GROUP, *(entry_id for entry_id, _ in entries))
 
 
-async def _measure(url: str, contender: Any, rate: int, seconds: float) -> Figure:
+#: One round's samples after its warm-up: latencies, generator lateness, sleeper lateness.
+Round = tuple[list[float], list[float], list[float]]
+
+
+async def _round(url: str, contender: Any, rate: int, seconds: float) -> Round:
     # The earlier cases' objects stay out of the collector's way (a worker process would
     # not hold them): frozen, a full collection only walks what this case allocates.
     gc.collect()
     gc.freeze()
     try:
-        return await _measure_unfrozen(url, contender, rate, seconds)
+        return await _round_unfrozen(url, contender, rate, seconds)
     finally:
         gc.unfreeze()
 
 
-async def _measure_unfrozen(url: str, contender: Any, rate: int, seconds: float) -> Figure:
+async def _round_unfrozen(url: str, contender: Any, rate: int, seconds: float) -> Round:
     ready = asyncio.Event()
     redis_client = connect(url)
     await redis_client.delete(STREAM)
@@ -153,9 +157,15 @@ async def _measure_unfrozen(url: str, contender: Any, rate: int, seconds: float)
         await asyncio.to_thread(sleeper.join, 30)
         await redis_client.delete(STREAM)
         await redis_client.aclose()
-    samples = latencies[int(total * WARMUP_SHARE) :]
-    lags = lags[int(len(lags) * WARMUP_SHARE) :]
-    wakeups = wakeups[int(len(wakeups) * WARMUP_SHARE) :]
+    return (
+        latencies[int(total * WARMUP_SHARE) :],
+        lags[int(len(lags) * WARMUP_SHARE) :],
+        wakeups[int(len(wakeups) * WARMUP_SHARE) :],
+    )
+
+
+def _figure(contender: Any, rate: int, rounds: int, measured: Round) -> Figure:
+    samples, lags, wakeups = measured
     name = "orderflow StreamWorker" if contender is _orderflow else "minimal redis-py loop"
     floor = {
         "generator late p99": percentile(lags, 99),
@@ -169,10 +179,11 @@ async def _measure_unfrozen(url: str, contender: Any, rate: int, seconds: float)
         percentile(samples, 99),
         "ms p99",
         note=(
-            f"{len(samples):,} samples; meanwhile the generator was late p99 "
-            f"{floor['generator late p99']:.2f} ms (max {floor['generator late max']:.2f}), "
-            f"a 1 ms sleeper on the client core p99 {floor['client core late p99']:.2f} ms "
-            f"(max {floor['client core late max']:.2f})"
+            f"{len(samples):,} samples in {rounds} round{'s' if rounds > 1 else ''}; "
+            f"meanwhile the generator was late p99 {floor['generator late p99']:.2f} ms "
+            f"(max {floor['generator late max']:.2f}), a 1 ms sleeper on the client core "
+            f"p99 {floor['client core late p99']:.2f} ms (max "
+            f"{floor['client core late max']:.2f})"
         ),
         extra={
             "p50": percentile(samples, 50),
@@ -201,10 +212,21 @@ def _wakeups(seconds: float, out: Any) -> None:
     out.put(late)
 
 
-async def run(url: str, *, seconds: float) -> list[Figure]:
-    """Each contender at each rate for ``seconds``; p50/p99/p99.9 in milliseconds."""
+async def run(url: str, *, seconds: float, rounds: int = 1) -> list[Figure]:
+    """Each contender at each rate for ``seconds``; p50/p99/p99.9 in milliseconds.
+
+    The seconds are split into ``rounds`` that alternate between the contenders (who
+    goes first alternates too), so that a burst of load from other processes on this
+    shared machine falls on both rather than on whichever ran at the time.
+    """
     figures = []
+    contenders = (_orderflow, _minimal)
     for rate in RATES:
-        for contender in (_orderflow, _minimal):
-            figures.append(await _measure(url, contender, rate, seconds))
+        measured: dict[Any, Round] = {c: ([], [], []) for c in contenders}
+        for index in range(rounds):
+            for contender in contenders if index % 2 == 0 else contenders[::-1]:
+                got = await _round(url, contender, rate, seconds / rounds)
+                for into, part in zip(measured[contender], got, strict=True):
+                    into.extend(part)
+        figures += [_figure(c, rate, rounds, measured[c]) for c in contenders]
     return figures
