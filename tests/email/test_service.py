@@ -198,12 +198,38 @@ async def test_ledger_claim_is_atomic(aredis: aioredis.Redis) -> None:
     assert await ledger.renew(9, winner)
     # A lease that runs out (the sender died) frees the order.
     await wait_until(lambda: _claimed(ledger, 9, "late"), timeout=2)
-    # The dead sender's late mark is still recorded, but reported as a lost lease.
+    # The dead sender's late mark is still recorded, but reported as a lost lease,
+    # and so is its retry.
+    assert not await ledger.mark_sent(9, winner, "<m>", "now")
     assert not await ledger.mark_sent(9, winner, "<m>", "now")
     sent = await ledger.claim(9, "again")
     assert sent.state is ClaimState.SENT
     assert sent.message_id == "<m>"
     assert await ledger.mark_sent(10, "x", "<n>", "now") is False
+
+
+async def test_a_mark_retried_after_a_lost_reply_is_still_the_holders(
+    aredis: aioredis.Redis,
+) -> None:
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    assert (await ledger.claim(11, "me")).state is ClaimState.CLAIMED
+    assert await ledger.mark_sent(11, "me", "<m>", "now")
+    # The reply was lost; the retry finds its own record: held, not "lease lost".
+    assert await ledger.mark_sent(11, "me", "<m>", "now")
+    assert not await ledger.mark_sent(11, "someone else", "<m>", "now")
+
+    # The same for the one-script mark + email.sent: the retry appends nothing again.
+    assert (await ledger.claim(12, "me")).state is ClaimState.CLAIMED
+    first = await ledger.mark_sent_and_append(
+        12, "me", "<m>", "now", stream="email-events", fields=["data", "{}"]
+    )
+    assert first[0] is True
+    assert first[1] is not None
+    again = await ledger.mark_sent_and_append(
+        12, "me", "<m>", "now", stream="email-events", fields=["data", "{}"]
+    )
+    assert again == (True, None)
+    assert await aredis.xlen("email-events") == 1
 
 
 async def _claimed(ledger: EmailLedger, order_id: int, token: str) -> bool:

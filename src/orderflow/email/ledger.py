@@ -50,25 +50,34 @@ return 0
 """
 
 # KEYS[1]; ARGV token, message id, at, ttl ms. The email was accepted by SMTP, so the
-# order is sent whoever holds the lease now. Returns 1 if the caller held it, 0 if its
-# lease had been lost (another sender may have sent too), 2 if already marked sent.
+# order is sent whoever holds the lease now; the record keeps the token of a sender
+# that held the lease. Returns 1 if the caller held the lease, 0 if its lease had been
+# lost (another sender may have sent too), 2 if it was marked sent already, 3 if the
+# caller itself had marked it holding the lease (a retry whose first reply was lost).
 _MARK_SENT = """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
-if rec[1] == 'sent' then return 2 end
+if rec[1] == 'sent' then
+  if rec[2] == ARGV[1] then return 3 end
+  return 2
+end
+local held = rec[1] == 'sending' and rec[2] == ARGV[1]
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'sent', 'message_id', ARGV[2], 'at', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'sent', 'message_id', ARGV[2], 'at', ARGV[3],
+  'token', held and ARGV[1] or '')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if rec[1] == 'sending' and rec[2] == ARGV[1] then return 1 end
+if held then return 1 end
 return 0
 """
 
 # KEYS[1] ledger key, KEYS[2] a stream; ARGV token, message id, at, ttl ms, then the
 # entry's field/value pairs. _MARK_SENT, then XADD the entry (the email.sent event):
-# the event is appended only once the record is written. Returns {mark, entry id}.
+# the event is appended only once the record is written, and not again by a retry of
+# the same sender (3). Returns {mark, entry id or false}.
 _MARK_SENT_AND_APPEND = (
     "local function mark()\n"
     + _MARK_SENT
     + "\nend\nlocal marked = mark()\n"
+    + "if marked == 3 then return {marked, false} end\n"
     + "return {marked, redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))}\n"
 )
 
@@ -105,6 +114,10 @@ class Claim:
     at: str | None = None
     #: For BUSY: milliseconds left on the other sender's lease.
     lease_left_ms: int = 0
+
+
+#: _MARK_SENT's answers that mean the caller held the lease when it marked.
+_HELD = frozenset({1, 3})
 
 
 def ledger_key(order_id: int) -> str:
@@ -147,11 +160,12 @@ class EmailLedger:
 
     async def mark_sent(self, order_id: int, token: str, message_id: str, at: str) -> bool:
         """Record the order as sent; False if the caller's lease had been lost meanwhile
-        (another sender may have sent it too)."""
+        (another sender may have sent it too). True again when the caller's own earlier
+        mark is found (a retry after a lost reply)."""
         reply = await self._mark_sent(
             keys=[ledger_key(order_id)], args=[token, message_id, at, self.sent_ttl_ms]
         )
-        return int(reply) == 1
+        return int(reply) in _HELD
 
     async def mark_sent_and_append(
         self,
@@ -162,10 +176,12 @@ class EmailLedger:
         *,
         stream: str,
         fields: Sequence[bytes | str],
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str | None]:
         """``mark_sent``, then XADD ``fields`` to ``stream``, in ONE script (one round
         trip): the entry is appended only after the record is written, and never if
-        that fails. Returns ``mark_sent``'s answer and the new entry's id.
+        that fails, nor when the caller's own earlier call had done both (a retry after
+        a lost reply). Returns ``mark_sent``'s answer and the new entry's id (``None``
+        for that retry).
 
         Both keys must live on one server: not for a cluster (different slots).
         """
@@ -173,7 +189,7 @@ class EmailLedger:
             keys=[ledger_key(order_id), stream],
             args=[token, message_id, at, self.sent_ttl_ms, *fields],
         )
-        return int(reply[0]) == 1, _text(reply[1])
+        return int(reply[0]) in _HELD, None if reply[1] is None else _text(reply[1])
 
     async def release(self, order_id: int, token: str) -> bool:
         """Give the order back after a failed send; False if the caller did not hold it."""

@@ -277,9 +277,21 @@ class EmailService:
         if self._no_replica_until.get(node.name, 0.0) > time.monotonic():
             return
         acked = await cluster.execute_command("WAIT", 1, _WAIT_MS, target_nodes=node)
-        if not int(acked):
-            # No replica (or a slow one): do not pay the timeout on every order.
+        if not int(acked) and not await self._has_replica(node):
+            # No replica to wait for: do not pay the timeout on every order. (A slow
+            # replica is waited for every time: skipping it would open a window where
+            # a failover loses the record.)
             self._no_replica_until[node.name] = time.monotonic() + 10.0
+
+    async def _has_replica(self, node: Any) -> bool:
+        cluster: Any = self._redis
+        try:
+            info = await cluster.info("replication", target_nodes=node)
+        except _REDIS_ERRORS:
+            return True
+        if isinstance(info, dict) and "connected_slaves" not in info and len(info) == 1:
+            info = next(iter(info.values()))
+        return int(info.get("connected_slaves", 0)) > 0 if isinstance(info, dict) else True
 
     async def _send_holding_lease(
         self, order: Order, token: str, email: OutgoingEmail, leased_at: float
@@ -372,21 +384,22 @@ class EmailService:
         delay = 0.05
         for attempt in range(12):
             try:
-                held, _ = await self.ledger.mark_sent_and_append(
+                held, entry_id = await self.ledger.mark_sent_and_append(
                     order.id, token, message_id, at, stream=self.events_stream, fields=fields
                 )
                 break
             except _REDIS_ERRORS as exc:
-                # As in _mark_sent. A retry after a lost reply may append the event twice;
-                # the Order Service records an outcome idempotently.
+                # As in _mark_sent. A retry after a lost reply finds its own record and
+                # appends nothing again (entry_id None).
                 if attempt == 11:
                     log.error("order %s: email sent but not recorded: %s", order.id, exc)
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        bus_metrics.PUBLISHED.labels(self.events_stream).inc()
-        # The publisher's retention (a trim check every so many entries) still applies.
-        await self.publisher.appended(self.events_stream, 1)
+        if entry_id is not None:
+            bus_metrics.PUBLISHED.labels(self.events_stream).inc()
+            # The publisher's retention (a trim check every so many entries) still applies.
+            await self.publisher.appended(self.events_stream, 1)
         if not held:
             log.warning(
                 "order %s: lease had expired before the send was recorded; a duplicate "
