@@ -292,6 +292,7 @@ _REQUESTS: list[tuple[str, dict[str, str], Any]] = [
     ("client id", {}, order_body(11, id=4242)),
     ("not JSON media", {"content-type": "text/plain"}, order_body(8)),
     ("+json media", {"content-type": "application/merge-patch+json"}, order_body(9)),
+    ("empty media", {"content-type": ""}, order_body(12)),
     ("invalid JSON", {}, b"{nope"),
     ("not an object", {}, b"[1, 2]"),
     ("duplicate keys", {}, b'{"email": "a@example.com", "email": "b@example.com", "total": 1}'),
@@ -364,7 +365,11 @@ async def test_lean_path_answers_503_when_the_database_fails(
     assert _comparable(lean) == _comparable(reference)
 
 
-async def _asgi_post(api: Api, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def _asgi_post(
+    api: Api,
+    messages: list[dict[str, Any]],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> list[dict[str, Any]]:
     """POST /orders straight through ASGI, the body in ``messages``; what was sent back."""
     sent: list[dict[str, Any]] = []
     inbox = list(messages)
@@ -379,7 +384,7 @@ async def _asgi_post(api: Api, messages: list[dict[str, Any]]) -> list[dict[str,
         "type": "http",
         "method": "POST",
         "path": "/orders",
-        "headers": [(b"content-type", b"application/json")],
+        "headers": [(b"content-type", b"application/json")] if headers is None else headers,
     }
     await api.app(scope, receive, send)
     return sent
@@ -417,3 +422,10 @@ async def test_lean_path_stores_nothing_when_the_client_goes_away(api: Api) -> N
     )
     assert sent == []
     assert (await api.counts())["orders"] == 0
+
+
+async def test_lean_path_takes_a_body_without_content_type_as_json(api: Api) -> None:
+    body = {"type": "http.request", "body": orjson.dumps(order_body(4)), "more_body": False}
+    sent = await _asgi_post(api, [body], headers=[])
+    assert sent[0]["status"] == 201
+    assert (b"location", b"/orders/1") in sent[0]["headers"]

@@ -171,7 +171,9 @@ async def _receive_body(receive: Receive, declared: str | None) -> bytes:
 
 def _check_media_type(content_type: str | None) -> None:
     """Refuse a body that is not JSON (no content type counts as JSON)."""
-    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if content_type is None:
+        return
+    media = content_type.split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise invalid([{"field": "content-type", "message": "must be application/json"}])
 
