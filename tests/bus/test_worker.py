@@ -159,7 +159,9 @@ async def test_deliveries_and_handler_times_reach_prometheus(aredis: aioredis.Re
     assert sample("orderflow_consumed_total", group) == 30
     assert sample("orderflow_acked_total", group) == 27
     assert sample("orderflow_handler_seconds_count", group) == 30
-    assert 30 * 0.002 <= sample("orderflow_handler_seconds_sum", group) < 30
+    # 27 handlers slept 2 ms each (the event loop may wake a sleeper up to its clock
+    # resolution early, hence the margin); the 3 that raised took next to nothing.
+    assert 27 * 0.0015 <= sample("orderflow_handler_seconds_sum", group) < 30
     # 27 handlers slept 2 ms: none is in a bucket below 1 ms.
     assert sample_le("orderflow_handler_seconds_bucket", group, "0.001") <= 3
     assert sample_le("orderflow_handler_seconds_bucket", group, "+Inf") == 30

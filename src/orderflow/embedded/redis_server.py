@@ -146,7 +146,13 @@ class RedisServer:
             start_new_session=True,
             preexec_fn=die_with_parent if self.die_with_parent else None,
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            # Never leave a server behind that its caller believes did not start.
+            self.process.kill()
+            self.process.communicate()
+            raise
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Poll until the server answers, raising with its log if it exited or timed out."""
