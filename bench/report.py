@@ -296,6 +296,8 @@ class RunInfo:
     finished: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     )
+    #: The commit measured (``--render`` later must not name the commit it renders at).
+    commit: str = field(default_factory=lambda: _commit())
 
 
 def write(out: Path, figures: list[Figure], run: RunInfo) -> None:
@@ -341,7 +343,7 @@ def write(out: Path, figures: list[Figure], run: RunInfo) -> None:
         ("redis-server", f"{run.server_version}, no persistence (`appendonly no`, no RDB)"),
         ("Python", platform.python_version()),
         ("event loop", "asyncio (the default, as `orderflow` runs)"),
-        ("orderflow", f"{_version('orderflow')} (commit {_commit()})"),
+        ("orderflow", f"{_version('orderflow')} (commit {run.commit})"),
         ("redis-py / hiredis", f"{_version('redis')} / {_version('hiredis')}"),
         ("orjson", _version("orjson")),
         ("FastStream", _version("faststream")),
