@@ -4,7 +4,7 @@ The whole stack runs as ``orderflow up`` runs it (:func:`orderflow.cli.up.start_
 the embedded Redis (AOF everysec), the API with its outbox relay on SQLite, N email
 worker processes and the SMTP sink writing a Maildir (250 only once a message and its
 rename are on disk: one ``syncfs`` and one ``fsync`` of ``new/`` per group of messages),
-in a temporary data dir, every process on uvloop as the CLI runs them. Every process
+in a temporary data dir, every process on asyncio's event loop as the CLI runs them. Every process
 may use both cores: the bench's own pinning is lifted while the stack starts, so the
 children inherit the whole machine.
 

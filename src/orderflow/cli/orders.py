@@ -111,6 +111,8 @@ async def serve_command(args: argparse.Namespace) -> int:
         "log_level": logging.getLevelName(logging.getLogger().level).lower(),
         "lifespan": "on",
         "access_log": False,
+        # asyncio's loop, as every other command (see orderflow.cli.run: not uvloop).
+        "loop": "asyncio",
     }
     if args.workers > 1:
         # uvicorn's supervisor: each worker process builds the app from the environment
