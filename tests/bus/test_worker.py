@@ -49,6 +49,46 @@ async def pending_count(redis: aioredis.Redis) -> int:
     return int((await redis.xpending(STREAM, GROUP))["pending"])
 
 
+async def test_a_group_deleted_while_an_entry_waits_for_its_retry_is_recreated(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed_once = asyncio.Event()
+    release = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        n = delivery.message.data["n"]
+        if n == 0 and not failed_once.is_set():
+            failed_once.set()
+            raise RuntimeError("try later")
+        if n == 1:
+            await release.wait()
+        handled.append(n)
+
+    # Room for two entries: entry 0 waiting for its retry and entry 1 in its handler
+    # fill it, so the read loop stops reading (and cannot re-create the group first).
+    cfg = config(concurrency=1, batch_size=1, retry_base_ms=500, retry_max_ms=500)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    await publish(aredis, 2)
+    await failed_once.wait()
+    await wait_until(lambda: worker.held >= 2, what="both entries held")
+    # The operator deletes the group while entry 0 waits for its retry.
+    await aredis.xgroup_destroy(STREAM, GROUP)
+    await wait_until(lambda: "vanished before entry" in caplog.text, what="retry saw NOGROUP")
+    release.set()
+    # The read loop creates the group again from the start: entry 0 is read again.
+    await wait_until(lambda: 0 in handled, what="entry 0 handled after the group came back")
+    await wait_until(lambda: _pending_is_zero(aredis), what="nothing pending")
+    worker.stop()
+    await task
+    assert "Task exception was never retrieved" not in caplog.text
+
+
+async def _pending_is_zero(redis: aioredis.Redis) -> bool:
+    return await pending_count(redis) == 0
+
+
 async def test_a_handler_failing_twice_is_retried_with_backoff_without_holding_up_others(
     aredis: aioredis.Redis,
 ) -> None:

@@ -574,6 +574,14 @@ class StreamWorker:
         queued = False
         try:
             queued = await self._claim_for_retry(entry_id)
+        except ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            # The group was deleted (and its pending entries with it); the read loop
+            # creates it again and the entry is read again from where it starts.
+            log.warning(
+                "group %s vanished before entry %s was retried", self.config.group, entry_id
+            )
         finally:
             if not queued:
                 self._finished(entry_id)
@@ -813,7 +821,9 @@ class StreamWorker:
 
 def _is_nogroup(exc: ResponseError) -> bool:
     # UNBLOCKED: the stream was deleted under a blocked read; the group went with it.
-    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+    # In a pipeline redis-py wraps the reply: "Command # 1 (XCLAIM …) … ('NOGROUP …',)".
+    text = str(exc)
+    return text.startswith(("NOGROUP", "UNBLOCKED")) or "NOGROUP " in text
 
 
 def _is_dlq_field(name: bytes | str) -> bool:
