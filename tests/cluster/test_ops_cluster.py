@@ -6,9 +6,7 @@ the real 3+3 cluster, with dead letters made by real partitioned workers.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,17 +16,22 @@ from prometheus_client import REGISTRY
 from redis.cluster import RedisCluster
 
 from orderflow import operations as ops
-from orderflow.bus import Delivery, PermanentError, WorkerConfig, WorkerStats, connect
-from orderflow.bus.partition_workers import PartitionedWorker
+from orderflow.bus import Delivery, PermanentError
 from orderflow.bus.partitions import (
     DEFAULT_CLUSTER_PARTITIONS,
     PartitionLayout,
     layout_key,
     resolve_layout,
 )
-from orderflow.cli import main
 from orderflow.config import Settings
-from tests.ops.conftest import CliResult, entry_ids, state
+from tests.ops.conftest import (
+    CliResult,
+    add_partitioned_orders,
+    burst_partitioned,
+    cli_runner,
+    entry_ids,
+    state,
+)
 from tests.orders.conftest import running_api
 
 pytestmark = pytest.mark.slow
@@ -43,21 +46,7 @@ def ccli(
     cluster_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Callable[..., CliResult]:
     """Run ``orderflow ARGS...`` in this process against the cluster."""
-    for name in list(os.environ):
-        if name.startswith("ORDERFLOW_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("ORDERFLOW_REDIS_URL", cluster_url)
-
-    def run(*argv: str) -> CliResult:
-        capsys.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return CliResult(code, out, err)
-
-    return run
+    return cli_runner(cluster_url, monkeypatch, capsys)
 
 
 @pytest.fixture
@@ -66,30 +55,6 @@ def sync_cluster(cluster_url: str) -> Iterator[Any]:
     client = RedisCluster.from_url(cluster_url)
     yield client
     client.close()
-
-
-def _orders(client: Any, orders: range) -> dict[int, str]:
-    """Record the cluster's partitions of ``orders``; one entry per order in its partition."""
-    client.set(layout_key("orders"), LAYOUT.count)
-    ids = {}
-    for order in orders:
-        data = json.dumps({"id": order, "email": f"o{order}@example.com"})
-        ids[order] = client.xadd(LAYOUT.for_key(order), {"data": data}).decode()
-    return ids
-
-
-def _burst(url: str, handler: Any) -> WorkerStats:
-    """A real PartitionedWorker of GROUP on the cluster, drained in burst mode."""
-
-    async def go() -> WorkerStats:
-        client = connect(url)
-        try:
-            config = WorkerConfig(stream="orders", group=GROUP, block_ms=50)
-            return await PartitionedWorker(client, LAYOUT, config, handler).run(burst=True)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
 
 
 def _refusing(orders: set[int]) -> Any:
@@ -107,11 +72,11 @@ def _dead_letters(client: Any) -> dict[str, int]:
 def test_info_reports_every_partition_and_the_sum(
     ccli: Callable[..., CliResult], sync_cluster: Any, cluster_url: str
 ) -> None:
-    _orders(sync_cluster, range(30))
-    stats = _burst(cluster_url, _refusing({3, 4, 5}))
+    add_partitioned_orders(sync_cluster, LAYOUT, range(30))
+    stats = burst_partitioned(cluster_url, LAYOUT, GROUP, _refusing({3, 4, 5}))
     assert stats.dead_lettered == 3
     # Three more orders, not read yet: lag 3 in all.
-    _orders(sync_cluster, range(30, 33))
+    add_partitioned_orders(sync_cluster, LAYOUT, range(30, 33))
 
     result = ccli("streams", "info", "--json")
 
@@ -142,9 +107,9 @@ def test_info_reports_every_partition_and_the_sum(
 def test_dlq_list_replay_purge_across_the_cluster(
     ccli: Callable[..., CliResult], sync_cluster: Any, cluster_url: str
 ) -> None:
-    _orders(sync_cluster, range(40))
+    add_partitioned_orders(sync_cluster, LAYOUT, range(40))
     refused = set(range(0, 40, 4))
-    stats = _burst(cluster_url, _refusing(refused))
+    stats = burst_partitioned(cluster_url, LAYOUT, GROUP, _refusing(refused))
     assert stats.dead_lettered == len(refused)
     spread = _dead_letters(sync_cluster)
     assert sum(1 for n in spread.values() if n) > 1, spread
@@ -171,7 +136,9 @@ def test_dlq_list_replay_purge_across_the_cluster(
         assert sum(json.loads(f[b"data"])["id"] == order for _, f in rows) == 2
 
     # Refused again, then purged everywhere.
-    assert _burst(cluster_url, _refusing(refused)).dead_lettered == len(refused)
+    assert burst_partitioned(cluster_url, LAYOUT, GROUP, _refusing(refused)).dead_lettered == len(
+        refused
+    )
     purged = ccli("dlq", "purge", "--all", "--yes")
     assert purged.code == 0, purged.err
     assert f"purged {len(refused)} dead letters" in purged.out
@@ -181,13 +148,13 @@ def test_dlq_list_replay_purge_across_the_cluster(
 def test_group_reset_on_every_partition_of_the_cluster(
     ccli: Callable[..., CliResult], sync_cluster: Any, cluster_url: str
 ) -> None:
-    _orders(sync_cluster, range(24))
+    add_partitioned_orders(sync_cluster, LAYOUT, range(24))
     seen: list[str] = []
 
     async def record(delivery: Delivery) -> None:
         seen.append(delivery.entry_id)
 
-    _burst(cluster_url, record)
+    burst_partitioned(cluster_url, LAYOUT, GROUP, record)
     assert len(seen) == 24
     everything = sorted(i for n in NAMES for i in entry_ids(sync_cluster.xrange(n)))
     before = state(sync_cluster, *NAMES)
@@ -202,7 +169,7 @@ def test_group_reset_on_every_partition_of_the_cluster(
     assert f"moved on {LAYOUT.count} of {LAYOUT.count} partitions" in result.out
     assert "24 entries to deliver" in result.out
     seen.clear()
-    _burst(cluster_url, record)
+    burst_partitioned(cluster_url, LAYOUT, GROUP, record)
     assert sorted(seen) == everything
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import pytest
 import redis
 
 from orderflow.bus import Handler, StreamWorker, WorkerConfig, WorkerStats, connect
+from orderflow.bus.partition_workers import PartitionedWorker
+from orderflow.bus.partitions import PartitionLayout, layout_key
 from orderflow.cli import main
 
 
@@ -27,13 +30,14 @@ class CliResult:
 Cli = Callable[..., CliResult]
 
 
-@pytest.fixture
-def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Run ``orderflow ARGS...`` in this process against the test Redis."""
+def cli_runner(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Cli:
+    """Run ``orderflow ARGS...`` in this process against the Redis at ``url``."""
     for name in list(os.environ):
         if name.startswith("ORDERFLOW_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("ORDERFLOW_REDIS_URL", redis_url)
+    monkeypatch.setenv("ORDERFLOW_REDIS_URL", url)
 
     def run(*argv: str) -> CliResult:
         capsys.readouterr()
@@ -45,6 +49,37 @@ def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
         return CliResult(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``orderflow ARGS...`` in this process against the test Redis."""
+    return cli_runner(redis_url, monkeypatch, capsys)
+
+
+def add_partitioned_orders(client: Any, layout: PartitionLayout, orders: range) -> dict[int, str]:
+    """Record ``layout``'s partition count, as the components do, and add one entry per
+    order to its partition. Returns each order's entry id."""
+    client.set(layout_key(layout.stream), layout.count)
+    ids = {}
+    for order in orders:
+        data = json.dumps({"id": order, "email": f"o{order}@example.com"})
+        ids[order] = client.xadd(layout.for_key(order), {"data": data}).decode()
+    return ids
+
+
+def burst_partitioned(url: str, layout: PartitionLayout, group: str, handler: Any) -> WorkerStats:
+    """A real PartitionedWorker of ``group`` over ``layout``, drained in burst mode."""
+
+    async def go() -> WorkerStats:
+        client = connect(url)
+        try:
+            config = WorkerConfig(stream=layout.stream, group=group, block_ms=50)
+            return await PartitionedWorker(client, layout, config, handler).run(burst=True)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ told it. Dead letters are made by a real partitioned worker.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -16,39 +15,20 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from orderflow import operations as ops
-from orderflow.bus import Delivery, PermanentError, WorkerConfig, WorkerStats, connect
-from orderflow.bus.partition_workers import PartitionedWorker
+from orderflow.bus import Delivery, PermanentError
 from orderflow.bus.partitions import PartitionLayout, layout_key, partition_of, resolve_layout
-from tests.ops.conftest import Cli, entry_ids, state
+from tests.ops.conftest import (
+    Cli,
+    add_partitioned_orders,
+    burst_partitioned,
+    entry_ids,
+    state,
+)
 
 GROUP = "email-service"
 COUNT = 3
 LAYOUT = PartitionLayout("orders", COUNT)
 NAMES = LAYOUT.names
-
-
-def _partitioned(client: redis.Redis, orders: range) -> dict[int, str]:
-    """Record 3 partitions of ``orders`` and add one entry per order to its partition."""
-    client.set(layout_key("orders"), COUNT)
-    ids = {}
-    for order in orders:
-        data = json.dumps({"id": order, "email": f"o{order}@example.com"})
-        ids[order] = client.xadd(LAYOUT.for_key(order), {"data": data}).decode()
-    return ids
-
-
-def _burst(url: str, handler: Any) -> WorkerStats:
-    """A real PartitionedWorker of GROUP, drained in burst mode."""
-
-    async def go() -> WorkerStats:
-        client = connect(url)
-        try:
-            config = WorkerConfig(stream="orders", group=GROUP, block_ms=50)
-            return await PartitionedWorker(client, LAYOUT, config, handler).run(burst=True)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
 
 
 def _refusing(*orders: int) -> Any:
@@ -69,7 +49,7 @@ def _spread(ids: range) -> list[int]:
 
 
 def test_info_describes_every_partition_and_their_sum(cli: Cli, sync_redis: redis.Redis) -> None:
-    _partitioned(sync_redis, range(12))
+    add_partitioned_orders(sync_redis, LAYOUT, range(12))
     for name in NAMES:
         sync_redis.xgroup_create(name, GROUP, id="0")
     # c1 reads 2 entries of partition 0 and 1 of partition 2, acks one of partition 0;
@@ -147,7 +127,7 @@ def test_info_of_a_partitioned_stream_not_written_yet(cli: Cli, sync_redis: redi
 
 
 def test_a_partition_is_named_alone_with_braces(cli: Cli, sync_redis: redis.Redis) -> None:
-    _partitioned(sync_redis, range(6))
+    add_partitioned_orders(sync_redis, LAYOUT, range(6))
 
     result = cli("streams", "info", "--stream", NAMES[1], "--json")
 
@@ -163,9 +143,9 @@ def test_a_partition_is_named_alone_with_braces(cli: Cli, sync_redis: redis.Redi
 def test_dlq_list_replay_and_purge_cover_every_partition(
     cli: Cli, sync_redis: redis.Redis, redis_url: str
 ) -> None:
-    entries = _partitioned(sync_redis, range(30))
+    entries = add_partitioned_orders(sync_redis, LAYOUT, range(30))
     refused = _spread(range(30))
-    stats = _burst(redis_url, _refusing(*refused))
+    stats = burst_partitioned(redis_url, LAYOUT, GROUP, _refusing(*refused))
     assert (stats.handled, stats.dead_lettered) == (30 - len(refused), len(refused))
 
     listed = cli("dlq", "list", "--json")
@@ -206,7 +186,7 @@ def test_dlq_list_replay_and_purge_cover_every_partition(
         assert json.loads(fields[b"data"])["id"] == order
 
     # Refused again: dead letters again, then purged by id and all at once.
-    stats = _burst(redis_url, _refusing(*refused))
+    stats = burst_partitioned(redis_url, LAYOUT, GROUP, _refusing(*refused))
     assert stats.dead_lettered == len(refused)
     page = json.loads(cli("dlq", "list", "--json").out)
     one = page["entries"][0]
@@ -274,13 +254,13 @@ def test_replay_of_unknown_ids_on_partitions_reports_them(
 def test_group_reset_moves_the_group_on_every_partition(
     cli: Cli, sync_redis: redis.Redis, redis_url: str
 ) -> None:
-    _partitioned(sync_redis, range(9))
+    add_partitioned_orders(sync_redis, LAYOUT, range(9))
     seen: list[str] = []
 
     async def record(delivery: Delivery) -> None:
         seen.append(delivery.entry_id)
 
-    _burst(redis_url, record)
+    burst_partitioned(redis_url, LAYOUT, GROUP, record)
     assert len(seen) == 9
     before = {n: entry_ids(sync_redis.xrange(n)) for n in NAMES}
     seen.clear()
@@ -292,7 +272,7 @@ def test_group_reset_moves_the_group_on_every_partition(
     assert "9 entries to deliver" in result.out
     for name in NAMES:
         assert f"{name}: {before[name][-1]} → 0-0" in result.out
-    _burst(redis_url, record)
+    burst_partitioned(redis_url, LAYOUT, GROUP, record)
     assert sorted(seen) == sorted(i for ids in before.values() for i in ids)
 
     seen.clear()
@@ -300,7 +280,7 @@ def test_group_reset_moves_the_group_on_every_partition(
     for name in NAMES:
         (group,) = sync_redis.xinfo_groups(name)
         assert group["last-delivered-id"].decode() == before[name][-1]
-    _burst(redis_url, record)
+    burst_partitioned(redis_url, LAYOUT, GROUP, record)
     assert seen == []
 
 
@@ -323,7 +303,7 @@ def test_group_reset_to_an_id_clamps_each_partition_to_its_newest(
 
 
 def test_group_reset_leaves_partitions_without_the_group(cli: Cli, sync_redis: redis.Redis) -> None:
-    _partitioned(sync_redis, range(9))
+    add_partitioned_orders(sync_redis, LAYOUT, range(9))
     sync_redis.xgroup_create(NAMES[0], GROUP, id="$")
 
     result = cli("group", "reset", GROUP, "--to", "beginning")
@@ -351,7 +331,7 @@ def test_group_reset_leaves_partitions_without_the_group(cli: Cli, sync_redis: r
 def test_bad_arguments_on_partitions_exit_2_and_change_nothing(
     cli: Cli, sync_redis: redis.Redis, argv: list[str]
 ) -> None:
-    _partitioned(sync_redis, range(9))
+    add_partitioned_orders(sync_redis, LAYOUT, range(9))
     for name in NAMES:
         sync_redis.xgroup_create(name, GROUP, id="0")
         sync_redis.xadd(f"{name}:dlq", {"data": "{}", "dlq_stream": name})
