@@ -324,6 +324,12 @@ class Stack:
             self.client = connect(self.redis.url, socket_timeout=5)
         return self.client
 
+    async def forget_client(self) -> None:
+        """Drop the test's client (after a Redis restart its pooled connections are dead)."""
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
     # -- load ------------------------------------------------------------------------
 
     async def submit(
