@@ -58,11 +58,11 @@ def alive(pid: int) -> bool:
 
 
 class Up:
-    def __init__(self, cwd: Path, port: int, *args: str) -> None:
+    def __init__(self, cwd: Path, port: int, *args: str, **env: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orderflow", "up", "--port", str(port), *args],
             cwd=cwd,
-            env=clean_env(),
+            env=clean_env(**env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
