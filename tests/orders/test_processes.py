@@ -233,3 +233,30 @@ async def test_serve_with_two_workers_shares_the_outbox(
     assert sorted(event["id"] for event in await stream_events(aredis)) == sorted(ids)
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0
+
+
+@pytest.mark.slow
+async def test_serve_with_two_workers_serves_one_set_of_metrics(
+    redis_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    env = _env(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
+    port = free_port()
+    server = _start(processes, env, "orders", "serve", "--port", str(port), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+        await wait_until(lambda: _serving(client, server), timeout=30, interval=0.1)
+    # A new connection per request, so both workers take orders.
+    for n in range(30):
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            assert (await client.post("/orders", json=order_body(n))).status_code == 201
+    [metrics_dir] = tmp_path.glob("metrics-*")
+    counter_files = list(metrics_dir.glob("counter_*.db"))
+    assert len(counter_files) == 2, counter_files  # one per worker: both counted orders
+    # Whichever worker answers, /metrics counts every worker's orders.
+    for _ in range(6):
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            text = (await client.get("/metrics")).text
+        assert "orderflow_orders_created_total 30.0" in text, text[:2000]
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(20) == 0
+    assert not metrics_dir.exists()  # removed on exit

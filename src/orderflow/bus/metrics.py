@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import Counter, Gauge, Histogram
+
+#: How a gauge read from Redis at scrape time combines across the processes of one
+#: ``orders serve --workers N`` (Prometheus multiprocess mode): the latest reading.
+SCRAPED: Final = "mostrecent"
 
 PUBLISHED = Counter("orderflow_published_total", "Entries appended to a stream.", ["stream"])
 CONSUMED = Counter(
@@ -28,6 +34,7 @@ STREAM_OVER_CAP = Gauge(
     "orderflow_stream_over_cap",
     "1 when a lagging consumer group keeps a stream over its length cap.",
     ["stream"],
+    multiprocess_mode="max",
 )
 REDIS_ERRORS = Counter(
     "orderflow_redis_errors_total", "Redis connection errors survived.", ["component"]
@@ -36,18 +43,29 @@ GROUP_LAG = Gauge(
     "orderflow_group_lag",
     "Entries of a stream not yet delivered to a consumer group (at the last scrape).",
     ["stream", "group"],
+    multiprocess_mode=SCRAPED,
 )
 GROUP_PENDING = Gauge(
     "orderflow_group_pending",
     "Entries delivered to a group but not acknowledged (at the last scrape).",
     ["stream", "group"],
+    multiprocess_mode=SCRAPED,
 )
 GROUP_OLDEST_PENDING_SECONDS = Gauge(
     "orderflow_group_oldest_pending_age_seconds",
     "Age of a group's oldest unacknowledged entry (at the last scrape).",
     ["stream", "group"],
+    multiprocess_mode=SCRAPED,
 )
 DEAD_LETTERS = Gauge(
-    "orderflow_dead_letters", "Entries in a stream's dead-letter stream.", ["stream"]
+    "orderflow_dead_letters",
+    "Entries in a stream's dead-letter stream.",
+    ["stream"],
+    multiprocess_mode=SCRAPED,
 )
-STREAM_LENGTH = Gauge("orderflow_stream_length", "Entries retained in a stream.", ["stream"])
+STREAM_LENGTH = Gauge(
+    "orderflow_stream_length",
+    "Entries retained in a stream.",
+    ["stream"],
+    multiprocess_mode=SCRAPED,
+)

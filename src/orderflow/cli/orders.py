@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -120,9 +122,16 @@ async def serve_command(args: argparse.Namespace) -> int:
         # work through the database (lease or SKIP LOCKED) and the consumer group.
         # It handles SIGINT/SIGTERM itself, stopping the workers gracefully.
         factory = "app_from_environment" if not args.no_relay else "app_without_relay"
-        uvicorn.run(
-            f"orderflow.orders.api:{factory}", factory=True, workers=args.workers, **options
-        )
+        # One /metrics for all of them: each worker writes its metrics to files in this
+        # directory (Prometheus multiprocess mode) and whichever answers serves the sum.
+        metrics_dir = _fresh_dir(settings.data_dir / f"metrics-{os.getpid()}")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        try:
+            uvicorn.run(
+                f"orderflow.orders.api:{factory}", factory=True, workers=args.workers, **options
+            )
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
     config = uvicorn.Config(create_app(settings, run_relay=not args.no_relay), **options)
     server = _server(config)
@@ -141,6 +150,12 @@ async def serve_command(args: argparse.Namespace) -> int:
     if not server.started:
         raise CommandError(f"the Order Service did not start on {host}:{port} (see the log)")
     return 0
+
+
+def _fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _server(config: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -20,7 +21,13 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -523,7 +530,17 @@ def _routes(app: FastAPI) -> None:
             await record_stream_metrics(
                 runtime.redis, [runtime.settings.stream, runtime.settings.email_events_stream]
             )
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
+
+
+def _registry() -> Any:
+    """The metrics to serve: this process's, or with ``orders serve --workers N``
+    (``PROMETHEUS_MULTIPROC_DIR`` set) every worker's, combined."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 async def _check(call: Awaitable[Any]) -> str:

@@ -9,7 +9,9 @@ ORDER_REPLAYS = Counter(
     "orderflow_order_replays_total", "Requests answered with an existing order (idempotency)."
 )
 ORDERS_REJECTED = Counter("orderflow_orders_rejected_total", "Order requests refused.", ["reason"])
-OUTBOX_BACKLOG = Gauge("orderflow_outbox_backlog", "Events waiting in the outbox.")
+OUTBOX_BACKLOG = Gauge(
+    "orderflow_outbox_backlog", "Events waiting in the outbox.", multiprocess_mode="mostrecent"
+)
 OUTBOX_RELAYED = Counter(
     "orderflow_outbox_relayed_total", "Outbox events published and removed by the relay."
 )
