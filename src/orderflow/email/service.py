@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -351,27 +352,13 @@ class EmailService:
             )
 
     async def _mark_sent(self, order: Order, token: str, message_id: str, at: str) -> None:
-        # SMTP accepted the email: recording it is what keeps a retry from sending it
-        # again, so ride out a short Redis outage here rather than fail the delivery.
-        delay = 0.05
-        for attempt in range(12):
-            try:
-                held = await self.ledger.mark_sent(order.id, token, message_id, at)
-                await self._replicated(order.id)
-                break
-            except _REDIS_ERRORS as exc:
-                if attempt == 11:
-                    log.error("order %s: email sent but not recorded: %s", order.id, exc)
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        if not held:
-            log.warning(
-                "order %s: lease had expired before the send was recorded; a duplicate "
-                "may exist (Message-ID %s)",
-                order.id,
-                message_id,
-            )
+        async def mark() -> bool:
+            held = await self.ledger.mark_sent(order.id, token, message_id, at)
+            await self._replicated(order.id)
+            return held
+
+        if not await self._recorded(order, mark):
+            self._warn_lease_lost(order, message_id)
 
     async def _mark_sent_and_publish(
         self, order: Order, token: str, message_id: str, at: str
@@ -381,32 +368,50 @@ class EmailService:
         fields: list[bytes | str] = []
         for key, value in encode(event).items():
             fields += (key, value)
-        delay = 0.05
-        for attempt in range(12):
-            try:
-                held, entry_id = await self.ledger.mark_sent_and_append(
-                    order.id, token, message_id, at, stream=self.events_stream, fields=fields
-                )
-                break
-            except _REDIS_ERRORS as exc:
-                # As in _mark_sent. A retry after a lost reply finds its own record and
-                # appends nothing again (entry_id None).
-                if attempt == 11:
-                    log.error("order %s: email sent but not recorded: %s", order.id, exc)
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        if entry_id is not None:
+        appended: list[str | None] = []
+
+        async def mark_and_append() -> bool:
+            # A retry after a lost reply finds its own record and appends nothing again
+            # (entry id None).
+            held, entry_id = await self.ledger.mark_sent_and_append(
+                order.id, token, message_id, at, stream=self.events_stream, fields=fields
+            )
+            appended.append(entry_id)
+            return held
+
+        held = await self._recorded(order, mark_and_append)
+        if appended[-1] is not None:
             bus_metrics.PUBLISHED.labels(self.events_stream).inc()
             # The publisher's retention (a trim check every so many entries) still applies.
             await self.publisher.appended(self.events_stream, 1)
         if not held:
-            log.warning(
-                "order %s: lease had expired before the send was recorded; a duplicate "
-                "may exist (Message-ID %s)",
-                order.id,
-                message_id,
-            )
+            self._warn_lease_lost(order, message_id)
+
+    @staticmethod
+    async def _recorded(order: Order, record: Callable[[], Awaitable[bool]]) -> bool:
+        """``record()`` (the ledger's "sent"), retried through a short Redis outage:
+        SMTP accepted the email, and the record is what keeps a retry from sending it
+        again, so riding out the outage beats failing the delivery. Returns its answer."""
+        delay = 0.05
+        for _ in range(11):
+            with contextlib.suppress(*_REDIS_ERRORS):
+                return await record()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        try:
+            return await record()
+        except _REDIS_ERRORS as exc:
+            log.error("order %s: email sent but not recorded: %s", order.id, exc)
+            raise
+
+    @staticmethod
+    def _warn_lease_lost(order: Order, message_id: str) -> None:
+        log.warning(
+            "order %s: lease had expired before the send was recorded; a duplicate "
+            "may exist (Message-ID %s)",
+            order.id,
+            message_id,
+        )
 
     async def _release(self, order: Order, token: str) -> None:
         # Best effort: if Redis is away the lease simply runs out.
