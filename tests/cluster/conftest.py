@@ -12,10 +12,10 @@ from pydantic import SecretStr
 
 from orderflow.bus import connect
 from orderflow.config import Settings
-from orderflow.embedded.smtp_sink import SmtpServer
 from tests import support
 from tests.cluster.harness import LocalCluster
-from tests.email.conftest import RecordingHandler, SmtpFixture
+from tests.email import conftest as email_fixtures
+from tests.email.conftest import SmtpFixture
 
 
 async def wait_until(
@@ -55,14 +55,8 @@ async def acluster(cluster_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpFixture]:
-    """A real aiosmtpd server recording what it accepts."""
-    handler = RecordingHandler()
-    server = SmtpServer(handler, port=0)
-    await server.start()
-    yield SmtpFixture(handler, server)
-    await server.stop()
+#: The Email Service tests' SMTP server (aiosmtpd, recording what it accepts).
+smtp = email_fixtures.smtp
 
 
 @pytest.fixture
