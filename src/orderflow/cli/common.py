@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -64,7 +65,8 @@ async def redis_client(
 async def _reach(client: aioredis.Redis, url: str, wait_unless: asyncio.Event | None) -> None:
     delay = 0.1
     started = time.monotonic()
-    reported = 0.0
+    #: When the wait was last logged (None: Redis answered at the first try).
+    reported: float | None = None
     while True:
         try:
             await client.ping()
@@ -72,22 +74,21 @@ async def _reach(client: aioredis.Redis, url: str, wait_unless: asyncio.Event | 
             reason = describe_connection_error(exc)
             if wait_unless is None or _is_configuration_error(exc):
                 raise CommandError(f"cannot reach Redis at {redact_url(url)}: {reason}") from None
-            waited = time.monotonic() - started
-            if not reported or waited - reported >= WAITING_REPORT_S:
-                reported = max(waited, 1e-9)
+            now = time.monotonic()
+            if reported is None or now - reported >= WAITING_REPORT_S:
+                reported = now
                 log.warning(
                     "cannot reach Redis at %s (%s); waiting for it (%.0f s so far)",
                     redact_url(url),
                     reason,
-                    waited,
+                    now - started,
                 )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wait_unless.wait(), delay)
                 return
-            except TimeoutError:
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
+            delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
             continue
-        if reported:
+        if reported is not None:
             log.warning(
                 "Redis at %s reachable after %.1f s", redact_url(url), time.monotonic() - started
             )
