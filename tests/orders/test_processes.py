@@ -218,8 +218,11 @@ def test_create_with_redis_down_keeps_the_order_for_the_relay(
 async def test_serve_with_two_workers_shares_the_outbox(
     redis_url: str, tmp_path: Path, aredis: Any, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    server, base = await _serve_two_workers(processes, redis_url, tmp_path)
-    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+    env = _env(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
+    port = free_port()
+    server = _start(processes, env, "orders", "serve", "--port", str(port), "--workers", "2")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        await wait_until(lambda: _serving(client, server), timeout=30, interval=0.1)
         ids = []
         for n in range(20):
             response = await client.post("/orders", json=order_body(n))
@@ -236,14 +239,19 @@ async def test_serve_with_two_workers_shares_the_outbox(
 async def test_serve_with_two_workers_serves_one_set_of_metrics(
     redis_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    server, base = await _serve_two_workers(processes, redis_url, tmp_path)
+    env = _env(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
+    port = free_port()
+    server = _start(processes, env, "orders", "serve", "--port", str(port), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+        await wait_until(lambda: _serving(client, server), timeout=30, interval=0.1)
     # A new connection per request, so both workers take orders.
     for n in range(30):
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             assert (await client.post("/orders", json=order_body(n))).status_code == 201
     [metrics_dir] = tmp_path.glob("metrics-*")
     counter_files = list(metrics_dir.glob("counter_*.db"))
-    assert len(counter_files) == 2, counter_files  # one per worker process
+    assert len(counter_files) == 2, counter_files  # one per worker: both counted orders
     # Whichever worker answers, /metrics counts every worker's orders.
     for _ in range(6):
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
@@ -252,16 +260,3 @@ async def test_serve_with_two_workers_serves_one_set_of_metrics(
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0
     assert not metrics_dir.exists()  # removed on exit
-
-
-async def _serve_two_workers(
-    processes: list[subprocess.Popen[bytes]], redis_url: str, tmp_path: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``orders serve --workers 2`` on SQLite, once it answers; and its base URL."""
-    env = _env(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
-    port = free_port()
-    server = _start(processes, env, "orders", "serve", "--port", str(port), "--workers", "2")
-    base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-        await wait_until(lambda: _serving(client, server), timeout=30, interval=0.1)
-    return server, base
