@@ -251,7 +251,7 @@ async def test_serve_with_two_workers_serves_one_set_of_metrics(
             assert (await client.post("/orders", json=order_body(n))).status_code == 201
     [metrics_dir] = tmp_path.glob("metrics-*")
     counter_files = list(metrics_dir.glob("counter_*.db"))
-    assert len(counter_files) == 2, counter_files  # one per worker: both counted orders
+    assert len(counter_files) == 2, counter_files  # one per worker process
     # Whichever worker answers, /metrics counts every worker's orders.
     for _ in range(6):
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
