@@ -87,8 +87,12 @@ class ConfigError(RuntimeError):
     """A configuration that cannot work, with what to do about it."""
 
 
-#: Where `orderflow up` records the URL of the embedded Redis it runs.
+#: File in the data dir where `orderflow up` records the URL of the embedded Redis it runs.
 REDIS_URL_FILE = "redis.url"
+#: File in the data dir where a running SMTP sink (`orderflow mail sink`) records its URL.
+SMTP_URL_FILE = "smtp.url"
+#: Where the SMTP sink listens unless told otherwise.
+DEFAULT_SINK_PORT = 8025
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -102,3 +106,14 @@ def resolve_redis_url(settings: Settings) -> str:
         f"no Redis: set ORDERFLOW_REDIS_URL (e.g. redis://localhost:6379/0) or run "
         f"`orderflow up` with the data dir {settings.data_dir} first"
     )
+
+
+def resolve_smtp_url(settings: Settings) -> str:
+    """The SMTP URL: configured, else the embedded sink's (recorded in the data dir,
+    else its default address on loopback)."""
+    if settings.smtp_url is not None:
+        return settings.smtp_url.get_secret_value()
+    recorded = settings.data_dir / SMTP_URL_FILE
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    return f"smtp://127.0.0.1:{DEFAULT_SINK_PORT}"

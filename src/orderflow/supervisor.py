@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from orderflow.embedded.redis_server import die_with_parent
+from orderflow.process import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from orderflow.bus import connect
 from orderflow.embedded.redis_server import RedisServer, free_port
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 from tests import support
 
 SOAK = os.environ.get("ORDERFLOW_SOAK", "") == "1"

@@ -21,7 +21,7 @@ from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender, ledger_key
 from orderflow.email.order import Order, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 
 from .conftest import CountingHandler, wait_until
 from .faultproxy import FaultProxy

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from orderflow.bus import Message, StreamPublisher, WorkerStats, decode
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 
 #: Bus timings that keep tests fast: quick retries, short blocking reads.
 FAST_WORKER = {"retry_base_ms": 20, "retry_max_ms": 200, "block_ms": 100}

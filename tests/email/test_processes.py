@@ -11,9 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from orderflow.config import Settings
+from orderflow.config import SMTP_URL_FILE, Settings
 from orderflow.email import ledger_key
-from orderflow.embedded.smtp_sink import SMTP_URL_FILE, SmtpSink, count_delivered, read_maildir
+from orderflow.embedded.smtp_sink import SmtpSink
+from orderflow.maildir import count_delivered, read_maildir
 from tests.support import wait_until
 
 from .conftest import (

@@ -22,7 +22,7 @@ from orderflow.email import (
     TransientSendError,
     parse_order,
 )
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 
 from .conftest import RecordingHandler, SmtpFixture
 

@@ -16,7 +16,10 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from orderflow.embedded.smtp_sink import MaildirHandler, SinkSession, SmtpSink, read_maildir
+from orderflow.embedded.maildir_writer import MaildirHandler
+from orderflow.embedded.smtp_session import SinkSession
+from orderflow.embedded.smtp_sink import SmtpSink
+from orderflow.maildir import read_maildir
 from tests.support import wait_until
 
 

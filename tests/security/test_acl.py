@@ -20,7 +20,7 @@ from orderflow.bus import Message, StreamPublisher, connect
 from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 from orderflow.orders import create_app
 
 from ..chaos.conftest import CountingHandler, wait_until

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import free_port
-from orderflow.embedded.smtp_sink import SmtpServer
+from orderflow.embedded.smtp_server import SmtpServer
 from orderflow.orders import create_app
 
 from ..chaos.conftest import CountingHandler, wait_until

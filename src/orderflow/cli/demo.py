@@ -25,7 +25,7 @@ from orderflow.cli.common import UsageError
 from orderflow.cli.up import Stack, start_stack
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import free_port
-from orderflow.embedded.smtp_sink import read_maildir
+from orderflow.maildir import read_maildir
 
 
 def register(commands: Any) -> None:

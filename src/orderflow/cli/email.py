@@ -16,6 +16,7 @@ from orderflow.cli.common import (
     redis_client,
     stop_on_signals,
 )
+from orderflow.config import DEFAULT_SINK_PORT, SMTP_URL_FILE, resolve_smtp_url
 
 #: SMTP connections one worker keeps at most; more rarely helps a single server.
 MAX_SMTP_POOL = 16
@@ -65,7 +66,7 @@ def _quiet_aiosmtpd() -> None:
 
 async def worker_command(args: argparse.Namespace) -> int:
     """Run one Email Service worker until SIGINT or SIGTERM."""
-    from orderflow.email import EmailService, SmtpSender, resolve_smtp_url
+    from orderflow.email import EmailService, SmtpSender
     from orderflow.email.render import parse_mail_from
 
     if args.concurrency < 1:
@@ -115,7 +116,7 @@ async def worker_command(args: argparse.Namespace) -> int:
 
 async def sink_command(args: argparse.Namespace) -> int:
     """Run the SMTP sink on the data dir's Maildir until SIGINT or SIGTERM."""
-    from orderflow.embedded.smtp_sink import DEFAULT_SINK_PORT, SMTP_URL_FILE, SmtpSink
+    from orderflow.embedded.smtp_sink import SmtpSink
 
     port = DEFAULT_SINK_PORT if args.port is None else args.port
     if not 0 <= port <= 65535:

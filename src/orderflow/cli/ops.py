@@ -41,6 +41,7 @@ from orderflow import operations as ops
 from orderflow.bus import StreamKeys, redact_url
 from orderflow.cli.common import CommandError, UsageError, load_settings, redis_client
 from orderflow.config import Settings, resolve_redis_url
+from orderflow.formatting import human_duration, human_size
 
 #: Replays of more dead letters than this show a progress bar (on a terminal).
 PROGRESS_THRESHOLD = 20
@@ -282,9 +283,9 @@ def _groups_table(groups: Sequence[tuple[str, ops.StreamInfo, ops.GroupInfo]]) -
     for label, _info, group in groups:
         oldest = "-"
         if group.oldest_pending_age_ms is not None:
-            oldest = f"{_duration(group.oldest_pending_age_ms)} old"
+            oldest = f"{human_duration(group.oldest_pending_age_ms)} old"
             if group.oldest_pending_idle_ms is not None:
-                oldest += f", idle {_duration(group.oldest_pending_idle_ms)}"
+                oldest += f", idle {human_duration(group.oldest_pending_idle_ms)}"
         rows.append(
             [
                 label,
@@ -308,7 +309,13 @@ def _consumers_table(
     consumers: Sequence[tuple[ops.StreamInfo, ops.GroupInfo, ops.ConsumerInfo]],
 ) -> Table:
     rows = [
-        [info.name, group.name, consumer.name, str(consumer.pending), _duration(consumer.idle_ms)]
+        [
+            info.name,
+            group.name,
+            consumer.name,
+            str(consumer.pending),
+            human_duration(consumer.idle_ms),
+        ]
         for info, group, consumer in consumers
     ]
     return _table(
@@ -343,30 +350,8 @@ def _lag(group: ops.GroupInfo) -> str:
     return f"≥{group.lag}" if group.lag_source == "at-least" else str(group.lag)
 
 
-def _duration(ms: int) -> str:
-    if ms < 1000:
-        return f"{ms}ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    return f"{hours // 24}d{hours % 24:02d}h"
-
-
 def _size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "-" if size is None else human_size(size)
 
 
 # -- dead letters ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from orderflow.console.forms import FormError, OrderForm, read_form, validate_or
 from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
 from orderflow.console.live import LiveFeed, LiveOptions, recent_orders
 from orderflow.console.security import ConsoleGuard, Refusal
+from orderflow.formatting import human_duration, human_size
 from orderflow.operations import (
     BATCH_SIZE,
     OperationError,
@@ -64,28 +65,13 @@ _NOTICES = {
 
 
 def _duration(ms: Any) -> str:
-    """Milliseconds as a short human duration (``850 ms``, ``4.2 s``, ``3 min``)."""
-    if ms is None:
-        return "—"
-    value = float(ms)
-    if value < 1000:
-        return f"{value:.0f} ms"
-    if value < 60_000:
-        return f"{value / 1000:.1f} s"
-    if value < 3_600_000:
-        return f"{value / 60_000:.0f} min"
-    return f"{value / 3_600_000:.1f} h"
+    """Milliseconds as a short human duration (``850ms``, ``4.2s``), ``—`` when unknown."""
+    return "—" if ms is None else human_duration(float(ms))
 
 
 def _bytes(size: Any) -> str:
-    if size is None:
-        return "—"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
+    """Bytes in binary units (``1.5 KiB``), ``—`` when unknown."""
+    return "—" if size is None else human_size(float(size))
 
 
 def _time(value: Any) -> str:

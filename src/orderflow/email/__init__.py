@@ -17,7 +17,6 @@ from orderflow.email.sender import (
     SmtpSender,
     SmtpUnreachable,
     TransientSendError,
-    resolve_smtp_url,
 )
 from orderflow.email.service import EMAIL_FAILED, EMAIL_SENT, EmailService, OrderBusy
 
@@ -45,5 +44,4 @@ __all__ = [
     "ledger_key",
     "message_id_for",
     "parse_order",
-    "resolve_smtp_url",
 ]

