@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from orderflow.orders import OrderConflict, OrderRequest, OrderStore
-from orderflow.orders.store import CreateResult
+from orderflow.orders.repository import CreateResult
 
 from .conftest import Api, order_body, stream_events
 
