@@ -41,10 +41,11 @@ from orderflow.domain import MAX_ORDER_ID
 from orderflow.operations import OperationError, record_stream_metrics
 from orderflow.orders import metrics
 from orderflow.orders.database import Database
+from orderflow.orders.problems import PROBLEM_JSON, Problem, database_problem, invalid
 from orderflow.orders.relay import RelayConfig
+from orderflow.orders.request_body import Disconnected, check_media_type, read_body, receive_body
 from orderflow.orders.runtime import OrderConflict, OrderRuntime
 from orderflow.orders.validation import (
-    MAX_BODY_BYTES,
     BodyError,
     OrderRequest,
     field_errors,
@@ -55,121 +56,14 @@ from orderflow.orders.validation import (
 
 log = logging.getLogger(__name__)
 
-PROBLEM_JSON = "application/problem+json"
 #: Seconds a health check waits for Redis or the database.
 HEALTH_TIMEOUT_S = 2.0
-
-
-class Problem(Exception):
-    """An RFC 9457 problem answered as ``application/problem+json``."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        *,
-        errors: list[dict[str, str]] | None = None,
-        kind: str = "about:blank",
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.errors = errors
-        self.kind = kind
-
-    def body(self, instance: str | None = None) -> bytes:
-        """The problem as JSON."""
-        body: dict[str, Any] = {
-            "type": self.kind,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if instance:
-            body["instance"] = instance
-        if self.errors is not None:
-            body["errors"] = self.errors
-        return orjson.dumps(body)
-
-    def response(self, instance: str | None = None) -> Response:
-        """The HTTP response of this problem."""
-        return Response(self.body(instance), status_code=self.status, media_type=PROBLEM_JSON)
-
-
-def invalid(errors: list[dict[str, str]]) -> Problem:
-    """422 naming every invalid field."""
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return Problem(
-        422, "Invalid request", detail, errors=errors, kind="urn:orderflow:problem:validation"
-    )
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
     )
-
-
-class _Body:
-    """A request body read in chunks, refused (a 422 Problem) once over MAX_BODY_BYTES,
-    as declared by Content-Length or as read."""
-
-    __slots__ = ("chunks", "size")
-
-    def __init__(self, declared: str | None) -> None:
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise _too_big()
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def add(self, chunk: bytes) -> None:
-        """Take the next chunk."""
-        self.size += len(chunk)
-        if self.size > MAX_BODY_BYTES:
-            raise _too_big()
-        self.chunks.append(chunk)
-
-    def value(self) -> bytes:
-        """The whole body."""
-        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-
-
-def _too_big() -> Problem:
-    return invalid([{"field": "body", "message": f"is over {MAX_BODY_BYTES} bytes"}])
-
-
-async def _read_body(request: Request) -> bytes:
-    body = _Body(request.headers.get("content-length"))
-    async for chunk in request.stream():
-        body.add(chunk)
-    return body.value()
-
-
-class _Disconnected(Exception):
-    """The client went away before its request's body was in."""
-
-
-async def _receive_body(receive: Receive, declared: str | None) -> bytes:
-    """The request's body from raw ASGI messages, with ``_read_body``'s limits."""
-    body = _Body(declared)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        body.add(message.get("body", b""))
-        if not message.get("more_body", False):
-            return body.value()
-
-
-def _check_media_type(content_type: str | None) -> None:
-    """Refuse a body that is not JSON (no content type counts as JSON)."""
-    if content_type is None:
-        return
-    media = content_type.split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise invalid([{"field": "content-type", "message": "must be application/json"}])
 
 
 async def _take_order(
@@ -199,15 +93,6 @@ async def _take_order(
     return orjson.dumps(result.order.to_json()), headers
 
 
-def _database_problem(method: str, path: str, exc: sa.exc.SQLAlchemyError) -> Problem:
-    log.error("database error on %s %s", method, path, exc_info=exc)
-    return Problem(
-        503,
-        "Database unavailable",
-        "the database failed; nothing was stored, retry later (with the same Idempotency-Key)",
-    )
-
-
 _HEADERS_READ = frozenset((b"content-type", b"idempotency-key", b"content-length"))
 
 
@@ -226,19 +111,19 @@ async def _post_orders(runtime: OrderRuntime, scope: Scope, receive: Receive, se
     headers: dict[str, str] = {}
     try:
         try:
-            _check_media_type(content_type)
-            body = await _receive_body(receive, declared)
+            check_media_type(content_type)
+            body = await receive_body(receive, declared)
         except Problem:
             runtime.count_invalid()
             raise
         payload, headers = await _take_order(runtime, body, idempotency_key)
         status, media_type = 201, b"application/json"
-    except _Disconnected:
+    except Disconnected:
         return
     except Problem as problem:
         status, media_type, payload = problem.status, PROBLEM_JSON.encode(), problem.body("/orders")
     except sa.exc.SQLAlchemyError as exc:
-        unavailable = _database_problem("POST", "/orders", exc)
+        unavailable = database_problem("POST", "/orders", exc)
         status, media_type = unavailable.status, PROBLEM_JSON.encode()
         payload = unavailable.body("/orders")
     raw_headers = [
@@ -364,7 +249,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.exception_handler(sa.exc.SQLAlchemyError)
     async def _database(request: Request, exc: sa.exc.SQLAlchemyError) -> Response:
-        problem = _database_problem(request.method, request.url.path, exc)
+        problem = database_problem(request.method, request.url.path, exc)
         return problem.response(request.url.path)
 
     @app.post(
@@ -397,8 +282,8 @@ def _routes(app: FastAPI) -> None:
         # Served by _post_orders once the app runs (see OrderServiceApp); the same
         # steps, kept here for the OpenAPI document and as the reference.
         try:
-            _check_media_type(request.headers.get("content-type"))
-            body = await _read_body(request)
+            check_media_type(request.headers.get("content-type"))
+            body = await read_body(request)
         except Problem:
             OrderRuntime.count_invalid()
             raise
