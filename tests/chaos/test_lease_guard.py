@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender, ledger_key
-from orderflow.email.order import Order, parse_order
+from orderflow.email.order import OrderEvent, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.embedded.smtp_server import SmtpServer
 
@@ -119,7 +119,7 @@ async def test_a_worker_frozen_between_claim_and_send_does_not_send(
     render = Renderer.render
     other_worker = redis.Redis.from_url(redis_url)
 
-    def frozen_render(self: Renderer, order: Order) -> OutgoingEmail:
+    def frozen_render(self: Renderer, order: OrderEvent) -> OutgoingEmail:
         time.sleep(0.4)  # frozen past the lease; meanwhile another worker sent it:
         other_worker.delete(ledger_key(order.id))
         other_worker.hset(ledger_key(order.id), mapping={"state": "sent", "message_id": "<x>"})

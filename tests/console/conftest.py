@@ -13,10 +13,10 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from orderflow.app import create_app
 from orderflow.config import Settings
 from orderflow.console.live import LiveFeed
-from orderflow.orders import create_app
-from orderflow.orders.api import OrderRuntime
+from orderflow.orders.runtime import OrderRuntime
 
 #: The console answers only to loopback names unless an admin token is set.
 BASE_URL = "http://127.0.0.1:8000"

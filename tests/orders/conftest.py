@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from orderflow.config import Settings
 from orderflow.orders import create_app
-from orderflow.orders.api import OrderRuntime
+from orderflow.orders.runtime import OrderRuntime
 from orderflow.orders.schema import idempotency_keys, orders, outbox
 from tests.support import wait_until
 

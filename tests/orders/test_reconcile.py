@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orderflow.orders import Reconciler
-from orderflow.orders.schema import EMAIL_SENT
+from orderflow.orders.schema import EMAIL_STATUS_SENT
 from tests.support import wait_until
 
 from .conftest import Api, make_settings, order_body, running_api, stream_events
@@ -24,7 +24,7 @@ async def test_republishes_only_after_the_configured_time(api: Api, aredis: Any)
     published_at = datetime.fromisoformat(
         (await api.client.get("/orders/1")).json()["last_published_at"]
     )
-    await store.db.run(store.set_email_status, 2, EMAIL_SENT, at=published_at)
+    await store.db.run(store.set_email_status, 2, EMAIL_STATUS_SENT, at=published_at)
 
     assert await reconciler.reconcile_once(now=published_at + timedelta(seconds=59)) == []
     assert await reconciler.reconcile_once(now=published_at + timedelta(seconds=61)) == [1]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from orderflow.orders import OrderConflict, OrderRequest, OrderStore
-from orderflow.orders.store import CreateResult
+from orderflow.orders.repository import CreateResult
 
 from .conftest import Api, order_body, stream_events
 
@@ -84,6 +84,36 @@ async def test_repeats_within_one_batch_are_one_order(api: Api) -> None:
     assert isinstance(conflict_by_id, OrderConflict)
     assert isinstance(conflict_by_key, OrderConflict)
     assert await api.counts() == {"orders": 1, "outbox": 1, "idempotency_keys": 1}
+
+
+async def test_a_repeated_key_replays_the_order_its_batch_assigned(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One path for every batch: a key repeated inside it replays the order the batch
+    # itself inserts (its id assigned there), in the same single transaction.
+    store: OrderStore = api.runtime.store
+    bulk_calls = []
+    bulk = store._create_bulk
+
+    def spy(requests: Any) -> Any:
+        bulk_calls.append(len(requests))
+        return bulk(requests)
+
+    monkeypatch.setattr(store, "_create_bulk", spy)
+    batch = [(_request(1), "k"), (_request(2), None), (_request(1), "k"), (_request(3), "k")]
+    results = await store.db.run(store.create_many, batch)
+
+    assert bulk_calls == [4]  # no retry one by one: nothing conflicted in the database
+    first, other, again, conflict = results
+    assert isinstance(first, CreateResult)
+    assert first.created
+    assert isinstance(other, CreateResult)
+    assert other.created
+    assert isinstance(again, CreateResult)
+    assert not again.created
+    assert again.order == first.order
+    assert isinstance(conflict, OrderConflict)
+    assert await api.counts() == {"orders": 2, "outbox": 2, "idempotency_keys": 1}
 
 
 async def test_concurrent_distinct_requests_share_transactions(api: Api, aredis: Any) -> None:

@@ -16,12 +16,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.retry import Retry
 
+from orderflow.app import create_app
 from orderflow.bus import Message, StreamPublisher, connect
 from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
 from orderflow.embedded.smtp_server import SmtpServer
-from orderflow.orders import create_app
 
 from ..chaos.conftest import CountingHandler, wait_until
 from .conftest import AclRedis

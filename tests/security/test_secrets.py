@@ -17,11 +17,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from orderflow.app import create_app
 from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import free_port
 from orderflow.embedded.smtp_server import SmtpServer
-from orderflow.orders import create_app
 
 from ..chaos.conftest import CountingHandler, wait_until
 from .conftest import AclRedis, password_of

@@ -11,12 +11,19 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from orderflow.cli.common import CommandError, UsageError, load_settings, stop_on_signals
 from orderflow.config import ConfigError, Settings, resolve_redis_url
+
+if TYPE_CHECKING:
+    # Imported where used: the Order Service (SQLAlchemy, alembic, FastAPI) loads only
+    # for the commands that need it.
+    import uvicorn
+
+    from orderflow.orders import OrderStore, RelayConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +70,12 @@ def register(commands: Any) -> None:
     relay.set_defaults(handler=relay_command)
 
 
-def _relay_config(settings: Settings, batch_size: int = 500) -> Any:
-    from orderflow.orders import RelayConfig
+def _relay_config(settings: Settings, batch_size: int | None = None) -> RelayConfig:
+    from orderflow.orders.relay import DEFAULT_BATCH_SIZE, RelayConfig
 
-    channel = settings.channel if settings.transport == "pubsub" else None
+    size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     try:
-        return RelayConfig(batch_size=batch_size, channel=channel)
+        return RelayConfig.from_settings(settings, batch_size=size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -93,7 +100,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     _quiet_alembic()
     import uvicorn
 
-    from orderflow.orders import create_app
+    from orderflow.app import create_app
 
     settings = load_settings()
     port = settings.api_port if args.port is None else args.port
@@ -127,9 +134,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         metrics_dir = _fresh_dir(settings.data_dir / f"metrics-{os.getpid()}")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         try:
-            uvicorn.run(
-                f"orderflow.orders.api:{factory}", factory=True, workers=args.workers, **options
-            )
+            uvicorn.run(f"orderflow.app:{factory}", factory=True, workers=args.workers, **options)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
@@ -158,7 +163,7 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _server(config: Any) -> Any:
+def _server(config: uvicorn.Config) -> uvicorn.Server:
     """A uvicorn server that leaves SIGINT/SIGTERM to the command, which stops it."""
     import uvicorn
 
@@ -215,7 +220,7 @@ async def create_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _publish_now(settings: Settings, store: Any) -> None:
+async def _publish_now(settings: Settings, store: OrderStore) -> None:
     """One relay pass; the order is safe in the outbox whatever happens here."""
     from orderflow.bus import Retention, connect, redact_url
     from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS

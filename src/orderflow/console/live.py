@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -38,11 +38,7 @@ from orderflow.operations import (
     last_dead_letter_id,
     stream_info,
 )
-from orderflow.orders.schema import orders
-from orderflow.orders.store import Order
-
-if TYPE_CHECKING:
-    from orderflow.orders.api import OrderRuntime
+from orderflow.orders.runtime import OrderRuntime, StoredOrder
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +57,9 @@ class LiveOptions:
     retry_ms: int = 500
 
 
-def order_json(order: Order) -> dict[str, Any]:
+def order_json(order: StoredOrder) -> dict[str, Any]:
     """An order as the console shows it (the API's JSON)."""
     return order.to_json()
-
-
-def recent_orders(runtime: OrderRuntime, limit: int = RECENT_ORDERS) -> list[Order]:
-    """The newest orders, newest first (runs in the database's thread)."""
-    with runtime.db.read() as conn:
-        rows = conn.execute(sa.select(orders).order_by(orders.c.id.desc()).limit(limit))
-        return [Order.from_row(row) for row in rows]
 
 
 @dataclass(slots=True)
@@ -137,7 +126,7 @@ class LiveFeed:
         """The whole live state; a part that cannot be read says why instead."""
         snap: dict[str, Any] = {"at": time.time()}
         try:
-            found = await runtime.db.run(recent_orders, runtime)
+            found = await runtime.recent_orders(RECENT_ORDERS)
             snap["orders"] = [order_json(order) for order in found]
         except sa.exc.SQLAlchemyError as exc:
             snap["orders_error"] = f"database unavailable: {type(exc).__name__}"

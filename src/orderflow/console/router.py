@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -30,7 +30,7 @@ from orderflow.config import Settings
 from orderflow.console import security
 from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
 from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
-from orderflow.console.live import LiveFeed, LiveOptions, recent_orders
+from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
 from orderflow.console.security import ConsoleGuard, Refusal
 from orderflow.formatting import human_duration, human_size
 from orderflow.operations import (
@@ -45,11 +45,7 @@ from orderflow.operations import (
     replay_dead_letters,
     stream_info,
 )
-from orderflow.orders import metrics
-from orderflow.orders.store import OrderConflict
-
-if TYPE_CHECKING:
-    from orderflow.orders.api import OrderRuntime
+from orderflow.orders.runtime import OrderConflict, OrderRuntime
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +194,7 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
         placed = request.query_params.get("placed", "")
         listing: list[Any] = []
         try:
-            listing = await runtime.db.run(recent_orders, runtime)
+            listing = await runtime.recent_orders(RECENT_ORDERS)
         except sa.exc.SQLAlchemyError as exc:
             problem = problem or f"The database is unavailable ({type(exc).__name__})."
         return render(
@@ -228,16 +224,15 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
         if refused is not None:
             return refused
         result = validate_order_form(form)
-        if result.request is None:
-            metrics.ORDERS_REJECTED.labels("validation").inc()
-            return await orders_page(request, form=result.form, errors=result.errors, status=422)
         runtime = _runtime(request)
+        if result.request is None:
+            runtime.count_invalid()
+            return await orders_page(request, form=result.form, errors=result.errors, status=422)
         try:
-            created = await runtime.writer.create(
+            created = await runtime.place_order(
                 result.request, idempotency_key=result.idempotency_key
             )
         except OrderConflict as exc:
-            metrics.ORDERS_REJECTED.labels("conflict").inc()
             return await orders_page(
                 request, form=result.form, errors={"form": [str(exc)]}, status=409
             )
@@ -249,11 +244,6 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
                 status=503,
                 problem="The database failed; nothing was stored. Try again.",
             )
-        if created.created:
-            metrics.ORDERS_CREATED.inc()
-            runtime.notify_relay()
-        else:
-            metrics.ORDER_REPLAYS.inc()
         feed.wake()
         return redirect(f"/?placed={created.order.id}")
 

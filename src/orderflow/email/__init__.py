@@ -7,7 +7,7 @@ templates to a multipart email), ``sender`` (the sender port and its SMTP adapte
 """
 
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
-from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, OrderItem, parse_order
+from orderflow.email.order import InvalidOrder, OrderEvent, OrderItem, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer, message_id_for
 from orderflow.email.sender import (
     PermanentSendError,
@@ -18,19 +18,16 @@ from orderflow.email.sender import (
     SmtpUnreachable,
     TransientSendError,
 )
-from orderflow.email.service import EMAIL_FAILED, EMAIL_SENT, EmailService, OrderBusy
+from orderflow.email.service import EmailService, OrderBusy
 
 __all__ = [
-    "EMAIL_FAILED",
-    "EMAIL_SENT",
-    "ORDER_CREATED",
     "Claim",
     "ClaimState",
     "EmailLedger",
     "EmailService",
     "InvalidOrder",
-    "Order",
     "OrderBusy",
+    "OrderEvent",
     "OrderItem",
     "OutgoingEmail",
     "PermanentSendError",

@@ -7,13 +7,12 @@ checked here, and anything that could start a new header line is refused.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -24,14 +23,17 @@ from pydantic import (
     model_validator,
 )
 
-#: The event type the Email Service handles; a message without ``ce_type`` is one too.
-ORDER_CREATED = "order.created"
+from orderflow.domain import (
+    CONTROL_CHARACTERS,
+    MAX_EMAIL,
+    MAX_ORDER_ID,
+    is_order_id,
+    validate_address,
+)
+
 #: Bounds on what one event may carry, so a hostile producer cannot make huge emails.
 MAX_ITEMS = 100
 MAX_TEXT = 200
-MAX_EMAIL = 254
-#: Largest order id: what a signed 64-bit column holds.
-MAX_ORDER_ID = 2**63 - 1
 #: Largest total accepted (a sanity bound, not a business rule).
 MAX_TOTAL = Decimal("1e12")
 MAX_DECIMALS = 4
@@ -92,8 +94,6 @@ def _amount(value: object) -> Decimal:
     return amount
 
 
-#: Unicode's Cc (C0 and C1 controls, CR and LF among them), Zl and Zp characters.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: Whitespace (as str.isspace) or a Cc control character.
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
@@ -101,7 +101,7 @@ _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 def _one_line(value: object) -> object:
     """Refuse text with control characters (CR, LF, NUL, …) or line separators."""
     if isinstance(value, str):
-        bad = _CONTROL.search(value)
+        bad = CONTROL_CHARACTERS.search(value)
         if bad:
             raise ValueError(f"must be one line of text, found control character {bad[0]!r}")
         return value.strip()
@@ -138,7 +138,7 @@ class OrderItem(BaseModel):
         return self.name or self.sku or "item"
 
 
-class Order(BaseModel):
+class OrderEvent(BaseModel):
     """A validated ``order.created`` payload: what the confirmation email is made of."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -188,7 +188,7 @@ class Order(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _ascii_form(self) -> Order:
+    def _ascii_form(self) -> OrderEvent:
         if self.ascii_email is None:
             object.__setattr__(self, "ascii_email", validate_address(self.email)[1])
         return self
@@ -199,58 +199,11 @@ class Order(BaseModel):
         return self.ascii_email or self.email
 
 
-#: A local part that is a plain dot-atom of common characters: always valid as it is.
-_PLAIN_LOCAL = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
-#: RFC 5321's limit on a local part.
-_MAX_LOCAL = 64
-
-
-def validate_address(value: str) -> tuple[str, str | None]:
-    """(normalised address, its ASCII form or None), exactly as email_validator gives
-    them (no deliverability check, no display name, quoted local part or domain
-    literal); raises EmailNotValidError.
-
-    email_validator costs ~30 µs an address, mostly on the domain, and every order has
-    another address: a plain ASCII local part is checked here by a regular expression
-    and only its domain by email_validator (cached per domain). Anything else takes
-    the full check, so its errors are email_validator's own.
-    """
-    local, at, domain = value.rpartition("@")
-    if (
-        at
-        and len(local) <= _MAX_LOCAL
-        and len(value) <= MAX_EMAIL
-        and value.isascii()
-        and _PLAIN_LOCAL.fullmatch(local)
-    ):
-        try:
-            domain = _validate_domain(domain)
-        except EmailNotValidError:
-            pass  # the full check says why, in its own words
-        else:
-            address = f"{local}@{domain}"
-            return address, address
-    return _validate_email(value)
-
-
-@functools.lru_cache(maxsize=1024)
-def _validate_domain(domain: str) -> str:
-    """The normalised form of an ASCII ``domain``, checked on a plain address."""
-    return validate_email("a@" + domain, check_deliverability=False).domain
-
-
-@functools.lru_cache(maxsize=4096)
-def _validate_email(value: str) -> tuple[str, str | None]:
-    """(normalised address, its ASCII form or None); cached: validation is not cheap."""
-    validated = validate_email(value, check_deliverability=False)
-    return validated.normalized, validated.ascii_email
-
-
-def parse_order(data: Mapping[str, Any]) -> Order:
+def parse_order(data: Mapping[str, Any]) -> OrderEvent:
     """Validate an ``order.created`` payload; InvalidOrder names every field at fault."""
     raw = {key: value for key, value in data.items() if key != "ascii_email"}
     try:
-        return Order.model_validate(raw)
+        return OrderEvent.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'order'}: {err['msg']}"
@@ -268,7 +221,7 @@ def _best_effort_id(value: object) -> int | None:
         parsed = _order_id(value)
     except ValueError:
         return None
-    if isinstance(parsed, int) and 1 <= parsed <= MAX_ORDER_ID:
+    if isinstance(parsed, int) and is_order_id(parsed):
         return parsed
     return None
 

@@ -20,7 +20,7 @@ import jinja2
 
 from orderflow.config import ConfigError
 from orderflow.email.mime import build_alternative, format_address
-from orderflow.email.order import Order
+from orderflow.email.order import OrderEvent
 
 
 class MailFromError(ConfigError):
@@ -106,11 +106,11 @@ class Renderer:
         """The Message-ID this renderer gives order ``order_id``."""
         return message_id_for(order_id, self.domain)
 
-    def subject(self, order: Order) -> str:
+    def subject(self, order: OrderEvent) -> str:
         """The subject line: the order id only, so nothing of the event reaches it."""
         return f"Order #{order.id} confirmed"
 
-    def render(self, order: Order, *, now: datetime | None = None) -> OutgoingEmail:
+    def render(self, order: OrderEvent, *, now: datetime | None = None) -> OutgoingEmail:
         """The confirmation email of ``order``."""
         message_id = self.message_id(order.id)
         headers = [

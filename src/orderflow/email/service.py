@@ -39,10 +39,11 @@ from orderflow.bus import metrics as bus_metrics
 from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
 from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
+from orderflow.domain import EMAIL_FAILED_EVENT, EMAIL_SENT_EVENT, ORDER_CREATED_EVENT
 from orderflow.email import metrics
 from orderflow.email.gate import SmtpGate
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
-from orderflow.email.order import ORDER_CREATED, InvalidOrder, Order, parse_order
+from orderflow.email.order import InvalidOrder, OrderEvent, parse_order
 from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.email.sender import Sender, SendError, SmtpUnreachable
 
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 
 #: The ``ce_source`` of the events this service publishes.
 SOURCE = "orderflow/email"
-EMAIL_SENT = "email.sent"
-EMAIL_FAILED = "email.failed"
 DEFAULT_CONCURRENCY = 32
 #: How long a ledger write waits for a replica on a cluster.
 _WAIT_MS = 100
@@ -179,7 +178,7 @@ class EmailService:
     async def handle(self, delivery: Delivery) -> None:
         """The bus handler: one delivery of an orders-stream entry."""
         message = delivery.message
-        if message.type not in (None, ORDER_CREATED):
+        if message.type not in (None, ORDER_CREATED_EVENT):
             # Other events on the stream are not ours: acknowledge and move on.
             log.debug("ignoring %s event %s", message.type, message.id)
             return
@@ -192,7 +191,7 @@ class EmailService:
             raise PermanentError(exc.reason) from None
         await self.gate.run(functools.partial(self._deliver, order, delivery))
 
-    async def _deliver(self, order: Order, delivery: Delivery) -> None:
+    async def _deliver(self, order: OrderEvent, delivery: Delivery) -> None:
         """Claim, send, record. Raises SmtpUnreachable (nothing sent, the lease given
         back) for the gate to hold the delivery until SMTP answers."""
         token = f"{self.consumer}:{uuid.uuid4().hex}"
@@ -237,7 +236,7 @@ class EmailService:
             await self._mark_sent_and_publish(order, token, message_id, at)
             metrics.SENT.inc()
 
-    async def _claim(self, order: Order, token: str) -> tuple[Claim, float]:
+    async def _claim(self, order: OrderEvent, token: str) -> tuple[Claim, float]:
         """Claim the order; while another sender holds it, wait for its outcome.
 
         Also returns when the successful claim was asked for (monotonic): the lease
@@ -295,7 +294,7 @@ class EmailService:
         return int(info.get("connected_slaves", 0)) > 0 if isinstance(info, dict) else True
 
     async def _send_holding_lease(
-        self, order: Order, token: str, email: OutgoingEmail, leased_at: float
+        self, order: OrderEvent, token: str, email: OutgoingEmail, leased_at: float
     ) -> None:
         """Send, renewing the order's lease while the send runs, so no one steals it."""
         # The send runs in the handler's own task; a timer starts a renewal only when
@@ -325,7 +324,7 @@ class EmailService:
                 with contextlib.suppress(BaseException):
                     await renewal
 
-    async def _renew(self, order: Order, token: str) -> None:
+    async def _renew(self, order: OrderEvent, token: str) -> None:
         try:
             held = await self.ledger.renew(order.id, token)
         except _REDIS_ERRORS as exc:
@@ -339,7 +338,7 @@ class EmailService:
                 self.renderer.message_id(order.id),
             )
 
-    async def _still_holding(self, order: Order, token: str, since: float) -> None:
+    async def _still_holding(self, order: OrderEvent, token: str, since: float) -> None:
         """Just before the SMTP transaction: if enough time has passed since the lease
         was asked for (``since``) for it to be at risk (the process was frozen, the
         connection was slow), check that it is still ours, renewing it. Costs nothing
@@ -351,7 +350,7 @@ class EmailService:
                 f"order {order.id}: send lease lost before the SMTP transaction; not sending"
             )
 
-    async def _mark_sent(self, order: Order, token: str, message_id: str, at: str) -> None:
+    async def _mark_sent(self, order: OrderEvent, token: str, message_id: str, at: str) -> None:
         async def mark() -> bool:
             held = await self.ledger.mark_sent(order.id, token, message_id, at)
             await self._replicated(order.id)
@@ -361,10 +360,12 @@ class EmailService:
             self._warn_lease_lost(order, message_id)
 
     async def _mark_sent_and_publish(
-        self, order: Order, token: str, message_id: str, at: str
+        self, order: OrderEvent, token: str, message_id: str, at: str
     ) -> None:
         """``_mark_sent`` and ``_publish_sent`` in one round trip (a single server)."""
-        event = Message.event(EMAIL_SENT, self._sent_data(order, message_id, at), source=SOURCE)
+        event = Message.event(
+            EMAIL_SENT_EVENT, self._sent_data(order, message_id, at), source=SOURCE
+        )
         fields: list[bytes | str] = []
         for key, value in encode(event).items():
             fields += (key, value)
@@ -388,7 +389,7 @@ class EmailService:
             self._warn_lease_lost(order, message_id)
 
     @staticmethod
-    async def _recorded(order: Order, record: Callable[[], Awaitable[bool]]) -> bool:
+    async def _recorded(order: OrderEvent, record: Callable[[], Awaitable[bool]]) -> bool:
         """``record()`` (the ledger's "sent"), retried through a short Redis outage:
         SMTP accepted the email, and the record is what keeps a retry from sending it
         again, so riding out the outage beats failing the delivery. Returns its answer."""
@@ -405,7 +406,7 @@ class EmailService:
             raise
 
     @staticmethod
-    def _warn_lease_lost(order: Order, message_id: str) -> None:
+    def _warn_lease_lost(order: OrderEvent, message_id: str) -> None:
         log.warning(
             "order %s: lease had expired before the send was recorded; a duplicate "
             "may exist (Message-ID %s)",
@@ -413,7 +414,7 @@ class EmailService:
             message_id,
         )
 
-    async def _release(self, order: Order, token: str) -> None:
+    async def _release(self, order: OrderEvent, token: str) -> None:
         # Best effort: if Redis is away the lease simply runs out.
         try:
             await self.ledger.release(order.id, token)
@@ -423,7 +424,7 @@ class EmailService:
     # -- outcome events ------------------------------------------------------------
 
     @staticmethod
-    def _sent_data(order: Order, message_id: str, at: str | None) -> dict[str, Any]:
+    def _sent_data(order: OrderEvent, message_id: str, at: str | None) -> dict[str, Any]:
         return {
             "order_id": order.id,
             "email": order.email,
@@ -431,10 +432,10 @@ class EmailService:
             "at": at or _now(),
         }
 
-    async def _publish_sent(self, order: Order, message_id: str, at: str | None) -> None:
+    async def _publish_sent(self, order: OrderEvent, message_id: str, at: str | None) -> None:
         data = self._sent_data(order, message_id, at)
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_SENT, data, source=SOURCE)
+            self.events_stream, Message.event(EMAIL_SENT_EVENT, data, source=SOURCE)
         )
 
     async def _publish_failed(
@@ -448,7 +449,7 @@ class EmailService:
             "at": _now(),
         }
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_FAILED, data, source=SOURCE)
+            self.events_stream, Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE)
         )
         log.warning("order %s: email failed: %s", order_id, reason)
 

@@ -1,5 +1,7 @@
 """The Order Service's HTTP API (FastAPI), built by ``create_app``; nothing runs at import.
 
+This is the API alone; ``orderflow.app`` adds the web console to it.
+
 ``POST /orders`` validates strictly, then stores the order and its event in one
 transaction and wakes the relay; ``GET /orders/{id}`` shows the confirmation status;
 ``GET /health`` and ``GET /metrics`` serve operators.
@@ -12,7 +14,6 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import orjson
@@ -33,19 +34,18 @@ from redis.exceptions import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from orderflow.bus import Retention, StreamWorker, connect, redact_url
+from orderflow.bus import connect, redact_url
 from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 from orderflow.config import Settings, resolve_redis_url
+from orderflow.domain import MAX_ORDER_ID
 from orderflow.operations import OperationError, record_stream_metrics
 from orderflow.orders import metrics
 from orderflow.orders.database import Database
-from orderflow.orders.email_status import EmailStatusConsumer
-from orderflow.orders.reconcile import Reconciler
-from orderflow.orders.relay import OutboxRelay, RelayConfig
-from orderflow.orders.schema import MAX_ORDER_ID
-from orderflow.orders.store import OrderConflict, OrderStore
+from orderflow.orders.problems import PROBLEM_JSON, Problem, database_problem, invalid
+from orderflow.orders.relay import RelayConfig
+from orderflow.orders.request_body import Disconnected, check_media_type, read_body, receive_body
+from orderflow.orders.runtime import OrderConflict, OrderRuntime
 from orderflow.orders.validation import (
-    MAX_BODY_BYTES,
     BodyError,
     OrderRequest,
     field_errors,
@@ -53,136 +53,17 @@ from orderflow.orders.validation import (
     validate_idempotency_key,
     validate_order,
 )
-from orderflow.orders.writer import OrderWriter
 
 log = logging.getLogger(__name__)
 
-PROBLEM_JSON = "application/problem+json"
 #: Seconds a health check waits for Redis or the database.
 HEALTH_TIMEOUT_S = 2.0
-
-
-@dataclass(slots=True)
-class OrderRuntime:
-    """The running pieces behind the API, created by the app's lifespan."""
-
-    settings: Settings
-    db: Database
-    store: OrderStore
-    redis: aioredis.Redis
-    relay: OutboxRelay
-    writer: OrderWriter
-    relay_running: bool = False
-    email_worker: StreamWorker | None = None
-    reconciler: Reconciler | None = None
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-
-    def notify_relay(self) -> None:
-        """Wake the in-process relay, if it runs, after a commit."""
-        if self.relay_running:
-            self.relay.notify()
-
-
-class Problem(Exception):
-    """An RFC 9457 problem answered as ``application/problem+json``."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        *,
-        errors: list[dict[str, str]] | None = None,
-        kind: str = "about:blank",
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.errors = errors
-        self.kind = kind
-
-    def body(self, instance: str | None = None) -> bytes:
-        """The problem as JSON."""
-        body: dict[str, Any] = {
-            "type": self.kind,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if instance:
-            body["instance"] = instance
-        if self.errors is not None:
-            body["errors"] = self.errors
-        return orjson.dumps(body)
-
-    def response(self, instance: str | None = None) -> Response:
-        """The HTTP response of this problem."""
-        return Response(self.body(instance), status_code=self.status, media_type=PROBLEM_JSON)
-
-
-def invalid(errors: list[dict[str, str]]) -> Problem:
-    """422 naming every invalid field."""
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return Problem(
-        422, "Invalid request", detail, errors=errors, kind="urn:orderflow:problem:validation"
-    )
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
     )
-
-
-def _too_big() -> Problem:
-    return invalid([{"field": "body", "message": f"is over {MAX_BODY_BYTES} bytes"}])
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_big()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_big()
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _Disconnected(Exception):
-    """The client went away before its request's body was in."""
-
-
-async def _receive_body(receive: Receive, declared: str | None) -> bytes:
-    """The request's body from raw ASGI messages, with ``_read_body``'s limits."""
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_big()
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_big()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _check_media_type(content_type: str | None) -> None:
-    """Refuse a body that is not JSON (no content type counts as JSON)."""
-    if content_type is None:
-        return
-    media = content_type.split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise invalid([{"field": "content-type", "message": "must be application/json"}])
 
 
 async def _take_order(
@@ -194,36 +75,22 @@ async def _take_order(
         order_request = validate_order(parse_body(body))
         key = validate_idempotency_key(idempotency_key) if idempotency_key is not None else None
     except BodyError as exc:
-        metrics.ORDERS_REJECTED.labels("validation").inc()
+        runtime.count_invalid()
         raise invalid([{"field": "body", "message": str(exc)}]) from None
     except ValidationError as exc:
-        metrics.ORDERS_REJECTED.labels("validation").inc()
+        runtime.count_invalid()
         raise invalid(field_errors(exc)) from None
     except ValueError as exc:
-        metrics.ORDERS_REJECTED.labels("validation").inc()
+        runtime.count_invalid()
         raise invalid([{"field": "Idempotency-Key", "message": str(exc)}]) from None
     try:
-        result = await runtime.writer.create(order_request, idempotency_key=key)
+        result = await runtime.place_order(order_request, idempotency_key=key)
     except OrderConflict as exc:
-        metrics.ORDERS_REJECTED.labels("conflict").inc()
         raise Problem(409, "Conflict", str(exc), kind="urn:orderflow:problem:conflict") from None
     headers = {"Location": f"/orders/{result.order.id}"}
-    if result.created:
-        metrics.ORDERS_CREATED.inc()
-        runtime.notify_relay()
-    else:
-        metrics.ORDER_REPLAYS.inc()
+    if not result.created:
         headers["Idempotent-Replayed"] = "true"
     return orjson.dumps(result.order.to_json()), headers
-
-
-def _database_problem(method: str, path: str, exc: sa.exc.SQLAlchemyError) -> Problem:
-    log.error("database error on %s %s", method, path, exc_info=exc)
-    return Problem(
-        503,
-        "Database unavailable",
-        "the database failed; nothing was stored, retry later (with the same Idempotency-Key)",
-    )
 
 
 _HEADERS_READ = frozenset((b"content-type", b"idempotency-key", b"content-length"))
@@ -244,19 +111,19 @@ async def _post_orders(runtime: OrderRuntime, scope: Scope, receive: Receive, se
     headers: dict[str, str] = {}
     try:
         try:
-            _check_media_type(content_type)
-            body = await _receive_body(receive, declared)
+            check_media_type(content_type)
+            body = await receive_body(receive, declared)
         except Problem:
-            metrics.ORDERS_REJECTED.labels("validation").inc()
+            runtime.count_invalid()
             raise
         payload, headers = await _take_order(runtime, body, idempotency_key)
         status, media_type = 201, b"application/json"
-    except _Disconnected:
+    except Disconnected:
         return
     except Problem as problem:
         status, media_type, payload = problem.status, PROBLEM_JSON.encode(), problem.body("/orders")
     except sa.exc.SQLAlchemyError as exc:
-        unavailable = _database_problem("POST", "/orders", exc)
+        unavailable = database_problem("POST", "/orders", exc)
         status, media_type = unavailable.status, PROBLEM_JSON.encode()
         payload = unavailable.body("/orders")
     raw_headers = [
@@ -307,8 +174,9 @@ def create_app(
     run_reconciler: bool = True,
     relay_config: RelayConfig | None = None,
 ) -> FastAPI:
-    """The Order Service app. Its lifespan migrates the database and, unless told not
-    to, runs the outbox relay, the email-status consumer and the reconciler.
+    """The Order Service's API. Its lifespan migrates the database and, unless told
+    not to, runs the outbox relay, the email-status consumer and the reconciler
+    (``app.state.orders``: the OrderRuntime).
 
     ``redis`` and ``database`` given by the caller are used and left open.
     """
@@ -324,13 +192,20 @@ def create_app(
                 # A socket timeout, so a hung Redis fails a publish instead of freezing it.
                 client = connect(url, socket_timeout=10)
                 log.info("order service using Redis at %s", redact_url(url))
-            runtime = _start(
-                app, settings, db, client, run_relay, run_email_status, run_reconciler, relay_config
+            runtime = OrderRuntime.start(
+                settings,
+                db,
+                client,
+                run_relay=run_relay,
+                run_email_status=run_email_status,
+                run_reconciler=run_reconciler,
+                relay_config=relay_config,
             )
+            app.state.orders = runtime
             try:
                 yield
             finally:
-                await _stop(runtime)
+                await runtime.stop()
         finally:
             if redis is None and client is not None:
                 await client.aclose()
@@ -344,82 +219,7 @@ def create_app(
         description="Takes orders; their events reach Redis through a transactional outbox.",
     )
     _routes(app)
-    # Imported here: the console imports this package's modules in turn.
-    from orderflow.console import console_router
-
-    app.include_router(console_router(settings))
     return app
-
-
-def app_from_environment() -> FastAPI:
-    """The app with settings from ``ORDERFLOW_*`` (uvicorn's factory, one per worker)."""
-    return create_app(Settings())
-
-
-def app_without_relay() -> FastAPI:
-    """As ``app_from_environment``, without the outbox relay."""
-    return create_app(Settings(), run_relay=False)
-
-
-def _start(
-    app: FastAPI,
-    settings: Settings,
-    db: Database,
-    client: aioredis.Redis,
-    run_relay: bool,
-    run_email_status: bool,
-    run_reconciler: bool,
-    relay_config: RelayConfig | None,
-) -> OrderRuntime:
-    store = OrderStore(db, stream=settings.stream)
-    if relay_config is None:
-        channel = settings.channel if settings.transport == "pubsub" else None
-        relay_config = RelayConfig(channel=channel)
-    relay = OutboxRelay(
-        store,
-        client,
-        config=relay_config,
-        retention=Retention(maxlen=settings.stream_maxlen),
-        partitions=settings.partitions,
-    )
-    runtime = OrderRuntime(
-        settings=settings,
-        db=db,
-        store=store,
-        redis=client,
-        relay=relay,
-        writer=OrderWriter(store),
-    )
-    if run_relay:
-        runtime.relay_running = True
-        runtime.tasks.append(asyncio.create_task(relay.run(), name="orderflow-relay"))
-    if run_email_status:
-        runtime.email_worker = EmailStatusConsumer(store).worker(client, settings)
-        runtime.tasks.append(
-            asyncio.create_task(runtime.email_worker.run(), name="orderflow-email-status")
-        )
-    if run_reconciler:
-        runtime.reconciler = Reconciler(
-            store, after_s=settings.reconcile_after_s, on_queued=runtime.notify_relay
-        )
-        runtime.tasks.append(
-            asyncio.create_task(runtime.reconciler.run(), name="orderflow-reconciler")
-        )
-    app.state.orders = runtime
-    return runtime
-
-
-async def _stop(runtime: OrderRuntime) -> None:
-    await runtime.writer.wait_idle()
-    runtime.relay.stop()
-    if runtime.email_worker is not None:
-        runtime.email_worker.stop()
-    if runtime.reconciler is not None:
-        runtime.reconciler.stop()
-    results = await asyncio.gather(*runtime.tasks, return_exceptions=True)
-    for task, result in zip(runtime.tasks, results, strict=True):
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            log.error("%s failed", task.get_name(), exc_info=result)
 
 
 def _runtime(request: Request) -> OrderRuntime:
@@ -449,7 +249,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.exception_handler(sa.exc.SQLAlchemyError)
     async def _database(request: Request, exc: sa.exc.SQLAlchemyError) -> Response:
-        problem = _database_problem(request.method, request.url.path, exc)
+        problem = database_problem(request.method, request.url.path, exc)
         return problem.response(request.url.path)
 
     @app.post(
@@ -482,10 +282,10 @@ def _routes(app: FastAPI) -> None:
         # Served by _post_orders once the app runs (see OrderServiceApp); the same
         # steps, kept here for the OpenAPI document and as the reference.
         try:
-            _check_media_type(request.headers.get("content-type"))
-            body = await _read_body(request)
+            check_media_type(request.headers.get("content-type"))
+            body = await read_body(request)
         except Problem:
-            metrics.ORDERS_REJECTED.labels("validation").inc()
+            OrderRuntime.count_invalid()
             raise
         payload, headers = await _take_order(
             _runtime(request), body, request.headers.get("idempotency-key")

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,8 @@ T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 #: Key of the PostgreSQL advisory lock that serialises migrations of several processes.
 _MIGRATION_LOCK = 0x0F0F_0001
+#: Most values in one SQL ``IN`` list.
+IN_CHUNK = 500
 
 
 def normalize_url(url: str) -> URL:
@@ -73,6 +76,10 @@ class Database:
         self._echo = echo
         self._engine: Engine | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # SQLite: the process's writers (group commit, relay, email status) take turns
+        # here instead of in SQLite's busy handler, which sleeps 1 to 100 ms between
+        # tries. Other processes still meet the busy handler.
+        self._write_lock = threading.RLock()
 
     @property
     def is_sqlite(self) -> bool:
@@ -114,10 +121,14 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (on SQLite: ``BEGIN IMMEDIATE``, so it never deadlocks
-        upgrading a read lock); commits on success, rolls back on error."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.execution_options(sqlite_begin="IMMEDIATE")
+        upgrading a read lock, and one thread of this process at a time); commits on
+        success, rolls back on error."""
+        if not self.is_sqlite:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        with self._write_lock, self.engine.connect() as conn:
+            conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
 
@@ -183,6 +194,11 @@ class Database:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+
+def in_chunks(values: Sequence[T]) -> list[Sequence[T]]:
+    """``values`` in slices of at most ``IN_CHUNK``, one SQL ``IN`` list each."""
+    return [values[i : i + IN_CHUNK] for i in range(0, len(values), IN_CHUNK)]
 
 
 def quiet_alembic() -> None:

@@ -22,15 +22,16 @@ from orderflow.bus import Delivery, PermanentError, StreamWorker, WorkerConfig
 from orderflow.bus.partition_workers import SupervisedStreamWorker
 from orderflow.bus.partitions import is_cluster, single_stream
 from orderflow.config import Settings
+from orderflow.domain import EMAIL_FAILED_EVENT, EMAIL_SENT_EVENT, is_order_id
 from orderflow.orders import metrics
-from orderflow.orders.schema import EMAIL_FAILED, EMAIL_SENT, MAX_ORDER_ID
-from orderflow.orders.store import EmailStatusUpdate, OrderStore
+from orderflow.orders.email_status_store import EmailStatusUpdate
+from orderflow.orders.schema import EMAIL_STATUS_FAILED, EMAIL_STATUS_SENT
+from orderflow.orders.store import OrderStore
 
 log = logging.getLogger(__name__)
 
-EMAIL_SENT_TYPE = "email.sent"
-EMAIL_FAILED_TYPE = "email.failed"
-_STATUS_OF = {EMAIL_SENT_TYPE: EMAIL_SENT, EMAIL_FAILED_TYPE: EMAIL_FAILED}
+#: The order's email status each event type records.
+_STATUS_OF = {EMAIL_SENT_EVENT: EMAIL_STATUS_SENT, EMAIL_FAILED_EVENT: EMAIL_STATUS_FAILED}
 #: Most updates in one transaction.
 DEFAULT_MAX_BATCH = 256
 #: How long the first update of a batch waits for others (the bus hands a read batch's
@@ -79,8 +80,8 @@ class EmailStatusConsumer:
             order_id,
             status,
             at=_time(data.get("at")),
-            reason=_text(data.get("reason"), 1000),
-            message_id=_text(data.get("message_id"), 998),
+            reason=_clipped(data.get("reason"), 1000),
+            message_id=_clipped(data.get("message_id"), 998),
         )
         outcome = await self._record(update)
         metrics.EMAIL_STATUS.labels(status, outcome).inc()
@@ -152,7 +153,7 @@ class EmailStatusConsumer:
 def _order_id(value: Any) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ORDER_ID:
+    if isinstance(value, bool) or not isinstance(value, int) or not is_order_id(value):
         raise PermanentError(f"email event without a valid order_id: {value!r}")
     return value
 
@@ -168,7 +169,8 @@ def _time(value: Any) -> datetime:
     return datetime.now(UTC)
 
 
-def _text(value: Any, limit: int) -> str | None:
+def _clipped(value: Any, limit: int) -> str | None:
+    """``value`` as text of at most ``limit`` characters (it fills a bounded column)."""
     if value is None:
         return None
     return str(value)[:limit]

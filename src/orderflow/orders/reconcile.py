@@ -10,14 +10,49 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
 from orderflow.orders import metrics
-from orderflow.orders.store import OrderStore
+from orderflow.orders.repository import OrderRepository, StoredOrder, order_event
+from orderflow.orders.schema import EMAIL_STATUS_PENDING, orders
 
 log = logging.getLogger(__name__)
+
+
+def republish_due(
+    repository: OrderRepository,
+    *,
+    older_than_s: float,
+    now: datetime | None = None,
+    limit: int = 500,
+) -> list[int]:
+    """Queue a new event for each order still pending ``older_than_s`` after its last
+    publish; returns their ids. The order's ``last_published_at`` is cleared until
+    the relay has published again, so it is not queued twice meanwhile."""
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(seconds=older_than_s)
+    with repository.db.write() as conn:
+        query = (
+            sa.select(orders)
+            .where(
+                orders.c.email_status == EMAIL_STATUS_PENDING,
+                orders.c.last_published_at.is_not(None),
+                orders.c.last_published_at <= cutoff,
+            )
+            .order_by(orders.c.id)
+            .limit(limit)
+        )
+        if not repository.db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        due = [StoredOrder.from_row(row) for row in conn.execute(query)]
+        if not due:
+            return []
+        ids = [order.id for order in due]
+        repository.outbox.enqueue(conn, [(order.id, order_event(order)) for order in due], now)
+        conn.execute(sa.update(orders).where(orders.c.id.in_(ids)).values(last_published_at=None))
+        return ids
 
 
 class Reconciler:
@@ -25,7 +60,7 @@ class Reconciler:
 
     def __init__(
         self,
-        store: OrderStore,
+        store: OrderRepository,
         *,
         after_s: float,
         on_queued: Callable[[], None] | None = None,
@@ -52,7 +87,8 @@ class Reconciler:
         queued: list[int] = []
         while True:
             ids = await self.store.db.run(
-                self.store.republish_due,
+                republish_due,
+                self.store,
                 older_than_s=self.after_s,
                 now=now,
                 limit=self.batch_size,

@@ -25,16 +25,19 @@ from orderflow.bus import Message, PubSubPublisher, Retention, StreamPublisher
 from orderflow.bus import metrics as bus_metrics
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
 from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
+from orderflow.config import Settings
 from orderflow.orders import metrics
-from orderflow.orders.store import NOTIFY_CHANNEL, ClaimedBatch, OrderStore, OutboxRow
+from orderflow.orders.outbox import NOTIFY_CHANNEL, ClaimedBatch, OutboxRow
+from orderflow.orders.store import OrderStore
 
 log = logging.getLogger(__name__)
 
-#: Errors after which the relay waits and tries again: Redis or the database is away.
 #: How long a relay trusts the partition count it read from Redis.
 _LAYOUT_TTL_S = 1.0
-
+#: Errors after which the relay waits and tries again: Redis or the database is away.
 _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, sa.exc.DBAPIError)
+#: Most events in one pipelined XADD round trip, unless configured otherwise.
+DEFAULT_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,7 @@ class RelayConfig:
     """How the relay batches, waits and retries; validated on construction."""
 
     #: Most events in one pipelined XADD round trip (and one DB transaction).
-    batch_size: int = 500
+    batch_size: int = DEFAULT_BATCH_SIZE
     #: Shortest and longest wait between two looks at the outbox when nothing woke
     #: the relay: short right after work, doubling while idle (no busy polling).
     min_poll_s: float = 0.02
@@ -64,6 +67,14 @@ class RelayConfig:
             raise ValueError("RelayConfig.lease_ttl_s must exceed twice max_poll_s")
         if self.retry_max_s <= 0:
             raise ValueError("RelayConfig.retry_max_s must be positive")
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> RelayConfig:
+        """The relay of ``settings``: in Pub/Sub mode it also publishes on the channel."""
+        channel = settings.channel if settings.transport == "pubsub" else None
+        return cls(batch_size=batch_size, channel=channel)
 
 
 @dataclass(slots=True)

@@ -9,17 +9,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-#: Email confirmation states of an order; ``sent`` is final.
-EMAIL_PENDING = "pending"
-EMAIL_SENT = "sent"
-EMAIL_FAILED = "failed"
-EMAIL_STATUSES = (EMAIL_PENDING, EMAIL_SENT, EMAIL_FAILED)
+#: An order's ``email_status``: its confirmation email is pending, sent (final) or failed.
+EMAIL_STATUS_PENDING = "pending"
+EMAIL_STATUS_SENT = "sent"
+EMAIL_STATUS_FAILED = "failed"
 
 #: The one lease row the SQLite relays compete for.
 OUTBOX_LEASE = "outbox"
-
-#: Largest order id: the range of a signed 64-bit integer.
-MAX_ORDER_ID = 2**63 - 1
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -97,7 +93,7 @@ orders = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     # sha256 of the validated request: replays with the same body are recognised.
     sa.Column("fingerprint", sa.String(64), nullable=False),
-    sa.Column("email_status", sa.String(16), nullable=False, server_default=EMAIL_PENDING),
+    sa.Column("email_status", sa.String(16), nullable=False, server_default=EMAIL_STATUS_PENDING),
     sa.Column("email_status_at", UTCDateTime(), nullable=True),
     sa.Column("email_reason", sa.Text(), nullable=True),
     sa.Column("email_message_id", sa.String(998), nullable=True),

@@ -25,8 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from orderflow.email.order import validate_address
-from orderflow.orders.schema import MAX_ORDER_ID
+from orderflow.domain import CONTROL_CHARACTERS, MAX_EMAIL, MAX_ORDER_ID, validate_address
 
 #: Largest accepted request body.
 MAX_BODY_BYTES = 64 * 1024
@@ -52,10 +51,6 @@ _ISO_4217 = """
 CURRENCIES = frozenset(_ISO_4217.split())
 
 _AMOUNT_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
-# Control characters (CR and LF above all) could split a mail header or a log line.
-# The same set the Email Service refuses (Unicode Cc, Zl, Zp: C1 controls included), so
-# an order accepted here is never dead-lettered there.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BodyError(ValueError):
@@ -89,7 +84,9 @@ def _price(value: Any) -> Decimal:
 
 
 def _no_control(value: str) -> str:
-    if _CONTROL.search(value):
+    # The set the Email Service refuses too, so an order taken here is never
+    # dead-lettered there.
+    if CONTROL_CHARACTERS.search(value):
         raise ValueError("must not contain control characters such as CR or LF")
     return value
 
@@ -128,7 +125,7 @@ class OrderRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    email: StrictStr = Field(min_length=3, max_length=254)
+    email: StrictStr = Field(min_length=3, max_length=MAX_EMAIL)
     total: Total
     currency: StrictStr = "USD"
     items: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS)
@@ -139,8 +136,8 @@ class OrderRequest(BaseModel):
     def _email(cls, value: str) -> str:
         _no_control(value)
         try:
-            # The Email Service's own check (so an order taken here is never refused
-            # there): no display names, no quoted local parts, no domain literals,
+            # The check the Email Service makes too (so an order taken here is never
+            # refused there): no display names, no quoted local parts, no domain literals,
             # nothing that could smuggle another address or a header into the email.
             return validate_address(value)[0]
         except EmailNotValidError as exc:

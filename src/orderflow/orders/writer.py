@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from orderflow.orders.store import CreateResult, OrderConflict, OrderStore
+from orderflow.orders.repository import CreateResult, OrderConflict
+from orderflow.orders.store import OrderStore
 from orderflow.orders.validation import OrderRequest
 
 log = logging.getLogger(__name__)
