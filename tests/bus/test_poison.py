@@ -76,7 +76,7 @@ async def test_a_message_that_kills_its_consumer_is_dead_lettered(
             consumer = start(redis_url, mode, f"c{round_}")
             consumers.append(consumer)
             await wait_until(
-                lambda n=round_: _llen(aredis, "poison-started", n),  # type: ignore[misc]
+                lambda n=round_: _llen(aredis, "poison-started", n),
                 timeout=30,
                 what=f"delivery {round_} of the poison entry",
             )
