@@ -12,7 +12,7 @@ import asyncio
 import sys
 
 from orderflow.bus import Delivery, StreamWorker, WorkerConfig, connect
-from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
+from orderflow.bus.consume import OrderedWorker, PartitionedWorker
 from orderflow.bus.partitions import resolve_layout
 from orderflow.cli.common import stop_on_signals
 
