@@ -9,9 +9,10 @@ the consumer modes as policies over it.
 
 from orderflow.bus.consume.competing import StreamWorker
 from orderflow.bus.consume.config import ConsumerSettings, WorkerConfig, WorkerStats
-from orderflow.bus.consume.engine import COMPETING, ORDERED, Engine, Policy
+from orderflow.bus.consume.engine import Engine
 from orderflow.bus.consume.ordered import OrderedWorker
 from orderflow.bus.consume.partitioned import PartitionedWorker
+from orderflow.bus.consume.policy import COMPETING, ORDERED, Policy
 from orderflow.bus.consume.supervised import SupervisedStreamWorker
 
 __all__ = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from orderflow.bus.consume.config import WorkerConfig, WorkerStats
-from orderflow.bus.consume.engine import COMPETING, Engine, Policy
+from orderflow.bus.consume.engine import Engine
+from orderflow.bus.consume.policy import COMPETING, Policy
 from orderflow.bus.delivery import Handler
 
 __all__ = ["StreamWorker"]

@@ -29,7 +29,6 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -39,6 +38,7 @@ from orderflow.bus import metrics
 from orderflow.bus.consume.config import WorkerConfig, WorkerStats
 from orderflow.bus.consume.deadletter import dead_letter_record, move_to_dead_letters
 from orderflow.bus.consume.heartbeat import Heartbeat
+from orderflow.bus.consume.policy import COMPETING, Policy
 from orderflow.bus.consume.retry import claim_back, reconnect_delay_s
 from orderflow.bus.delivery import Handler, make_delivery
 from orderflow.bus.entries import id_key, text
@@ -49,32 +49,6 @@ from orderflow.bus.streams import ensure_group, flat_fields, read_group, send_co
 log = logging.getLogger("orderflow.bus.worker")
 
 _HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, ResponseError)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """What a consumer mode chooses; the engine does the rest the same way in every mode."""
-
-    #: Claim entries other consumers left idle for ``claim_idle_ms``, every claim interval.
-    claim_idle: bool = True
-    #: Before reading new entries, take over every pending entry of the group (at any
-    #: idle time), in stream order: for the sole owner of a stream.
-    take_pending_first: bool = False
-    #: Retry a failed entry in place, holding everything behind it (ordered); else it
-    #: waits aside for its retry while later entries go on.
-    retry_in_place: bool = False
-    #: On stop, handle what was read but not started; else it stays pending, in order,
-    #: for the next owner.
-    finish_read_on_stop: bool = True
-
-
-#: Competing consumers: every consumer of the group reads, claims and retries aside.
-COMPETING = Policy()
-#: The sole owner of a stream: takes over what earlier owners left, then one entry at
-#: a time (with ``concurrency=1``), retrying in place.
-ORDERED = Policy(
-    claim_idle=False, take_pending_first=True, retry_in_place=True, finish_read_on_stop=False
-)
 
 
 class Engine:
@@ -347,7 +321,11 @@ class Engine:
         max_deliveries = self.config.max_deliveries
         bounds, buckets = self._handler_bounds, self._handler_buckets
         clock = time.perf_counter
+        # Ordered: on stop, not one more entry (the next owner may have its lease already).
+        stop_now, stopping = not self.policy.finish_read_on_stop, self._stopping
         while queue:
+            if stop_now and stopping.is_set():
+                break
             entry_id, fields, deliveries = queue.popleft()
             if not self._lane_starting:
                 self._add_lane()

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from orderflow.bus.consume.config import WorkerConfig, WorkerStats, sum_stats
-from orderflow.bus.consume.engine import ORDERED, Policy
+from orderflow.bus.consume.policy import ORDERED, Policy
 from orderflow.bus.consume.supervised import SupervisedStreamWorker
 from orderflow.bus.delivery import Handler
 from orderflow.bus.entries import text
