@@ -71,6 +71,9 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from orderflow.bus.entries import DLQ_FIELD_PREFIX
+from orderflow.bus.entries import id_key as _id_key
+from orderflow.bus.entries import text as _text
 from orderflow.bus.keys import DLQ_SUFFIX, StreamKeys
 from orderflow.bus.partitions import recorded_layout, single_stream
 
@@ -91,9 +94,10 @@ _COUNT_AFTER_SCRIPT = """
 return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
 """
 
-# Moves one dead letter back to its source stream: XADD its original fields (the
-# dlq_* ones stripped) and XDEL it, in one atomic step, after checking it is still
-# there. So a crash never loses or doubles it, and neither do two concurrent replays.
+# Moves one dead letter back to its source stream: XADD its original fields (those
+# with the dead-letter prefix ARGV[2] stripped) and XDEL it, in one atomic step, after
+# checking it is still there. So a crash never loses or doubles it, and neither do two
+# concurrent replays.
 # Returns the new entry id, or false when the dead letter is gone.
 _REPLAY_SCRIPT = """
 local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
@@ -101,7 +105,7 @@ if #rows == 0 then return false end
 local fields = rows[1][2]
 local original = {}
 for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 4) ~= 'dlq_' then
+  if string.sub(fields[i], 1, #ARGV[2]) ~= ARGV[2] then
     table.insert(original, fields[i])
     table.insert(original, fields[i + 1])
   end
@@ -729,7 +733,7 @@ async def _replay_rows(
         raw_source = fields.get(b"dlq_stream")
         if raw_source and not partitioned:
             source = raw_source.decode(errors="replace")
-        pipe.eval(_REPLAY_SCRIPT, 2, dlq, source, raw_id)
+        pipe.eval(_REPLAY_SCRIPT, 2, dlq, source, raw_id, DLQ_FIELD_PREFIX)
     replies = await pipe.execute(raise_on_error=False)
     for (raw_id, _fields), reply in zip(rows, replies, strict=True):
         entry_id = _text(raw_id)
@@ -960,7 +964,7 @@ def _dead_letter(dlq: str, raw_id: bytes, raw_fields: Mapping[bytes, bytes]) -> 
     original: dict[str, str] = {}
     for key, value in raw_fields.items():
         name, text = _safe(key), _safe(value)
-        if name.startswith("dlq_"):
+        if name.startswith(DLQ_FIELD_PREFIX):
             meta[name] = text
         else:
             original[name] = text
@@ -1000,21 +1004,12 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _format_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _unique(ids: Any) -> list[str]:
     return list(dict.fromkeys(ids))
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _opt_text(value: object) -> str | None:

@@ -8,7 +8,7 @@ __all__ = ["DLQ_FIELD_PREFIX", "id_key", "is_dlq_field", "text"]
 DLQ_FIELD_PREFIX = "dlq_"
 
 
-def text(value: bytes | str) -> str:
+def text(value: object) -> str:
     """A name or id as Redis replied it (bytes on a bytes client) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
