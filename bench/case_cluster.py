@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import SERVER_CPU, Figure, Stopwatch, can_pin
 from orderflow.bus import Delivery, Message, WorkerConfig
 from orderflow.bus.connection import connect
-from orderflow.bus.partition_workers import PartitionedWorker
+from orderflow.bus.consume import PartitionedWorker
 from orderflow.bus.partitions import PartitionedPublisher, resolve_layout
 from orderflow.embedded.redis_server import RedisServer
 

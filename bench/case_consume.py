@@ -25,10 +25,10 @@ from bench.common import (
     order_message,
     throughput_figure,
 )
+from orderflow.bus import Delivery, StreamWorker, WorkerConfig
 from orderflow.bus.connection import connect
 from orderflow.bus.message import decode
 from orderflow.bus.streams import send_commands
-from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
 
 CASE = "consume"
 BATCH = 100

@@ -29,9 +29,9 @@ from bench.common import (
     flat_fields,
     percentile,
 )
+from orderflow.bus import Delivery, StreamWorker, WorkerConfig
 from orderflow.bus.connection import connect
 from orderflow.bus.message import Message
-from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
 
 CASE = "latency"
 GROUP = "latency"

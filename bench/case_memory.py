@@ -141,7 +141,7 @@ def _consume(url: str, total: int, reports: Any) -> None:
     """The worker process: handle ``total`` entries, reporting (handled, RSS) per chunk."""
     if can_pin():
         os.sched_setaffinity(0, {CLIENT_CPU})
-    from orderflow.bus.worker import Delivery, StreamWorker, WorkerConfig
+    from orderflow.bus import Delivery, StreamWorker, WorkerConfig
 
     async def main() -> None:
         redis = connect(url)

@@ -450,6 +450,10 @@ async def _lacks(names: object, name: str) -> bool:
         ({"stream": ""}, "stream name"),
         ({"shutdown_timeout_s": -1}, "shutdown_timeout_s"),
         ({"prune_idle_ms": 10, "claim_idle_ms": 1000}, "prune_idle_ms must be at least"),
+        (
+            {"retry_base_ms": 500, "retry_max_ms": 100},
+            r"retry_max_ms \(100\) must be at least retry_base_ms \(500\)",
+        ),
     ],
 )
 def test_bad_worker_configuration_is_refused_by_name(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from orderflow.bus import Message, Retention, StreamPublisher, StreamWorker, WorkerConfig
-from orderflow.bus.worker import Delivery
+from orderflow.bus import Delivery, Message, Retention, StreamPublisher, StreamWorker, WorkerConfig
 
 
 async def _ignore(delivery: Delivery) -> None:

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from orderflow.bus import Delivery, Message, WorkerConfig
-from orderflow.bus.partition_workers import OrderedWorker
+from orderflow.bus.consume import OrderedWorker
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
 from tests.cluster.conftest import wait_until
 

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orderflow.bus import Delivery, WorkerConfig, connect
-from orderflow.bus.partition_workers import SupervisedStreamWorker
+from orderflow.bus.consume import SupervisedStreamWorker
 from tests.support import wait_until
 
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from orderflow.bus import Handler, StreamWorker, WorkerConfig, WorkerStats, connect
-from orderflow.bus.partition_workers import PartitionedWorker
+from orderflow.bus.consume import PartitionedWorker
 from orderflow.bus.partitions import PartitionLayout, layout_key
 from orderflow.cli import main
 

@@ -169,3 +169,10 @@ async def test_events_are_acknowledged_only_after_their_commit(api: Api, aredis:
 
 async def _is_pending(aredis: Any, count: int) -> bool:
     return bool((await aredis.xpending("email-events", "order-service"))["pending"] == count)
+
+
+async def test_the_status_worker_takes_the_retry_settings(api: Api, aredis: Any) -> None:
+    settings = api.runtime.settings.model_copy(update={"retry_base_ms": 7, "retry_max_ms": 90})
+    worker = EmailStatusConsumer(api.runtime.store).worker(aredis, settings)
+    assert (worker.config.retry_base_ms, worker.config.retry_max_ms) == (7, 90)
+    assert worker.config.max_deliveries == settings.max_deliveries

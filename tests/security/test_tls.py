@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orderflow.bus import Message, StreamPublisher, StreamWorker, WorkerConfig, connect
-from orderflow.bus.worker import Delivery
+from orderflow.bus import Delivery, Message, StreamPublisher, StreamWorker, WorkerConfig, connect
 from orderflow.cli import main
 from orderflow.embedded.redis_server import RedisServer, find_redis_server, free_port
 

@@ -5,28 +5,33 @@ object payload, carried in wire format v1 (see ``orderflow.bus.message``).
 """
 
 from orderflow.bus.connection import connect, redact_url
+from orderflow.bus.consume import (
+    OrderedWorker,
+    PartitionedWorker,
+    StreamWorker,
+    SupervisedStreamWorker,
+    WorkerConfig,
+    WorkerStats,
+)
+from orderflow.bus.delivery import Delivery, Handler
+from orderflow.bus.errors import TRANSIENT, PermanentError, is_nogroup
 from orderflow.bus.guarantees import PUBSUB, STREAMS, Guarantees
 from orderflow.bus.keys import StreamKeys
 from orderflow.bus.message import DecodeError, Message, decode, encode
 from orderflow.bus.pubsub import PubSubPublisher, PubSubSubscriber
 from orderflow.bus.streams import Retention, StreamPublisher, TrimResult, ensure_group
-from orderflow.bus.worker import (
-    Delivery,
-    Handler,
-    PermanentError,
-    StreamWorker,
-    WorkerConfig,
-    WorkerStats,
-)
 
 __all__ = [
     "PUBSUB",
     "STREAMS",
+    "TRANSIENT",
     "DecodeError",
     "Delivery",
     "Guarantees",
     "Handler",
     "Message",
+    "OrderedWorker",
+    "PartitionedWorker",
     "PermanentError",
     "PubSubPublisher",
     "PubSubSubscriber",
@@ -34,6 +39,7 @@ __all__ = [
     "StreamKeys",
     "StreamPublisher",
     "StreamWorker",
+    "SupervisedStreamWorker",
     "TrimResult",
     "WorkerConfig",
     "WorkerStats",
@@ -41,5 +47,6 @@ __all__ = [
     "decode",
     "encode",
     "ensure_group",
+    "is_nogroup",
     "redact_url",
 ]

@@ -15,9 +15,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from orderflow.bus.errors import TRANSIENT
 from orderflow.bus.guarantees import PUBSUB, Guarantees
 from orderflow.bus.message import DecodeError, Message, decode_data, dumps
-from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PubSubSubscriber:
             try:
                 await self._listen()
                 attempt = 0
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 self._subscribed.clear()
                 attempt += 1
                 delay = min(5.0, 0.05 * 2**attempt)
@@ -91,7 +91,7 @@ class PubSubSubscriber:
                 await self._deliver(raw["data"])
         finally:
             self._subscribed.clear()
-            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+            with contextlib.suppress(*TRANSIENT):
                 await cast(Any, pubsub).aclose()
 
     async def _deliver(self, payload: bytes) -> None:

@@ -1,13 +1,13 @@
 """Operator commands: ``streams info``, ``dlq list|replay|purge``, ``group reset``.
 
-Thin wrappers over :mod:`orderflow.operations`: they parse and check arguments (a bad
+Thin wrappers over :mod:`orderflow.bus.admin`: they parse and check arguments (a bad
 one exits 2 before anything changes), print rich tables or ``--json``, and map a
 missing group, an unknown dead-letter id or an unusable key to exit 1.
 
 ``--json`` output (stable keys):
 
 - ``streams info``: ``{"redis": <URL, password redacted>, "streams": [<StreamInfo>...]}``,
-  each stream as documented in :mod:`orderflow.operations`; a partitioned stream is the
+  each stream as documented in :mod:`orderflow.bus.admin.info`; a partitioned stream is the
   sum of its partitions with each partition under ``partitions`` (empty otherwise).
 - ``dlq list``: ``{"stream", "dead_letter_stream", "total", "entries": [{"id",
   "dead_letter_stream", "source_stream", "source_id", "group", "consumer", "reason",
@@ -37,8 +37,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from orderflow import operations as ops
 from orderflow.bus import StreamKeys, redact_url
+from orderflow.bus import admin as ops
+from orderflow.bus.keys import DLQ_SUFFIX
 from orderflow.cli.common import CommandError, UsageError, load_settings, redis_client
 from orderflow.config import Settings, resolve_redis_url
 from orderflow.formatting import human_duration, human_size
@@ -70,7 +71,7 @@ def register(commands: Any) -> None:
         help="length, memory, groups, lag, pending, consumers and dead letters",
         description="Describe streams: length, memory, first and last entry; per group "
         "lag, pending, oldest pending age, last delivered; per consumer pending and "
-        "idle; dead-letter count. --json keys are documented in orderflow.operations.",
+        "idle; dead-letter count. --json keys are documented in orderflow.bus.admin.info.",
     )
     info.add_argument(
         "--stream",
@@ -148,12 +149,25 @@ def _operation_errors() -> Iterator[None]:
     """Bad arguments found by an operation exit 2; Redis refusing exits 1."""
     try:
         yield
+    except ops.AmbiguousDeadLetter as exc:
+        raise CommandError(_ambiguous(exc)) from None
     except ops.OperationError as exc:
         raise CommandError(str(exc)) from None
     except RedisError as exc:
         raise CommandError(f"Redis error: {exc}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _ambiguous(exc: ops.AmbiguousDeadLetter) -> str:
+    """The refusal, with the --stream values that would pick each partition."""
+    found = "; ".join(
+        f"{entry_id} is in {' and '.join(dlqs)} (--stream "
+        + " or ".join(repr(dlq.removesuffix(DLQ_SUFFIX)) for dlq in dlqs)
+        + ")"
+        for entry_id, dlqs in exc.places.items()
+    )
+    return f"dead letter {found}: name the partition with --stream; nothing was done"
 
 
 def _check_stream(name: str) -> str:
@@ -169,7 +183,7 @@ def _dlq_source(args: argparse.Namespace, settings: Settings) -> str:
     try:
         ops.dead_letter_stream(stream)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--stream {exc}") from None
     return stream
 
 
@@ -524,12 +538,15 @@ async def group_reset_command(args: argparse.Namespace) -> int:
     try:
         position = ops.parse_position(args.to)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--to {exc}") from None
     settings = load_settings()
     stream = _check_stream(args.stream or settings.stream)
     async with redis_client(settings) as client:
         with _operation_errors():
-            done = await ops.reset_group(client, stream, group, position)
+            try:
+                done = await ops.reset_group(client, stream, group, position)
+            except ops.PositionAfterEnd as exc:
+                raise UsageError(f"--to {exc}") from None
     lag = "an unknown number of" if done.lag is None else str(done.lag)
     if len(done.resets) == 1 and not done.missing:
         (reset,) = done.resets

@@ -223,7 +223,7 @@ async def create_command(args: argparse.Namespace) -> int:
 async def _publish_now(settings: Settings, store: OrderStore) -> None:
     """One relay pass; the order is safe in the outbox whatever happens here."""
     from orderflow.bus import Retention, connect, redact_url
-    from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
+    from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
     from orderflow.orders import OutboxRelay
 
     try:

@@ -16,17 +16,17 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderflow.bus import (
+    TRANSIENT,
     Delivery,
     Message,
+    OrderedWorker,
+    PartitionedWorker,
     PermanentError,
     Retention,
     StreamPublisher,
@@ -36,7 +36,6 @@ from orderflow.bus import (
     encode,
 )
 from orderflow.bus import metrics as bus_metrics
-from orderflow.bus.partition_workers import OrderedWorker, PartitionedWorker
 from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
 from orderflow.domain import EMAIL_FAILED_EVENT, EMAIL_SENT_EVENT, ORDER_CREATED_EVENT
@@ -55,7 +54,8 @@ DEFAULT_CONCURRENCY = 32
 #: How long a ledger write waits for a replica on a cluster.
 _WAIT_MS = 100
 
-_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+#: Redis out of reach or slow: the bus's one definition.
+_REDIS_ERRORS = TRANSIENT
 
 
 class OrderBusy(Exception):
@@ -94,20 +94,12 @@ class EmailService:
         # become available again at about the same time.
         self.ledger = EmailLedger(redis, lease_ms=settings.claim_idle_ms)
         self.publisher = StreamPublisher(redis, retention=Retention(maxlen=settings.stream_maxlen))
-        config = WorkerConfig(
-            stream=settings.stream,
-            group=settings.group,
-            concurrency=concurrency,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
-            dlq_maxlen=settings.dlq_maxlen,
-            retry_base_ms=settings.retry_base_ms,
-            retry_max_ms=max(settings.retry_max_ms, settings.retry_base_ms),
-        )
+        options: dict[str, Any] = {"concurrency": concurrency, **(worker_options or {})}
         if consumer is not None:
-            config = replace(config, consumer=consumer)
-        if worker_options:
-            config = replace(config, **worker_options)
+            options["consumer"] = consumer
+        config = WorkerConfig.from_settings(
+            settings, stream=settings.stream, group=settings.group, **options
+        )
         self._redis = redis
         self._worker_config = config
         self.worker: StreamWorker | PartitionedWorker | OrderedWorker = StreamWorker(

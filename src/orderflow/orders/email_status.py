@@ -18,8 +18,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from orderflow.bus import Delivery, PermanentError, StreamWorker, WorkerConfig
-from orderflow.bus.partition_workers import SupervisedStreamWorker
+from orderflow.bus import (
+    Delivery,
+    PermanentError,
+    StreamWorker,
+    SupervisedStreamWorker,
+    WorkerConfig,
+)
 from orderflow.bus.partitions import is_cluster, single_stream
 from orderflow.config import Settings
 from orderflow.domain import EMAIL_FAILED_EVENT, EMAIL_SENT_EVENT, is_order_id
@@ -135,13 +140,11 @@ class EmailStatusConsumer:
 
     def worker(self, redis: aioredis.Redis, settings: Settings, **options: Any) -> StreamWorker:
         """A worker of group ``settings.orders_group`` on ``settings.email_events_stream``."""
-        config = WorkerConfig(
+        config = WorkerConfig.from_settings(
+            settings,
             # Hash-tagged on a cluster: the stream and its dead letters share a slot.
             stream=single_stream(redis, settings.email_events_stream),
             group=settings.orders_group,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
-            dlq_maxlen=settings.dlq_maxlen,
             **options,
         )
         if is_cluster(redis):

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 
 from orderflow.bus import Message, PubSubPublisher, Retention, StreamPublisher
 from orderflow.bus import metrics as bus_metrics
+from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
-from orderflow.bus.worker import TRANSIENT_REDIS_ERRORS
 from orderflow.config import Settings
 from orderflow.orders import metrics
 from orderflow.orders.outbox import NOTIFY_CHANNEL, ClaimedBatch, OutboxRow

@@ -1,16 +1,18 @@
-"""The consumer-group worker: at-least-once handling of a Redis stream.
+"""The consuming engine: at-least-once handling of one Redis stream by one consumer.
 
-One worker is one consumer of one group. It reads new entries (``>``) in batches,
-runs the handler on each with bounded concurrency, acknowledges after success
-(acks are batched), retries failures with exponential backoff and jitter without
-holding up other entries, dead-letters an entry after too many deliveries (atomically
-with its ack), claims entries that other consumers left idle, keeps its own entries
-from being claimed while it is alive, and survives Redis going away.
+One engine is one consumer of one group on one stream. It reads new entries (``>``) in
+batches, runs the handler on each with bounded concurrency, acknowledges after success
+(acks are batched), retries failures with exponential backoff and jitter, dead-letters
+an entry after too many deliveries (atomically with its ack), claims entries that other
+consumers left idle, keeps its own entries from being claimed while it is alive, and
+survives Redis going away. A :class:`Policy` says what differs between the consumer
+modes: whether it claims idle entries, takes over every pending entry first, and
+retries in place (the stream waits) or aside (later entries go on).
 
 Delivery counts are Redis's own (the group's pending entries list), so they survive a
 restart of the worker and, with AOF, of Redis.
 
-Per entry the worker does little besides the handler: XREADGROUP's reply is used as
+Per entry the engine does little besides the handler: XREADGROUP's reply is used as
 hiredis parses it (``read_group``), ``decode_entry`` makes every check of wire format v1
 with a few C calls (a malformed entry is dead-lettered, never handed over), handlers
 that do not wait run one after another in one lane task, and the per-delivery metrics
@@ -23,207 +25,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import random
-import socket
 import time
-import uuid
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderflow.bus import metrics
-from orderflow.bus.keys import StreamKeys
-from orderflow.bus.message import DecodeError, Message, decode_entry
+from orderflow.bus.consume.config import WorkerConfig, WorkerStats
+from orderflow.bus.consume.deadletter import dead_letter_record, move_to_dead_letters
+from orderflow.bus.consume.heartbeat import Heartbeat
+from orderflow.bus.consume.policy import COMPETING, Policy
+from orderflow.bus.consume.retry import claim_back, reconnect_delay_s
+from orderflow.bus.delivery import Handler, make_delivery
+from orderflow.bus.entries import id_key, text
+from orderflow.bus.errors import TRANSIENT, PermanentError, is_nogroup
+from orderflow.bus.message import DecodeError, decode_entry
 from orderflow.bus.streams import ensure_group, flat_fields, read_group, send_commands
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("orderflow.bus.worker")
 
-#: Errors after which the worker waits and tries again instead of giving up.
-TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
-
-_HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_REDIS_ERRORS, ResponseError)
-
-# Refreshes the idle time of the entries this consumer still owns, so that a long
-# handler or a pending retry is not claimed by another consumer while this one lives.
-# Checks the owner first, in the same atomic step, so it never steals an entry back.
-# Returns the ids this consumer no longer owns.
-_HEARTBEAT_SCRIPT = """
-local lost = {}
-for i = 2, #ARGV - 1 do
-  local id = ARGV[i]
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #row == 1 and row[1][2] == ARGV[#ARGV] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[#ARGV], 0, id, 'JUSTID')
-  else
-    table.insert(lost, id)
-  end
-end
-return lost
-"""
-
-# Deletes consumers of a group that are idle and own nothing, atomically, so a
-# consumer that reads an entry in between is never deleted with it.
-_PRUNE_SCRIPT = """
-local deleted = {}
-for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
-  if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0
-     and tonumber(info['idle']) > tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-    table.insert(deleted, info['name'])
-  end
-end
-return deleted
-"""
+_HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, ResponseError)
 
 
-class PermanentError(Exception):
-    """Raised by a handler for a failure that no retry can fix: dead-letter at once."""
+class Engine:
+    """One consumer in a consumer group, running ``handler`` on every entry of one stream."""
 
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One delivery of a message to a handler."""
-
-    message: Message
-    entry_id: str
-    stream: str
-    #: 1 on the first delivery; Redis's count, so it survives restarts.
-    deliveries: int = 1
-
-
-Handler = Callable[[Delivery], Awaitable[None]]
-
-_new = object.__new__
-_set_message: Callable[[Delivery, Message], None] = Delivery.__dict__["message"].__set__
-_set_entry_id: Callable[[Delivery, str], None] = Delivery.__dict__["entry_id"].__set__
-_set_stream: Callable[[Delivery, str], None] = Delivery.__dict__["stream"].__set__
-_set_deliveries: Callable[[Delivery, int], None] = Delivery.__dict__["deliveries"].__set__
-
-
-def _delivery(message: Message, entry_id: str, stream: str, deliveries: int) -> Delivery:
-    # Delivery(...) without the frozen dataclass's generic setattr: a third of the cost.
-    delivery: Delivery = _new(Delivery)
-    _set_message(delivery, message)
-    _set_entry_id(delivery, entry_id)
-    _set_stream(delivery, stream)
-    _set_deliveries(delivery, deliveries)
-    return delivery
-
-
-def consumer_name() -> str:
-    """A unique consumer name: host, process and a random suffix."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    """What a worker consumes and how; validated on construction."""
-
-    stream: str
-    group: str
-    consumer: str = field(default_factory=consumer_name)
-    #: Where a new group starts: ``0`` so nothing published before it existed is missed.
-    start_id: str = "0"
-    concurrency: int = 64
-    batch_size: int = 100
-    block_ms: int = 1000
-    claim_idle_ms: int = 60_000
-    #: How often to look for idle entries to claim; default: a quarter of claim_idle_ms.
-    claim_interval_ms: int | None = None
-    max_deliveries: int = 5
-    retry_base_ms: int = 200
-    retry_max_ms: int = 30_000
-    shutdown_timeout_s: float = 10.0
-    dlq_maxlen: int = 100_000
-    #: Consumers idle this long with nothing pending are removed from the group.
-    prune_idle_ms: int | None = 3_600_000
-    reconnect_max_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        StreamKeys(self.stream)
-        for name in ("group", "consumer", "start_id"):
-            value = getattr(self, name)
-            if not value or any(ch.isspace() for ch in value):
-                raise ValueError(f"WorkerConfig.{name} must be non-empty without spaces")
-        positive = {
-            "concurrency": self.concurrency,
-            "batch_size": self.batch_size,
-            "block_ms": self.block_ms,
-            "claim_idle_ms": self.claim_idle_ms,
-            "max_deliveries": self.max_deliveries,
-            "retry_base_ms": self.retry_base_ms,
-            "retry_max_ms": self.retry_max_ms,
-            "dlq_maxlen": self.dlq_maxlen,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"WorkerConfig.{name} must be a positive integer, got {value!r}")
-        if self.claim_interval_ms is not None and self.claim_interval_ms < 1:
-            raise ValueError("WorkerConfig.claim_interval_ms must be positive")
-        if self.shutdown_timeout_s < 0:
-            raise ValueError("WorkerConfig.shutdown_timeout_s must not be negative")
-        if self.prune_idle_ms is not None and self.prune_idle_ms < self.claim_idle_ms:
-            raise ValueError("WorkerConfig.prune_idle_ms must be at least claim_idle_ms")
-
-    @property
-    def keys(self) -> StreamKeys:
-        """The stream's keys (and its dead-letter stream)."""
-        return StreamKeys(self.stream)
-
-    @property
-    def claim_interval_s(self) -> float:
-        """Seconds between two looks for idle entries."""
-        if self.claim_interval_ms is not None:
-            return self.claim_interval_ms / 1000
-        return max(0.05, self.claim_idle_ms / 4000)
-
-    @property
-    def heartbeat_interval_s(self) -> float:
-        """Seconds between two refreshes of the idle time of held entries."""
-        return max(0.02, self.claim_idle_ms / 3000)
-
-    def backoff_s(self, deliveries: int) -> float:
-        """Delay before delivery ``deliveries + 1``: exponential, capped, full jitter."""
-        ceiling = min(self.retry_max_ms, self.retry_base_ms * 2 ** (deliveries - 1))
-        return random.uniform(ceiling / 2, ceiling) / 1000
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counts of what one worker did, for tests, status lines and burst runs."""
-
-    handled: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    claimed: int = 0
-    acked: int = 0
-    redis_errors: int = 0
-
-
-class StreamWorker:
-    """One consumer in a consumer group, running ``handler`` on every entry."""
-
-    def __init__(self, redis: aioredis.Redis, config: WorkerConfig, handler: Handler) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: WorkerConfig,
+        handler: Handler,
+        policy: Policy = COMPETING,
+    ) -> None:
         self._redis = redis
         self.config = config
+        self.policy = policy
         self._handler = handler
         self.stats = WorkerStats()
         self._labels = (config.stream, config.group)
@@ -254,8 +94,7 @@ class StreamWorker:
         #: Whether the reader waits for capacity (so lanes only signal it then).
         self._reader_waiting = False
         self._stopping = asyncio.Event()
-        self._heartbeat = redis.register_script(_HEARTBEAT_SCRIPT)
-        self._prune = redis.register_script(_PRUNE_SCRIPT)
+        self._heartbeat = Heartbeat(redis, config.stream, config.group, config.consumer)
         self._burst = False
         self._started = asyncio.Event()
         self._failure: BaseException | None = None
@@ -290,7 +129,8 @@ class StreamWorker:
         ]
         readers = [asyncio.create_task(self._read_loop(), name="orderflow-read")]
         if not burst:
-            readers.append(asyncio.create_task(self._claim_loop(), name="orderflow-claim"))
+            if self.policy.claim_idle:
+                readers.append(asyncio.create_task(self._claim_loop(), name="orderflow-claim"))
             if self.config.prune_idle_ms is not None:
                 readers.append(asyncio.create_task(self._prune_loop(), name="orderflow-prune"))
         for task in readers + background:
@@ -344,12 +184,18 @@ class StreamWorker:
     async def _read_loop(self) -> None:
         cfg = self.config
         failures = 0
+        pending_first = self.policy.take_pending_first
         while not self._stopping.is_set():
             await self._wait_capacity()
             if self._stopping.is_set():
                 return
             count = min(cfg.batch_size, self._free())
             try:
+                if pending_first:
+                    # What earlier owners left pending is older than anything unread.
+                    await self._claim(0, wait=True)
+                    pending_first = False
+                    continue
                 entries = await read_group(
                     self._redis,
                     cfg.stream,
@@ -362,12 +208,12 @@ class StreamWorker:
                 )
                 failures = 0
             except ResponseError as exc:
-                if not _is_nogroup(exc):
+                if not is_nogroup(exc):
                     raise
                 log.warning("group %s on %s vanished; creating it again", cfg.group, cfg.stream)
                 await self._ensure_group()
                 continue
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 failures += 1
                 await self._redis_down("read", exc, failures)
                 continue
@@ -396,29 +242,34 @@ class StreamWorker:
         failures = 0
         while not self._stopping.is_set():
             try:
-                await self._claim_idle()
+                await self._claim(cfg.claim_idle_ms, wait=False)
                 failures = 0
             except ResponseError as exc:
-                if not _is_nogroup(exc):
+                if not is_nogroup(exc):
                     raise
                 await self._ensure_group()
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 failures += 1
                 await self._redis_down("claim", exc, failures)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), cfg.claim_interval_s)
 
-    async def _claim_idle(self) -> None:
-        """Claim entries other consumers left idle, as many as there is room for."""
+    async def _claim(self, min_idle_ms: int, *, wait: bool) -> None:
+        """Claim pending entries idle for ``min_idle_ms``, in stream order: as many as
+        there is room for, or (``wait``) all of them, waiting for room in between."""
         cfg = self.config
         start = "0-0"
-        while self._free() > 0 and not self._stopping.is_set():
+        while True:
+            if wait:
+                await self._wait_capacity()
+            if self._free() <= 0 or self._stopping.is_set():
+                return
             reply = await self._redis.xautoclaim(
-                cfg.stream, cfg.group, cfg.consumer, cfg.claim_idle_ms, start, self._free()
+                cfg.stream, cfg.group, cfg.consumer, min_idle_ms, start, self._free()
             )
-            start = _text(reply[0])
-            claimed = [(_text(i), f) for i, f in reply[1] if i is not None and f is not None]
+            start = text(reply[0])
+            claimed = [(text(i), f) for i, f in reply[1] if i is not None and f is not None]
             claimed = [(i, f) for i, f in claimed if i not in self._inflight]
             if claimed:
                 counts = await self._delivery_counts(i for i, _ in claimed)
@@ -431,7 +282,7 @@ class StreamWorker:
                 return
 
     async def _delivery_counts(self, entry_ids: Iterable[str]) -> dict[str, int]:
-        ids = sorted(entry_ids, key=_id_key)
+        ids = sorted(entry_ids, key=id_key)
         rows = await self._redis.xpending_range(
             self.config.stream,
             self.config.group,
@@ -440,7 +291,7 @@ class StreamWorker:
             count=len(ids) + self.held,
             consumername=self.config.consumer,
         )
-        return {_text(cast(bytes, row["message_id"])): int(row["times_delivered"]) for row in rows}
+        return {text(cast(bytes, row["message_id"])): int(row["times_delivered"]) for row in rows}
 
     # -- handling ------------------------------------------------------------------
 
@@ -470,10 +321,15 @@ class StreamWorker:
         max_deliveries = self.config.max_deliveries
         bounds, buckets = self._handler_bounds, self._handler_buckets
         clock = time.perf_counter
+        # Ordered: on stop, not one more entry (the next owner may have its lease already).
+        stop_now, stopping = not self.policy.finish_read_on_stop, self._stopping
         while queue:
+            if stop_now and stopping.is_set():
+                break
             entry_id, fields, deliveries = queue.popleft()
             if not self._lane_starting:
                 self._add_lane()
+            requeued = False
             try:
                 try:
                     message = decode_entry(fields, entry_id)
@@ -486,12 +342,12 @@ class StreamWorker:
                 self._consumed_count += 1
                 started = clock()
                 try:
-                    await handler(_delivery(message, entry_id, stream, deliveries))
+                    await handler(make_delivery(message, entry_id, stream, deliveries))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self._observe(clock() - started)
-                    await self._settle(entry_id, fields, deliveries, exc)
+                    requeued = await self._settle(entry_id, fields, deliveries, exc)
                     continue
                 elapsed = clock() - started
                 buckets[bisect_left(bounds, elapsed)] += 1
@@ -506,9 +362,15 @@ class StreamWorker:
                 # unexpected Redis reply. The entry stays pending, for a claim later.
                 log.exception("processing entry %s of %s failed", entry_id, stream)
             finally:
-                inflight.discard(entry_id)
+                if not requeued:
+                    inflight.discard(entry_id)
                 if self._reader_waiting:
                     self._capacity.set()
+        # Out of the lane set now, not in a done callback a loop turn later: with one
+        # lane (ordered) an entry queued meanwhile would find no room for a new lane.
+        current = asyncio.current_task()
+        if current is not None:
+            self._lanes.discard(current)
 
     def _observe(self, seconds: float) -> None:
         self._handler_buckets[bisect_left(self._handler_bounds, seconds)] += 1
@@ -520,23 +382,29 @@ class StreamWorker:
 
     async def _settle(
         self, entry_id: str, fields: list[bytes], deliveries: int, exc: Exception | None
-    ) -> None:
-        """The rare outcomes: delivered too often (``exc`` None), or the handler failed."""
+    ) -> bool:
+        """The rare outcomes: delivered too often (``exc`` None), or the handler failed.
+
+        Returns whether the entry was queued again at the front (a retry in place).
+        """
         cfg = self.config
         # Failures are rare: count them in Prometheus now, not at the next ack.
         self._ack_wakeup.set()
         if exc is None:
             reason = f"delivered {deliveries} times without success (limit {cfg.max_deliveries})"
             await self._dead_letter(entry_id, fields, reason, deliveries)
-            return
+            return False
         self.stats.failed += 1
         if isinstance(exc, PermanentError):
             await self._dead_letter(entry_id, fields, f"permanent failure: {exc}", deliveries)
         elif deliveries >= cfg.max_deliveries:
             reason = f"{type(exc).__name__}: {exc}"
             await self._dead_letter(entry_id, fields, reason, deliveries)
+        elif self.policy.retry_in_place:
+            return await self._retry_in_place(entry_id, deliveries, f"{type(exc).__name__}: {exc}")
         else:
             self._schedule_retry(entry_id, deliveries, f"{type(exc).__name__}: {exc}")
+        return False
 
     def _ack(self, entry_id: str) -> None:
         self._acks.append(entry_id)
@@ -544,7 +412,7 @@ class StreamWorker:
 
     # -- retries -------------------------------------------------------------------
 
-    def _schedule_retry(self, entry_id: str, deliveries: int, reason: str) -> None:
+    def _retry_delay(self, entry_id: str, deliveries: int, reason: str) -> float:
         delay = self.config.backoff_s(deliveries)
         self.stats.retried += 1
         metrics.RETRIED.labels(*self._labels).inc()
@@ -556,6 +424,10 @@ class StreamWorker:
             reason,
             delay,
         )
+        return delay
+
+    def _schedule_retry(self, entry_id: str, deliveries: int, reason: str) -> None:
+        delay = self._retry_delay(entry_id, deliveries, reason)
         loop = asyncio.get_running_loop()
         self._retrying[entry_id] = loop.call_later(delay, self._retry_due, entry_id)
 
@@ -573,9 +445,9 @@ class StreamWorker:
         # so retries share the `concurrency` limit with new entries.
         queued = False
         try:
-            queued = await self._claim_for_retry(entry_id)
+            queued = await self._claim_for_retry(entry_id, front=False)
         except ResponseError as exc:
-            if not _is_nogroup(exc):
+            if not is_nogroup(exc):
                 raise
             # The group was deleted (and its pending entries with it); the read loop
             # creates it again and the entry is read again from where it starts.
@@ -586,31 +458,49 @@ class StreamWorker:
             if not queued:
                 self._finished(entry_id)
 
-    async def _claim_for_retry(self, entry_id: str) -> bool:
+    async def _retry_in_place(self, entry_id: str, deliveries: int, reason: str) -> bool:
+        # The lane (the only one, in ordered mode) waits out the backoff holding the
+        # entry, then puts it back at the front of the queue: nothing behind it runs first.
+        delay = self._retry_delay(entry_id, deliveries, reason)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        if self._stopping.is_set():
+            # Left pending: the next owner takes it over first.
+            return False
+        try:
+            return await self._claim_for_retry(entry_id, front=True)
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            log.warning(
+                "group %s vanished before entry %s was retried", self.config.group, entry_id
+            )
+            return False
+
+    async def _claim_for_retry(self, entry_id: str, *, front: bool) -> bool:
         cfg = self.config
         attempt = 0
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.xclaim(cfg.stream, cfg.group, cfg.consumer, 0, [entry_id])
-                pipe.xpending_range(
-                    cfg.stream, cfg.group, entry_id, entry_id, 1, consumername=cfg.consumer
+                claimed = await claim_back(
+                    self._redis, cfg.stream, cfg.group, cfg.consumer, entry_id
                 )
-                claimed, pending = await pipe.execute()
                 break
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 if self._stopping.is_set():
                     return False
                 attempt += 1
                 await self._redis_down("retry", exc, attempt)
-        entries = [(i, f) for i, f in claimed if i is not None and f is not None]
-        if not entries:
+        if claimed is None:
             # Deleted from the stream or acknowledged elsewhere: nothing left to do.
             self._ack(entry_id)
             return False
-        deliveries = int(pending[0]["times_delivered"]) if pending else 1
-        self._queue.append((entry_id, flat_fields(entries[0][1]), deliveries))
-        self._add_lane()
+        fields, deliveries = claimed
+        if front:
+            self._queue.appendleft((entry_id, fields, deliveries))
+        else:
+            self._queue.append((entry_id, fields, deliveries))
+            self._add_lane()
         return True
 
     # -- dead letters --------------------------------------------------------------
@@ -620,34 +510,23 @@ class StreamWorker:
     ) -> None:
         """Move an entry to the dead-letter stream and ack it, in one transaction."""
         cfg = self.config
-        record: dict[bytes | str, bytes | str] = {
-            k: v for k, v in zip(fields[::2], fields[1::2], strict=True) if not _is_dlq_field(k)
-        }
-        record.update(
-            {
-                "dlq_reason": reason[:1000],
-                "dlq_time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "dlq_stream": cfg.stream,
-                "dlq_group": cfg.group,
-                "dlq_consumer": cfg.consumer,
-                "dlq_deliveries": str(deliveries),
-                "dlq_source_id": entry_id,
-            }
+        record = dead_letter_record(
+            zip(fields[::2], fields[1::2], strict=True),
+            reason=reason,
+            stream=cfg.stream,
+            group=cfg.group,
+            consumer=cfg.consumer,
+            entry_id=entry_id,
+            deliveries=deliveries,
         )
         attempt = 0
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=True)
-                pipe.xadd(
-                    cfg.keys.dlq,
-                    cast(Any, record),
-                    maxlen=cfg.dlq_maxlen,
-                    approximate=True,
+                await move_to_dead_letters(
+                    self._redis, cfg.stream, cfg.group, entry_id, record, maxlen=cfg.dlq_maxlen
                 )
-                pipe.xack(cfg.stream, cfg.group, entry_id)
-                await pipe.execute()
                 break
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 attempt += 1
                 if self._stopping.is_set() and attempt > 3:
                     log.warning("could not dead-letter %s before stopping", entry_id)
@@ -668,7 +547,7 @@ class StreamWorker:
             try:
                 await self._flush_acks()
                 failures = 0
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 failures += 1
                 self._ack_wakeup.set()
                 await self._redis_down("ack", exc, failures)
@@ -722,14 +601,11 @@ class StreamWorker:
             if not held:
                 continue
             try:
-                lost = await self._heartbeat(
-                    keys=[cfg.stream], args=[cfg.group, *held, cfg.consumer]
-                )
+                lost = await self._heartbeat.refresh(held)
             except _HEARTBEAT_ERRORS as exc:
                 log.debug("heartbeat failed: %s", exc)
                 continue
-            for raw in lost:
-                entry_id = _text(raw)
+            for entry_id in lost:
                 handle = self._retrying.pop(entry_id, None)
                 if handle is not None:
                     # Another consumer owns it now; its retry is theirs to do.
@@ -745,12 +621,10 @@ class StreamWorker:
                 await asyncio.wait_for(self._stopping.wait(), interval)
             if self._stopping.is_set():
                 return
-            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS, ResponseError):
-                deleted = await self._prune(
-                    keys=[cfg.stream], args=[cfg.group, cfg.prune_idle_ms, cfg.consumer]
-                )
+            with contextlib.suppress(*TRANSIENT, ResponseError):
+                deleted = await self._heartbeat.prune(cfg.prune_idle_ms)
                 if deleted:
-                    log.info("removed idle consumers %s", [_text(d) for d in deleted])
+                    log.info("removed idle consumers %s", deleted)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -766,7 +640,7 @@ class StreamWorker:
                 ):
                     log.info("created group %s on %s", self.config.group, self.config.stream)
                 return
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 attempt += 1
                 if self._stopping.is_set():
                     return
@@ -775,8 +649,7 @@ class StreamWorker:
     async def _redis_down(self, what: str, exc: BaseException, attempt: int) -> None:
         self.stats.redis_errors += 1
         metrics.REDIS_ERRORS.labels("worker").inc()
-        delay = min(self.config.reconnect_max_s, 0.05 * 2 ** min(attempt, 10))
-        delay = random.uniform(delay / 2, delay)
+        delay = reconnect_delay_s(attempt, self.config.reconnect_max_s)
         if attempt == 1 or attempt % 20 == 0:
             log.warning("Redis unavailable (%s: %s); retrying in %.2fs", what, exc, delay)
         with contextlib.suppress(TimeoutError):
@@ -795,6 +668,10 @@ class StreamWorker:
         for handle in self._retrying.values():
             handle.cancel()
         self._retrying.clear()
+        if not self.policy.finish_read_on_stop:
+            # Left pending, in order, for the next owner (which takes them over first).
+            while self._queue:
+                self._inflight.discard(self._queue.popleft()[0])
         # Lanes finish what was read (a lane may start another meanwhile), until the timeout.
         deadline = time.monotonic() + cfg.shutdown_timeout_s
         while (busy := self._lanes | self._retry_tasks) and time.monotonic() < deadline:
@@ -811,29 +688,9 @@ class StreamWorker:
             try:
                 await self._flush_acks()
                 break
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 log.warning("could not flush acks on stop: %s", exc)
                 await asyncio.sleep(0.2)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-
-
-def _is_nogroup(exc: ResponseError) -> bool:
-    # UNBLOCKED: the stream was deleted under a blocked read; the group went with it.
-    # In a pipeline redis-py wraps the reply: "Command # 1 (XCLAIM …) … ('NOGROUP …',)".
-    text = str(exc)
-    return text.startswith(("NOGROUP", "UNBLOCKED")) or "NOGROUP " in text
-
-
-def _is_dlq_field(name: bytes | str) -> bool:
-    return (name.decode(errors="replace") if isinstance(name, bytes) else name).startswith("dlq_")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -1,0 +1,88 @@
+"""Operator tools for the bus: inspect streams, steer dead letters and consumer groups.
+
+Pure async functions over a ``redis.asyncio`` client (bytes responses), shared by the
+CLI (``orderflow streams|dlq|group``), the web console and the metrics endpoint. They
+know nothing of orders or email. Bad arguments raise ``ValueError`` saying what is
+wrong before anything changes (the CLI adds which flag it came from); Redis's state
+refusing an operation raises :class:`OperationError`.
+
+- ``ids``: entry ids and group positions (an id, a time, ``beginning``, ``end``).
+- ``streams``: the Redis streams a logical stream is made of, and its dead letters.
+- ``info``: what streams, groups and consumers look like (the JSON shape is there).
+- ``dead_letters``: list, count, replay (atomically) and purge.
+- ``groups``: reset a group to a position.
+- ``metrics``: the stream gauges, read from Redis on demand.
+"""
+
+from orderflow.bus.admin.dead_letters import (
+    BATCH_SIZE,
+    DeadLetter,
+    DeadLetterCount,
+    DeadLetterPage,
+    ProgressCallback,
+    PurgeResult,
+    ReplayResult,
+    count_dead_letters,
+    dead_letter_snapshot,
+    last_dead_letter_id,
+    list_dead_letters,
+    preview,
+    purge_all_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
+from orderflow.bus.admin.errors import (
+    AmbiguousDeadLetter,
+    NoSuchGroup,
+    OperationError,
+    PositionAfterEnd,
+)
+from orderflow.bus.admin.groups import GroupReset, GroupResets, reset_group
+from orderflow.bus.admin.ids import MAX_ID_PART, Position, parse_entry_id, parse_position
+from orderflow.bus.admin.info import (
+    LAG_COUNT_LIMIT,
+    ConsumerInfo,
+    GroupInfo,
+    StreamInfo,
+    stream_info,
+)
+from orderflow.bus.admin.metrics import record_stream_metrics
+from orderflow.bus.admin.streams import dead_letter_stream, dead_letter_streams, stream_partitions
+
+__all__ = [
+    "BATCH_SIZE",
+    "LAG_COUNT_LIMIT",
+    "MAX_ID_PART",
+    "AmbiguousDeadLetter",
+    "ConsumerInfo",
+    "DeadLetter",
+    "DeadLetterCount",
+    "DeadLetterPage",
+    "GroupInfo",
+    "GroupReset",
+    "GroupResets",
+    "NoSuchGroup",
+    "OperationError",
+    "Position",
+    "PositionAfterEnd",
+    "ProgressCallback",
+    "PurgeResult",
+    "ReplayResult",
+    "StreamInfo",
+    "count_dead_letters",
+    "dead_letter_snapshot",
+    "dead_letter_stream",
+    "dead_letter_streams",
+    "last_dead_letter_id",
+    "list_dead_letters",
+    "parse_entry_id",
+    "parse_position",
+    "preview",
+    "purge_all_dead_letters",
+    "purge_dead_letters",
+    "record_stream_metrics",
+    "replay_dead_letters",
+    "reset_group",
+    "stream_info",
+    "stream_partitions",
+]
