@@ -28,7 +28,6 @@ import random
 import socket
 import time
 import uuid
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from orderflow._compat.prometheus import BulkObserver
 from orderflow.bus import metrics
 from orderflow.bus.keys import StreamKeys
 from orderflow.bus.message import DecodeError, Message, decode_entry
@@ -234,9 +234,7 @@ class StreamWorker:
         #: Per-delivery metrics counted here and added to Prometheus in bulk by the ack
         #: loop (a Prometheus update takes a lock: per entry it cost as much as a handler).
         self._consumed_count = 0
-        self._handler_bounds: tuple[float, ...] = tuple(self._handler_seconds._upper_bounds)
-        self._handler_buckets = [0] * len(self._handler_bounds)
-        self._handler_total_s = 0.0
+        self._handler_times = BulkObserver(self._handler_seconds)
         #: Entries this worker holds: queued, being handled, or being claimed for a retry.
         self._inflight: set[str] = set()
         #: Entries read but not yet handed to a handler, in stream order: id, fields as
@@ -468,7 +466,7 @@ class StreamWorker:
         queue, inflight, acks = self._queue, self._inflight, self._acks
         handler, stream, stats = self._handler, self.config.stream, self.stats
         max_deliveries = self.config.max_deliveries
-        bounds, buckets = self._handler_bounds, self._handler_buckets
+        observe = self._handler_times.observe
         clock = time.perf_counter
         while queue:
             entry_id, fields, deliveries = queue.popleft()
@@ -490,12 +488,10 @@ class StreamWorker:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._observe(clock() - started)
+                    observe(clock() - started)
                     await self._settle(entry_id, fields, deliveries, exc)
                     continue
-                elapsed = clock() - started
-                buckets[bisect_left(bounds, elapsed)] += 1
-                self._handler_total_s += elapsed
+                observe(clock() - started)
                 stats.handled += 1
                 acks.append(entry_id)
                 if len(acks) == 1:
@@ -509,10 +505,6 @@ class StreamWorker:
                 inflight.discard(entry_id)
                 if self._reader_waiting:
                     self._capacity.set()
-
-    def _observe(self, seconds: float) -> None:
-        self._handler_buckets[bisect_left(self._handler_bounds, seconds)] += 1
-        self._handler_total_s += seconds
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.discard(entry_id)
@@ -678,18 +670,7 @@ class StreamWorker:
         if self._consumed_count:
             self._consumed.inc(self._consumed_count)
             self._consumed_count = 0
-        buckets = self._handler_buckets
-        if any(buckets):
-            # prometheus_client has no bulk observe: add to the histogram's bucket and
-            # sum values as observe() does, once per bucket instead of once per delivery.
-            histogram = self._handler_seconds
-            histogram._sum.inc(self._handler_total_s)
-            for i, count in enumerate(buckets):
-                if count:
-                    histogram._buckets[i].inc(count)
-                    # In place: a running lane holds this list.
-                    buckets[i] = 0
-            self._handler_total_s = 0.0
+        self._handler_times.flush()
 
     async def _flush_acks(self) -> None:
         # One flush at a time: the final flush on stop waits for one in flight.
