@@ -88,18 +88,15 @@ class FastPath:
 DECISIONS: dict[str, FastPath] = {}
 
 
-def decide(
+def check(
     name: str,
     distribution: str,
     tested: tuple[Version, Version],
     *,
     installed: str | None = None,
 ) -> FastPath:
-    """Whether fast path ``name`` is on: ``distribution``'s installed version (or
-    ``installed``) in ``tested`` (lowest tested, first untested), and not forced off.
-
-    Logs once, at INFO, when the fast path is off.
-    """
+    """Whether fast path ``name`` may be on: ``distribution``'s installed version (or
+    ``installed``) in ``tested`` (lowest tested, first untested), and not forced off."""
     if name not in NAMES:
         raise ValueError(f"unknown fast path {name!r}; known: {', '.join(NAMES)}")
     low, below = tested
@@ -110,16 +107,21 @@ def decide(
             installed = "0"
     version = parse_version(installed)
     if name in FORCED_OFF:
-        decision = FastPath(name, False, f"forced off by {ENV}")
-    elif low <= version < below:
-        decision = FastPath(name, True, f"{distribution} {installed} is in the tested range")
-    else:
-        decision = FastPath(
-            name,
-            False,
-            f"{distribution} {installed} is outside the range it was tested for "
-            f"(>={_shown(low)},<{_shown(below)})",
-        )
+        return FastPath(name, False, f"forced off by {ENV}")
+    if low <= version < below:
+        return FastPath(name, True, f"{distribution} {installed} is in the tested range")
+    return FastPath(
+        name,
+        False,
+        f"{distribution} {installed} is outside the range it was tested for "
+        f"(>={_shown(low)},<{_shown(below)})",
+    )
+
+
+def decide(name: str, distribution: str, tested: tuple[Version, Version]) -> FastPath:
+    """:func:`check` for the installed version, recorded in :data:`DECISIONS`; when the
+    fast path is off, one INFO log line says why (modules decide once, at import)."""
+    decision = check(name, distribution, tested)
     if not decision.enabled:
         log.info("fast path %s off, using the public path: %s", name, decision.reason)
     DECISIONS[name] = decision
