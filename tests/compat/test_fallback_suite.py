@@ -1,6 +1,6 @@
 """The tests that exercise each fast path, run again with every fast path forced off.
 
-A release of redis-py, prometheus_client or aiosmtplib outside the tested ranges turns
+A release of redis-py or aiosmtplib outside the tested ranges turns
 the fast paths off: orderflow must then be slower, never wrong. This runs the worker,
 transport, sender, cluster-client and metrics tests in a child pytest with
 ``ORDERFLOW_COMPAT=fallback``.
@@ -18,7 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = [
     "tests/compat/test_versions.py",
-    "tests/compat/test_prometheus.py",
     "tests/bus/test_worker.py",
     "tests/bus/test_transports.py",
     "tests/bus/test_retention.py",

@@ -1,11 +1,12 @@
 """Fast paths that reach into a dependency's internals, each fenced to the versions it
 was tested on, with the library's public path as the fallback.
 
-Every private attribute of redis-py, prometheus_client or aiosmtplib that orderflow
-touches lives in this package, one module per library. Each fast path is decided once,
-when its module is imported: on, when the installed version lies in the range the fast
-path was written and tested for; otherwise off, and one log line says why. Off means the
-public path, which gives the same results, only slower.
+Every private attribute of redis-py or aiosmtplib that orderflow touches lives in this
+package, one module per library (prometheus_client had one, a bulk observe, measured at
+under 10% of a consumer's CPU and removed: see bench/case_compat.py). Each fast path is
+decided once, when its module is imported: on, when the installed version lies in the
+range the fast path was written and tested for; otherwise off, and one log line says
+why. Off means the public path, which gives the same results, only slower.
 
 ``ORDERFLOW_COMPAT=fallback`` turns every fast path off (tests run the suite that way);
 a comma-separated list of fast path names (:data:`NAMES`) turns off only those (the
@@ -30,7 +31,6 @@ NAMES = (
     "redis.stream_io",
     "redis.cluster_transaction",
     "redis.cluster_stream_routing",
-    "prometheus.bulk_observe",
     "aiosmtplib.pipelining",
 )
 
