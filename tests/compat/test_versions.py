@@ -13,21 +13,27 @@ from orderflow._compat import redis as compat_redis
 
 #: Each fast path: its module's tested range, versions inside it, versions outside it.
 CASES = [
-    ("redis.stream_io", "redis", compat_redis.TESTED, ["8.1.0", "8.1.7"], ["8.0.1", "8.2.0", "9"]),
+    (
+        "redis.stream_io",
+        "redis",
+        compat_redis.TESTED,
+        ["6.2.0", "7.4.1", "8.0.1", "8.1.0"],
+        ["5.0.8", "6.1.1", "8.2.0", "9"],
+    ),
     (
         "redis.cluster_transaction",
         "redis",
         compat_redis.TESTED,
-        ["8.1.0"],
-        ["6.2.0", "7.4.1", "8.2.0rc1"],
+        ["6.2.0", "8.1.0"],
+        ["6.0.0", "8.2.0rc1"],
     ),
     ("redis.cluster_stream_routing", "redis", compat_redis.TESTED, ["8.1.0"], ["5.0.8", "8.2.0"]),
     (
         "aiosmtplib.pipelining",
         "aiosmtplib",
         compat_aiosmtplib.TESTED,
-        ["5.1.0", "5.1.3"],
-        ["4.0.2", "5.2.0", "6.0.0"],
+        ["3.0.0", "4.0.2", "5.1.3"],
+        ["2.0.2", "5.2.0", "6.0.0"],
     ),
 ]
 
