@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import SERVER_CPU, STREAM, Stopwatch, can_pin, median, order_message
+from bench.common import SERVER_CPU, STREAM, Stopwatch, median, order_message
 
 #: Workload -> the modes measured: "fast" (nothing forced) and ORDERFLOW_COMPAT values.
 MODES: dict[str, tuple[str, ...]] = {
@@ -202,22 +202,26 @@ def _run_child(workload: str, mode: str, url: str, count: int) -> dict[str, Any]
 
 
 @contextlib.contextmanager
-def _on_server_core() -> Iterator[None]:
-    """Children started inside run on the server core (they inherit the affinity)."""
-    if not can_pin():
+def _on_server_core(pinned: bool) -> Iterator[None]:
+    """Children started inside run on the server core (they inherit the affinity).
+
+    ``pinned`` is the run's: by now this process is pinned to the client core, so
+    ``can_pin()`` (which wants two cores) no longer tells.
+    """
+    if not pinned:
         yield
         return
-    pinned = os.sched_getaffinity(0)
+    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {SERVER_CPU})
     try:
         yield
     finally:
-        os.sched_setaffinity(0, pinned)
+        os.sched_setaffinity(0, before)
 
 
 @contextlib.contextmanager
-def _smtp_sink(directory: Path) -> Iterator[str]:
-    with _on_server_core():
+def _smtp_sink(directory: Path, pinned: bool) -> Iterator[str]:
+    with _on_server_core(pinned):
         process = subprocess.Popen(
             [sys.executable, "-m", "bench.case_compat", "sink", str(directory)],
             stdin=subprocess.PIPE,
@@ -238,7 +242,7 @@ def _smtp_sink(directory: Path) -> Iterator[str]:
 
 
 def measure(
-    url: str, counts: dict[str, int], repeats: int, workloads: tuple[str, ...]
+    url: str, counts: dict[str, int], repeats: int, workloads: tuple[str, ...], pinned: bool
 ) -> list[Sample]:
     """Every mode of every workload, ``repeats`` times, modes rotated per repeat."""
     samples: list[Sample] = []
@@ -248,12 +252,12 @@ def measure(
     ):
         urls = {"publish": url, "consume": url}
         if "email" in workloads:
-            urls["email"] = stack.enter_context(_smtp_sink(Path(tmp) / "mail"))
+            urls["email"] = stack.enter_context(_smtp_sink(Path(tmp) / "mail", pinned))
         if "cluster" in workloads:
             from tests.cluster.harness import LocalCluster
 
             cluster = LocalCluster(Path(tmp) / "cluster")
-            with _on_server_core():
+            with _on_server_core(pinned):
                 cluster.start()
             stack.callback(cluster.stop)
             urls["cluster"] = cluster.url
@@ -355,7 +359,7 @@ def run(
     )
     repeats = 3 if quick else 5
     load_before = os.getloadavg()[0]
-    samples = measure(url, counts, repeats, workloads)
+    samples = measure(url, counts, repeats, workloads, pinned)
     rows = worth(samples)
     info = {
         "repeats": repeats,
