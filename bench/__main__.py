@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench import (
     case_cluster,
+    case_compat,
     case_consume,
     case_end_to_end,
     case_latency,
@@ -88,6 +89,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--out", type=Path, default=HERE, help="directory for RESULTS.md, the chart and the JSON"
     )
     parser.add_argument(
+        "--compat",
+        action="store_true",
+        help="only measure each fast path of orderflow._compat against its fallback "
+        "(writes COMPAT.md and compat.json)",
+    )
+    parser.add_argument(
+        "--compat-workload",
+        choices=case_compat.WORKLOADS,
+        action="append",
+        help="with --compat: only this workload (repeatable)",
+    )
+    parser.add_argument(
         "--render",
         action="store_true",
         help="measure nothing: write RESULTS.md and the chart again from results.json",
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = [Figure(**figure) for figure in saved["figures"]]
         render(args.out, figures, RunInfo(**saved["run"]))
         return 0
+    if args.compat:
+        return _compat(args)
     sizes = QUICK if args.quick else FULL
     only = set(args.only or CASES)
     pin = can_pin()
@@ -171,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     saved = {"run": asdict(run), "figures": [asdict(f) for f in figures]}
     (args.out / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
     render(args.out, figures, run)
+    return 0
+
+
+def _compat(args: argparse.Namespace) -> int:
+    workloads = tuple(args.compat_workload or case_compat.WORKLOADS)
+    pin = can_pin()
+    with tempfile.TemporaryDirectory(prefix="orderflow-bench-") as tmp:
+        server = PinnedRedisServer(Path(tmp) / "redis", pin=pin)
+        server.start()
+        try:
+            pin_client(pin)
+            print(f"redis-server pid {server.pid} on {server.url} (pinned: {pin})")
+            case_compat.run(server.url, args.out, quick=args.quick, pinned=pin, workloads=workloads)
+        finally:
+            server.stop()
     return 0
 
 

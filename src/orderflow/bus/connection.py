@@ -8,14 +8,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import (
-    ClusterPipeline,
-    PipelineCommand,
-    RedisCluster,
-    TransactionStrategy,
-)
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
+
+from orderflow._compat.redis import RoutingCluster, queue_transaction
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -30,41 +27,14 @@ def validate_url(url: str) -> str:
     return url
 
 
-class _QueuedTransaction(TransactionStrategy):
-    """A cluster MULTI/EXEC whose commands are only queued until ``execute()``.
-
-    redis-py 8.1's async cluster transaction runs every queued command in a new thread
-    with its own event loop (``asyncio.run``) to find its slot, and blocks the caller's
-    loop until it is done. When the client must refresh its slot map (at start, and
-    after any connection error: a master killed), that thread runs the refresh on its
-    throwaway loop: it fails with "bound to a different event loop" when the real
-    loop is refreshing too, and otherwise freezes every task of the process for as
-    long as the refresh takes (a dead node's connect timeout). Here the slots are found
-    in ``execute()``, on the caller's loop. WATCH is not supported (orderflow uses none).
-    """
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self._watching or args[0] in self.IMMEDIATE_EXECUTE_COMMANDS:
-            raise RedisClusterException(f"{args[0]} is not supported in this transaction")
-        self._command_queue.append(PipelineCommand(len(self._command_queue), *args, **kwargs))
-        return self._pipe
-
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        client = self._pipe.cluster_client
-        if client._initialize:
-            await client.initialize()
-        for command in self._command_queue:
-            self._pipeline_slots.add(await client._determine_slot(*command.args))
-        return await super().execute(raise_on_error, allow_redirections)
-
-
 def _connection_reset(exc: BaseException) -> bool:
     """Whether ``exc`` is redis-py's AttributeError for a connection closed under a command.
 
-    When a cluster node dies, redis-py 8.1's async cluster client closes connections
-    that another task is using; that task then fails on the closed socket with
-    ``'NoneType' object has no attribute 'writelines'`` instead of a ConnectionError,
-    which no retry (redis-py's or orderflow's) expects.
+    When a cluster node dies, redis-py's async cluster client (8.1.0, the latest release,
+    and earlier) closes connections that another task is using; that task then fails on
+    the closed socket with ``'NoneType' object has no attribute 'writelines'`` instead
+    of a ConnectionError, which no retry (redis-py's or orderflow's) expects. Reads no
+    internals, so it stays on whatever the version: on a fixed release it never fires.
     """
     if not isinstance(exc, AttributeError):
         return False
@@ -91,24 +61,21 @@ class _ClusterPipeline(ClusterPipeline):
             raise _as_connection_error(exc) from exc
 
 
-#: Stream reads whose keys follow the ``STREAMS`` word; where the word may first be.
-_STREAM_READS = {"XREAD": 0, "XREADGROUP": 3}
-
-
-class ClusterClient(RedisCluster):
-    """redis-py's asyncio ``RedisCluster``, loaded before its first command, with
-    transactions that stay on the event loop, stream reads routed without asking a
-    node first, and a connection closed under a command reported as a ConnectionError."""
+class ClusterClient(RoutingCluster):
+    """redis-py's asyncio ``RedisCluster``, loaded before its first command, with a
+    connection closed under a command reported as a ConnectionError; where the installed
+    redis-py allows (see orderflow._compat.redis), transactions that stay on the event
+    loop and stream reads routed without asking a node first."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run a command; the slot map is loaded first (redis-py 8.1 loads it late)."""
         # redis-py picks a command's routing policy before loading the slot map; on a
         # fresh client (or one reloading after a failover) a keyed command then gets
         # the keyless policy: commands issued at once were found running twice, or
-        # failing on a connection another task reset.
+        # failing on a connection another task reset. initialize() is a no-op once
+        # the map is loaded.
         try:
-            if self._initialize:
-                await self.initialize()
+            await self.initialize()
             return await super().execute_command(*args, **kwargs)
         except AttributeError as exc:
             # Found by the failover test: an email sent, then its "sent" mark failed
@@ -118,37 +85,16 @@ class ClusterClient(RedisCluster):
                 raise
             raise _as_connection_error(exc) from exc
 
-    async def _determine_slot(self, command: str, *args: Any) -> int:
-        # redis-py asks its "default node" (COMMAND GETKEYS) for the keys of every
-        # XREADGROUP, as their place varies: a round trip per read, and when that node
-        # is the master just killed, every read of every partition fails until the
-        # client reloads its slot map. The keys follow STREAMS: find them here.
-        first = _STREAM_READS.get(command.upper())
-        if first is None:
-            return await super()._determine_slot(command, *args)
-        words = [a.upper() if isinstance(a, bytes | str) else a for a in args]
-        for at in range(first, len(words)):
-            if words[at] in (b"STREAMS", "STREAMS"):
-                rest = args[at + 1 :]
-                keys = rest[: len(rest) // 2]
-                slots = {self.keyslot(key) for key in keys}
-                if len(slots) != 1:
-                    raise RedisClusterException(
-                        f"{command} - all keys must map to the same key slot"
-                    )
-                return slots.pop()
-        return await super()._determine_slot(command, *args)
-
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
     ) -> ClusterPipeline:
-        """A pipeline; with ``transaction``, one MULTI/EXEC on one slot (see _QueuedTransaction)."""
+        """A pipeline; with ``transaction``, one MULTI/EXEC on one slot."""
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
         # (typed abstract by redis-py for an attribute its __init__ does not need)
         pipe: ClusterPipeline = cast(Any, _ClusterPipeline)(self, transaction)
         if transaction:
-            pipe._execution_strategy = _QueuedTransaction(pipe)
+            queue_transaction(pipe)
         return pipe
 
 

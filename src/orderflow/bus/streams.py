@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from hiredis import pack_command
 from redis.exceptions import ResponseError
 
+from orderflow._compat.redis import plain_pool, round_trip
 from orderflow.bus import metrics
 from orderflow.bus.guarantees import STREAMS, Guarantees
 from orderflow.bus.message import Message, encode
@@ -222,14 +220,15 @@ class StreamPublisher:
 async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write and return their raw replies, in order.
 
-    A non-transactional pipeline, packed by hiredis in C: redis-py packs each argument
-    in Python, which costs more than the rest of a publish (28 µs against 3 µs for one
-    XADD of wire format v1). Replies are not post-processed, so use it for commands
-    whose raw reply is what you want (XADD, XACK). Raises the first error reply, after
-    reading every reply. On a client that is not a plain pooled one (a cluster, a single
-    connection), this is redis-py's own pipeline.
+    A non-transactional pipeline, packed by hiredis in C where the installed redis-py
+    allows (orderflow._compat.redis: redis-py packs each argument in Python, which costs
+    more than the rest of a publish). Replies are not post-processed, so use it for
+    commands whose raw reply is what you want (XADD, XACK). Raises the first error
+    reply, after reading every reply. On a client that is not a plain pooled one (a
+    cluster, a single connection), or with that fast path off, this is redis-py's own
+    pipeline.
     """
-    pool = _plain_pool(redis)
+    pool = plain_pool(redis)
     if pool is None and len(commands) == 1:
         # One command (a worker's XACK): no pipeline machinery around it.
         return [await cast(Any, redis).execute_command(*commands[0])]
@@ -238,8 +237,7 @@ async def send_commands(redis: aioredis.Redis, commands: Sequence[tuple[Any, ...
         for command in commands:
             pipe.execute_command(*command)
         return cast(list[Any], await pipe.execute())
-    packed = b"".join([pack_command(command) for command in commands])
-    replies = await _round_trip(pool, packed, len(commands))
+    replies = await round_trip(pool, commands)
     for reply in replies:
         if isinstance(reply, ResponseError):
             raise reply
@@ -266,9 +264,10 @@ async def read_group(
     Python) that the decoder then walks again; here hiredis's reply is used as it is.
     Blocks up to ``block_ms`` (then returns ``[]``; None: never). Error replies (NOGROUP)
     raise.
-    On a cluster or single-connection client, redis-py's ``xreadgroup``, flattened.
+    On a cluster or single-connection client (or with orderflow._compat.redis's fast
+    path off), redis-py's ``xreadgroup``, flattened.
     """
-    pool = _plain_pool(redis)
+    pool = plain_pool(redis)
     if pool is None:
         reply: Any = await redis.xreadgroup(
             group, consumer, {stream: ">"}, count=count, block=block_ms
@@ -277,9 +276,10 @@ async def read_group(
     command: Any = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count)
     if block_ms is not None:
         command += ("BLOCK", block_ms)
-    packed = pack_command((*command, "STREAMS", stream, ">"))
     # The client's socket timeout counts from the end of the BLOCK.
-    (reply,) = await _round_trip(pool, packed, 1, wait_s=(block_ms or 0) / 1000)
+    (reply,) = await round_trip(
+        pool, [(*command, "STREAMS", stream, ">")], wait_s=(block_ms or 0) / 1000
+    )
     if isinstance(reply, ResponseError):
         raise reply
     return cast(list[RawEntry], _entries_of(reply))
@@ -287,10 +287,15 @@ async def read_group(
 
 def _entries_of(reply: Any) -> list[Any]:
     # RESP2: [[stream, entries]]; RESP3: {stream: entries}; nil when BLOCK timed out.
+    # redis-py's parsed RESP3 reply wraps the entries once more: {stream: [entries]}.
     if not reply:
         return []
     if isinstance(reply, dict):
-        return list(next(iter(reply.values())))
+        entries = next(iter(reply.values()))
+        first = entries[0] if entries else None
+        if isinstance(first, list) and not (first and isinstance(first[0], bytes | str)):
+            (entries,) = entries
+        return list(entries)
     return list(reply[0][1])
 
 
@@ -299,52 +304,6 @@ def flat_fields(fields: Any) -> list[bytes]:
     if isinstance(fields, Mapping):
         return list(chain.from_iterable(fields.items()))
     return list(fields)
-
-
-def _plain_pool(redis: aioredis.Redis) -> Any:
-    # The client's pool when it is a plain pooled client; None for a cluster client or
-    # one bound to a single connection (their commands must go through redis-py).
-    pool = getattr(redis, "connection_pool", None)
-    if pool is None or getattr(redis, "connection", None) is not None:
-        return None
-    return pool
-
-
-async def _round_trip(pool: Any, packed: bytes, replies: int, wait_s: float = 0.0) -> list[Any]:
-    """Send ``packed`` on a pooled connection and read ``replies`` raw replies.
-
-    The replies get the client's socket timeout (if any) plus ``wait_s``, all together.
-    Error replies are returned, not raised, so the connection stays in step.
-    """
-    connection = await pool.get_connection()
-
-    async def attempt() -> list[Any]:
-        await connection.send_packed_command(packed)
-        received: list[Any] = []
-        # One deadline for all the replies rather than one each (math.inf: none per read).
-        timeout = connection.socket_timeout
-        async with asyncio.timeout(None if timeout is None else timeout + wait_s):
-            for _ in range(replies):
-                try:
-                    received.append(await connection.read_response(timeout=math.inf))
-                except ResponseError as exc:
-                    received.append(exc)
-        return received
-
-    async def reset(_error: Exception) -> None:
-        await connection.disconnect()
-
-    try:
-        # Retried on connection errors like redis-py's own commands (and, like them, a
-        # retry after a lost reply may append an entry twice: consumers deduplicate).
-        return cast(list[Any], await connection.retry.call_with_retry(attempt, reset))
-    except BaseException:
-        # Cancelled or failed mid-way: replies may still be on their way, so this
-        # connection is out of step with its commands. Drop it, never reuse it.
-        await connection.disconnect()
-        raise
-    finally:
-        await pool.release(connection)
 
 
 def _flatten(fields: dict[str, bytes | str]) -> list[bytes | str]:

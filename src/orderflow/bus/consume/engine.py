@@ -15,9 +15,9 @@ restart of the worker and, with AOF, of Redis.
 Per entry the engine does little besides the handler: XREADGROUP's reply is used as
 hiredis parses it (``read_group``), ``decode_entry`` makes every check of wire format v1
 with a few C calls (a malformed entry is dead-lettered, never handed over), handlers
-that do not wait run one after another in one lane task, and the per-delivery metrics
-are counted here and added to Prometheus in bulk when acks are flushed (XACK per batch,
-packed by hiredis). See bench/RESULTS.md for what each part costs.
+that do not wait run one after another in one lane task, and the delivery count is
+added to Prometheus in bulk when acks are flushed (XACK per batch, packed by hiredis).
+See bench/RESULTS.md for what each part costs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from typing import cast
@@ -71,12 +70,11 @@ class Engine:
         self._consumed = metrics.CONSUMED.labels(*self._labels)
         self._handler_seconds = metrics.HANDLER_SECONDS.labels(*self._labels)
         self._acked = metrics.ACKED.labels(*self._labels)
-        #: Per-delivery metrics counted here and added to Prometheus in bulk by the ack
-        #: loop (a Prometheus update takes a lock: per entry it cost as much as a handler).
+        #: Deliveries counted here and added to Prometheus in bulk by the ack loop (a
+        #: Prometheus update takes a lock). Handler times are observed one by one:
+        #: prometheus_client has no public bulk observe, and writing its internals saved
+        #: under 10% of a no-op consumer's CPU (bench/case_compat.py).
         self._consumed_count = 0
-        self._handler_bounds: tuple[float, ...] = tuple(self._handler_seconds._upper_bounds)
-        self._handler_buckets = [0] * len(self._handler_bounds)
-        self._handler_total_s = 0.0
         #: Entries this worker holds: queued, being handled, or being claimed for a retry.
         self._inflight: set[str] = set()
         #: Entries read but not yet handed to a handler, in stream order: id, fields as
@@ -319,7 +317,7 @@ class Engine:
         queue, inflight, acks = self._queue, self._inflight, self._acks
         handler, stream, stats = self._handler, self.config.stream, self.stats
         max_deliveries = self.config.max_deliveries
-        bounds, buckets = self._handler_bounds, self._handler_buckets
+        observe = self._handler_seconds.observe
         clock = time.perf_counter
         # Ordered: on stop, not one more entry (the next owner may have its lease already).
         stop_now, stopping = not self.policy.finish_read_on_stop, self._stopping
@@ -346,12 +344,10 @@ class Engine:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._observe(clock() - started)
+                    observe(clock() - started)
                     requeued = await self._settle(entry_id, fields, deliveries, exc)
                     continue
-                elapsed = clock() - started
-                buckets[bisect_left(bounds, elapsed)] += 1
-                self._handler_total_s += elapsed
+                observe(clock() - started)
                 stats.handled += 1
                 acks.append(entry_id)
                 if len(acks) == 1:
@@ -371,10 +367,6 @@ class Engine:
         current = asyncio.current_task()
         if current is not None:
             self._lanes.discard(current)
-
-    def _observe(self, seconds: float) -> None:
-        self._handler_buckets[bisect_left(self._handler_bounds, seconds)] += 1
-        self._handler_total_s += seconds
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.discard(entry_id)
@@ -557,18 +549,6 @@ class Engine:
         if self._consumed_count:
             self._consumed.inc(self._consumed_count)
             self._consumed_count = 0
-        buckets = self._handler_buckets
-        if any(buckets):
-            # prometheus_client has no bulk observe: add to the histogram's bucket and
-            # sum values as observe() does, once per bucket instead of once per delivery.
-            histogram = self._handler_seconds
-            histogram._sum.inc(self._handler_total_s)
-            for i, count in enumerate(buckets):
-                if count:
-                    histogram._buckets[i].inc(count)
-                    # In place: a running lane holds this list.
-                    buckets[i] = 0
-            self._handler_total_s = 0.0
 
     async def _flush_acks(self) -> None:
         # One flush at a time: the final flush on stop waits for one in flight.
