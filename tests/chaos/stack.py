@@ -186,6 +186,16 @@ class Stack:
                 return int(group["pending"]), int(lag) if lag is not None else -1
         return -1, -1
 
+    async def metric(self, name: str) -> float:
+        """The sum of the API's Prometheus samples named ``name`` (every label)."""
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"{self.api_url}/metrics")).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.split("{", 1)[0].split(" ", 1)[0] == name
+        )
+
     async def dead_letters(self) -> int:
         """Entries in orders:dlq."""
         return int(await self.redis_client.xlen("orders:dlq"))
