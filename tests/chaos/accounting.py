@@ -13,7 +13,14 @@ that caused it is on record and really happened to that copy:
   down, between the fault's start and its end, so the record of the send could not
   be written before the lease ran out;
 * **record dropped**: a proxy on the Redis link dropped, after the copy was accepted,
-  the command that records it sent (the only one carrying its ``<order-N@…>``).
+  the command that records it sent (the only one carrying its ``<order-N@…>``), or
+  reset the connection while that command was unanswered.
+
+For the last two the next copy must also come after the first copy's lease can have
+run out: nobody else can claim the order before that (its sender renews the lease
+before each SMTP transaction once a third of it has passed, so at least two thirds of
+it are left when the copy is accepted; ``min_gap_s`` is a third, for margin). A cut
+send is different: its sender saw the send fail and gave the order back at once.
 
 Anything else (no fault, a connection closed with ``QUIT``, a copy followed by more
 messages, a time outside every outage) leaves the duplicate unexplained, and a
@@ -29,6 +36,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
+from itertools import pairwise
 
 #: How many messages may follow the excused copy on its cut connection. The Email
 #: Service gives a connection back to its pool as soon as the 250 is read, before the
@@ -180,12 +188,21 @@ def explain_copy(
     after: int,
     faults: FaultLog,
     *,
+    next_at: float,
+    lease_s: float,
     max_after: int = MAX_AFTER,
 ) -> tuple[str | None, str]:
-    """The injected fault that explains why ``mail`` was sent again, or None and why."""
+    """The injected fault that explains why ``mail`` was sent again (its next copy came
+    at ``next_at``), or None and why."""
     cut, why = _cut_of(mail, connection, after, faults, max_after)
     if cut is not None:
         return f"cut: {cut}", ""
+    min_gap_s = lease_s / 3
+    if next_at - mail.at < min_gap_s:
+        return None, (
+            f"{why}; sent again {next_at - mail.at:.3f}s later, before its lease "
+            f"({lease_s}s) can have run out"
+        )
     for outage in faults.outages:
         if outage.start <= mail.at <= outage.end:
             return f"Redis away: {outage.what}", ""
@@ -201,10 +218,12 @@ def account_mail(
     connections: dict[int, Connection],
     faults: FaultLog,
     *,
+    lease_s: float,
     max_after: int = MAX_AFTER,
 ) -> MailAccount:
     """Account for every message: each accepted order emailed, each extra copy excused
-    by an injected fault (every copy but the last needs one), none unparsable."""
+    by an injected fault (every copy but the last needs one), none unparsable.
+    ``lease_s`` is the workers' send lease (their claim timeout)."""
     wanted = set(accepted)
     by_order: Counter[int] = Counter()
     copies: dict[int, list[Mail]] = defaultdict(list)
@@ -229,13 +248,21 @@ def account_mail(
         if len(sent) < 2:
             continue
         reasons = []
-        for mail in sent[:-1]:
+        for mail, following in pairwise(sent):
             connection = connections.get(mail.connection)
             if connection is None:
                 unexplained[order_id] = f"connection {mail.connection} was never recorded"
                 break
             after = position[id(mail)]
-            reason, why = explain_copy(mail, connection, after, faults, max_after=max_after)
+            reason, why = explain_copy(
+                mail,
+                connection,
+                after,
+                faults,
+                next_at=following.at,
+                lease_s=lease_s,
+                max_after=max_after,
+            )
             if reason is None:
                 unexplained[order_id] = why
                 break

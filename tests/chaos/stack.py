@@ -241,7 +241,12 @@ class Stack:
     async def account(self, accepted: list[int]) -> Accounting:
         """Emails per accepted order (duplicates attributed to the recorded faults) and
         what is left behind. A message whose Message-ID cannot be read fails it here."""
-        mail = account_mail(accepted, self.handler.mails, self.handler.connections, self.faults)
+        # The workers' send lease is their claim timeout (the shortest, if they differ).
+        envs = [worker.env for worker in self.workers] or [self.base_env]
+        lease_s = min(int(env["ORDERFLOW_CLAIM_IDLE_MS"]) for env in envs) / 1000
+        mail = account_mail(
+            accepted, self.handler.mails, self.handler.connections, self.faults, lease_s=lease_s
+        )
         assert mail.unparsable == [], f"messages without a readable Message-ID: {mail.unparsable}"
         pending, _ = await self.group_state()
         unconfirmed, outbox = await asyncio.to_thread(self.db_counts)

@@ -43,7 +43,7 @@ class Run:
         self.mails.append(_mail(order_id, at, connection))
 
     def account(self, accepted: list[int]) -> tuple[dict[int, str], dict[int, str]]:
-        result = account_mail(accepted, self.mails, self.connections, self.faults)
+        result = account_mail(accepted, self.mails, self.connections, self.faults, lease_s=3.0)
         return result.excused, result.unexplained
 
 
@@ -52,7 +52,7 @@ def test_every_accepted_order_once_passes() -> None:
     run.connection(1, 40001, 0.0, None)
     run.mail(1, 1.0, 1)
     run.mail(2, 2.0, 1)
-    result = account_mail([1, 2, 3], run.mails, run.connections, run.faults)
+    result = account_mail([1, 2, 3], run.mails, run.connections, run.faults, lease_s=3.0)
     assert result.lost == [3]
     assert result.unexpected == []
     assert result.duplicates == {}
@@ -63,7 +63,7 @@ def test_an_email_for_an_order_not_accepted_is_unexpected() -> None:
     run = Run()
     run.connection(1, 40001, 0.0, None)
     run.mail(9, 1.0, 1)
-    assert account_mail([], run.mails, run.connections, run.faults).unexpected == [9]
+    assert account_mail([], run.mails, run.connections, run.faults, lease_s=3.0).unexpected == [9]
 
 
 def test_a_duplicate_without_any_fault_is_unexplained() -> None:
@@ -189,7 +189,7 @@ def test_an_unparsable_message_is_reported_not_left_out() -> None:
     run.connection(1, 40001, 0.0, None)
     run.mail(1, 1.0, 1)
     run.mails.append(Mail(None, ["a@example.com"], b"Subject: x\r\n\r\n", 2.0, 1, "no id"))
-    result = account_mail([1], run.mails, run.connections, run.faults)
+    result = account_mail([1], run.mails, run.connections, run.faults, lease_s=3.0)
     assert result.unparsable == [(1, "no id")]
 
 
@@ -219,3 +219,31 @@ def test_recorded_orders_finds_message_ids_in_redis_commands() -> None:
     command = b"*9\r\n$7\r\nEVALSHA\r\n$31\r\n<order-12@orderflow.localhost>\r\n"
     assert recorded_orders(command) == {12}
     assert recorded_orders(b"orderflow:email:{12} token") == set()
+
+
+def test_a_copy_sent_again_before_its_lease_can_have_run_out_is_not_excused_by_redis() -> None:
+    # A ledger that let a sent order be claimed again sends the copies milliseconds
+    # apart; a lost record only lets another sender in once the lease has run out.
+    for gap, explained in ((0.02, False), (0.99, False), (1.0, True), (2.5, True)):
+        run = Run()
+        run.connection(1, 40001, 0.0, None)
+        run.mail(1, 10.5, 1)
+        run.mail(1, 10.5 + gap, 1)
+        run.faults.outage("Redis killed", 10.0, 11.0)
+        run.faults.dropped_records.append((1, 10.6, "Redis link silent"))
+        excused, unexplained = run.account([1])
+        assert (1 in excused) is explained, gap
+        if not explained:
+            assert "before its lease (3.0s) can have run out" in unexplained[1]
+
+
+def test_a_cut_copy_may_be_sent_again_at_once() -> None:
+    # Its sender saw the send fail (the reply never came) and gave the order back.
+    run = Run()
+    run.connection(1, 40001, 0.0, 2.01)
+    run.connection(2, 40002, 2.05, None)
+    run.mail(1, 2.0, 1)
+    run.mail(1, 2.1, 2)
+    run.faults.cut("SMTP link reset", 2.0, {40001})
+    excused, _ = run.account([1])
+    assert excused == {1: "cut: SMTP link reset"}
