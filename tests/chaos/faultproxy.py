@@ -8,6 +8,12 @@ bytes both ways, unless told to misbehave:
   command in flight gets no reply; ``refuse`` resets new connections at once;
 * ``blackhole``: the proxy keeps connections open but drops every byte both ways, as a
   dead host behind a load balancer does: the client only finds out by timing out.
+
+Given a :class:`FaultLog`, it records what it did to whom. In front of SMTP
+(``smtp=True``): the connections it reset and those whose server reply it dropped, by
+the port its upstream side used (the client port the server saw). In front of Redis:
+the orders whose "sent" record (the ledger command carrying ``<order-N@…>``) it
+dropped, or left unanswered on a connection it reset.
 """
 
 from __future__ import annotations
@@ -16,13 +22,29 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
+
+from .accounting import FaultLog, recorded_orders
 
 
 class FaultProxy:
     """Forwards ``127.0.0.1:<port>`` to ``upstream``; faults are switched at run time."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        port: int = 0,
+        faults: FaultLog | None = None,
+        name: str = "proxy",
+        smtp: bool = False,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.faults = faults
+        self.name = name
+        #: In front of SMTP: cuts are recorded (in front of Redis: dropped ledger keys).
+        self.smtp = smtp
         self.port = port
         self.latency_s = 0.0
         self.blackhole = False
@@ -32,6 +54,11 @@ class FaultProxy:
         self.resets = 0
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        #: In front of Redis: per connection, the bytes sent since its last reply (the
+        #: commands a reset leaves without an answer; bounded).
+        self._unanswered: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], bytes] = {}
+        #: Pairs whose server reply was dropped (recorded once each).
+        self._dropped_reply: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def url(self, scheme: str, path: str = "") -> str:
@@ -47,7 +74,7 @@ class FaultProxy:
         """Stop listening and drop every connection."""
         if self._server is not None:
             self._server.close()
-        self.reset_all()
+        self.reset_all(record=False)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -61,10 +88,20 @@ class FaultProxy:
         self.blackhole = False
         self.refuse = False
 
-    def reset_all(self) -> int:
-        """Reset every open connection now; returns how many were reset."""
+    def reset_all(self, *, record: bool = True) -> int:
+        """Reset every open connection now; returns how many were reset. The cuts are
+        recorded as faults unless ``record`` is False (the proxy's own shutdown)."""
         pairs = list(self._pairs)
         self._pairs.clear()
+        if self.faults is not None and record and pairs:
+            now = time.monotonic()
+            if self.smtp:
+                ports = [_local_port(upstream) for _, upstream in pairs]
+                self.faults.cut(f"{self.name} reset", now, ports)
+            else:
+                for pair in pairs:
+                    for order_id in recorded_orders(self._unanswered.pop(pair, b"")):
+                        self.faults.dropped_records.append((order_id, now, f"{self.name} reset"))
         for client, upstream in pairs:
             _reset(client)
             _reset(upstream)
@@ -84,8 +121,8 @@ class FaultProxy:
             return
         pair = (writer, up_writer)
         self._pairs.add(pair)
-        for source, target in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, target, pair))
+        for source, target, reply in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pump(source, target, pair, reply))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -94,15 +131,19 @@ class FaultProxy:
         source: asyncio.StreamReader,
         target: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        reply: bool,
     ) -> None:
         try:
             while True:
                 chunk = await source.read(65536)
                 if not chunk:
                     break
+                if not self.smtp:
+                    self._note(chunk, pair, reply)
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
                 if self.blackhole:
+                    self._dropped(chunk, pair, reply)
                     continue  # dropped: the peer never answers this
                 target.write(chunk)
                 await target.drain()
@@ -112,9 +153,44 @@ class FaultProxy:
             # One side ended: end the other too (FIN), as a real proxy would.
             if pair in self._pairs:
                 self._pairs.discard(pair)
+                self._unanswered.pop(pair, None)
                 for side in pair:
                     with contextlib.suppress(OSError, RuntimeError):
                         side.close()
+
+    def _note(
+        self, chunk: bytes, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter], reply: bool
+    ) -> None:
+        """Keep what was sent on ``pair`` since its last reply (a reset loses it)."""
+        if reply:
+            self._unanswered.pop(pair, None)
+        else:
+            self._unanswered[pair] = (self._unanswered.get(pair, b"") + chunk)[-_KEEP:]
+
+    def _dropped(
+        self, chunk: bytes, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter], reply: bool
+    ) -> None:
+        if self.faults is None:
+            return
+        if not self.smtp:
+            if reply:
+                return
+            now = time.monotonic()
+            for order_id in recorded_orders(chunk):
+                self.faults.dropped_records.append((order_id, now, f"{self.name} silent"))
+        elif reply and pair not in self._dropped_reply:
+            self._dropped_reply.add(pair)
+            port = _local_port(pair[1])
+            self.faults.cut(f"{self.name} dropped a reply", time.monotonic(), [port])
+
+
+#: Bytes of unanswered commands kept per connection: a few records' worth.
+_KEEP = 16384
+
+
+def _local_port(writer: asyncio.StreamWriter) -> int:
+    sockname = writer.get_extra_info("sockname")
+    return int(sockname[1]) if sockname else 0
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

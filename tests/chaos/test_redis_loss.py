@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -30,16 +29,6 @@ def _confirmed(stack: Stack) -> set[int]:
             return {int(row[0]) for row in rows}
     finally:
         engine.dispose()
-
-
-async def _metric(stack: Stack, name: str) -> float:
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"{stack.api_url}/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
 
 
 async def test_redis_restarted_empty_every_order_still_emailed(
@@ -97,7 +86,7 @@ async def test_redis_restarted_empty_every_order_still_emailed(
             first_seen.setdefault(mail.order_id, mail.at)
     emailed_before_loss = {i for i, at in first_seen.items() if at <= restarted_at}
     allowed = emailed_before_loss - confirmed_before
-    republished = await _metric(stack, "orderflow_orders_republished_total")
+    republished = await stack.metric("orderflow_orders_republished_total")
     reliability.figures = {
         "orders": len(accepted),
         "emailed before the loss": len({i for i, at in first_seen.items() if at <= wiped_at}),

@@ -1,4 +1,5 @@
-"""A worker frozen (SIGSTOP) longer than the claim timeout, then thawed: no second email."""
+"""A worker frozen (SIGSTOP) longer than the claim timeout, then thawed: no second email,
+and it goes on handling orders."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.exceptions import ResponseError
+
+from orderflow.email import ledger_key
 
 from .conftest import SCENARIO_TIMEOUT, Record, Stack, wait_until
 from .faultproxy import FaultProxy
@@ -24,7 +27,7 @@ async def test_worker_stopped_past_the_claim_timeout_sends_nothing_twice(
     reliability.scenario = "Worker SIGSTOPped past the claim timeout"
     reliability.must_hold = (
         "its entries are claimed and sent by another worker; once thawed it sends none "
-        "of them again and keeps working"
+        "of them again, and sends new orders alone once the other worker stops"
     )
     stack = await make_stack()
     await stack.start_api()
@@ -59,15 +62,24 @@ async def test_worker_stopped_past_the_claim_timeout_sends_nothing_twice(
         stopped_s = time.monotonic() - stopped_at
         await asyncio.sleep(2 * CLAIM_IDLE_S)
 
-        # Both keep working afterwards.
+        # The thawed worker goes on working: with the rescuer stopped (cleanly), only it
+        # can send the next orders; the ledger names the sender of each.
+        assert rescuer.alive
+        assert await asyncio.to_thread(rescuer.stop) == 0
         more = await stack.submit(list(range(count + 1, 2 * count + 1)))
         await stack.settle(accepted + more, timeout=30)
+        senders: list[bytes] = [
+            await stack.redis_client.hget(ledger_key(i), "token") or b"" for i in more
+        ]
         result = await stack.account(accepted + more)
         reliability.figures = {
             "orders": result.accepted,
             "stopped s": round(stopped_s, 1),
             "claim timeout s": CLAIM_IDLE_S,
             "emails": len(stack.handler.mails),
+            "sent by the thawed worker after": sum(
+                1 for t in senders if t.startswith(b"worker-0:")
+            ),
             "duplicates": result.duplicate_emails,
             "lost": len(result.lost),
         }
@@ -78,5 +90,5 @@ async def test_worker_stopped_past_the_claim_timeout_sends_nothing_twice(
     assert result.dead_letters == 0
     assert result.pending == 0
     assert frozen.alive
-    assert rescuer.alive
+    assert all(t.startswith(b"worker-0:") for t in senders), senders
     stack.assert_no_tracebacks()

@@ -66,7 +66,10 @@ async def test_admin_token_is_required_when_set(redis_url: str, tmp_path: Path) 
             "/console/login", data={"csrf_token": csrf, "token": "guess"}
         )
         assert wrong.status_code == 401
-        assert "Wrong token" not in wrong.text or "not the admin token" in wrong.text
+        # The form again, with the refusal's detail shown as an alert (the title
+        # "Wrong token" only selects it; it is not on the page).
+        assert 'role="alert">That is not the admin token.</p>' in wrong.text
+        assert 'role="alert"' not in form.text
         no_csrf = await console.client.post("/console/login", data={"token": TOKEN})
         assert no_csrf.status_code == 403
         right = await console.client.post(
