@@ -1,9 +1,13 @@
-"""The packages' boundaries: the Order Service stands alone beside the console and the
-Email Service (they meet on the bus and in ``orderflow.domain``), with no import cycle."""
+"""The packages' boundaries (docs/ARCHITECTURE.md): the bus knows nothing above it; the
+Order Service stands alone beside the console and the Email Service (they meet on the
+bus and in ``orderflow.domain``); only the CLI imports the development servers; no
+import cycle."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import orderflow.orders
@@ -54,3 +58,27 @@ def test_no_import_cycle_between_packages() -> None:
     edges = _imports()
     cycles = sorted(unit for unit in edges if unit in _reachable(edges, unit))
     assert cycles == []
+
+
+def test_the_bus_imports_nothing_above_it() -> None:
+    edges = _imports()
+    assert edges["bus"], "no imports found: the scan is broken"
+    assert _reachable(edges, "bus") <= {"_compat"}
+
+
+def test_only_the_cli_imports_the_development_servers() -> None:
+    # A worker or the API must not pull in aiosmtpd and the sink's ctypes.
+    importers = sorted(unit for unit, targets in _imports().items() if "embedded" in targets)
+    assert importers == ["cli"]
+
+
+def test_the_services_load_without_the_development_servers() -> None:
+    code = (
+        "import sys\n"
+        "import orderflow.app, orderflow.email, orderflow.supervisor\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('aiosmtpd', 'orderflow.embedded'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
