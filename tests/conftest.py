@@ -13,6 +13,7 @@ start as child processes run it. A binary that cannot be found stops the run (ne
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -78,17 +79,42 @@ def chosen_server_binary() -> Path:
 def pytest_configure(config: pytest.Config) -> None:
     """Export the chosen server binary for every server the run starts."""
     os.environ["ORDERFLOW_REDIS_SERVER"] = str(chosen_server_binary())
+    server_identity()  # asked now: some tests empty the ORDERFLOW_* variables
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """The server the tests run on: ``redis-server v=7.0.15 (/usr/bin/redis-server)``."""
+@functools.cache
+def server_identity() -> tuple[str, str]:
+    """The chosen server's name and version from ``--version``: ``("valkey", "9.1.2")``."""
     binary = os.environ["ORDERFLOW_REDIS_SERVER"]
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
     words = out.stdout.split()
     name = words[0].lower() if words else "?"
     version = next((w[2:] for w in words if w.startswith("v=")), "?")
+    return name, version
+
+
+def expected_server() -> dict[str, object]:
+    """What ``streams info --json`` should say of the run's server (standalone)."""
+    name, version = server_identity()
+    major_minor = tuple(int(part) for part in version.split(".")[:2])
+    return {
+        "name": name,
+        "version": version,
+        "mode": "standalone",
+        "features": {
+            # XTRIM … ACKED came with Redis 8.2; Valkey 9.1 has not got it.
+            "xtrim_acked": name == "redis" and major_minor >= (8, 2),
+            # XINFO's lag and entries added came with Redis 7.0 (Valkey forked 7.2).
+            "xinfo_lag": name == "valkey" or major_minor >= (7, 0),
+        },
+    }
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The server the tests run on: ``server (redis7): redis 7.0.15 (/usr/bin/redis-server)``."""
+    name, version = server_identity()
     choice = os.environ.get("ORDERFLOW_TEST_SERVER", "redis7")
-    return f"server ({choice}): {name} {version} ({binary})"
+    return f"server ({choice}): {name} {version} ({os.environ['ORDERFLOW_REDIS_SERVER']})"
 
 
 @pytest.fixture(scope="session")
