@@ -40,6 +40,7 @@ from orderflow.bus.worker import (
     StreamWorker,
     WorkerConfig,
     WorkerStats,
+    ack_deleted_pending,
 )
 
 log = logging.getLogger(__name__)
@@ -402,6 +403,12 @@ class OrderedWorker:
                         name, self.config.group, self.consumer, 0, start, self.config.batch_size
                     )
                     entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
+                    if len(entries) < len(reply[1]) and len(reply) < 3:
+                        # Redis 6.2: entries deleted while pending come back nil, and
+                        # would stay pending forever (see ack_deleted_pending).
+                        await ack_deleted_pending(
+                            self._redis, name, self.config.group, self.consumer, start
+                        )
                     next_start = _text(reply[0])
                     start = None if next_start == "0-0" else next_start
                     claimed = True
