@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user who configured nothing."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
+    """The environment of a user who configured nothing (but the test run's server binary)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ORDERFLOW_") or k == "ORDERFLOW_REDIS_SERVER"
+    }
     env.update(extra)
     return env
 

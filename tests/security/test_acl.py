@@ -24,7 +24,7 @@ from orderflow.email import EmailService, SmtpSender
 from orderflow.embedded.smtp_server import SmtpServer
 
 from ..chaos.conftest import CountingHandler, wait_until
-from .conftest import AclRedis
+from .conftest import ACL_BLOCK, ACL_BLOCK_NO_SELECTORS, AclRedis, documented_acl_lines
 
 ORDER = b'{"id":101,"email":"alice@example.com","total":"100.00"}'
 
@@ -187,10 +187,31 @@ def test_each_user_is_refused_outside_its_keys_and_commands(
     client: Any = redis.Redis.from_url(acl.url(user))
     try:
         assert client.ping()
+        if not acl.selectors and (user, command[0]) in ALLOWED_WITHOUT_SELECTORS:
+            # docs/SECURITY.md says so for Redis 6.2: the command goes through.
+            client.execute_command(*command)
+            return
         with pytest.raises(NoPermissionError):
             client.execute_command(*command)
     finally:
         client.close()
+
+
+#: What docs/SECURITY.md's Redis 6.2 lines allow beyond the others (no selectors there).
+ALLOWED_WITHOUT_SELECTORS = {
+    ("email-service", "XADD"),
+    ("email-service", "XTRIM"),
+    ("email-service", "DEL"),
+}
+
+
+def test_the_documented_lines_for_this_server_are_loaded(acl_redis: AclRedis) -> None:
+    """Selectors decide which block: and the 6.2 block is the one without them."""
+    block = ACL_BLOCK if acl_redis.selectors else ACL_BLOCK_NO_SELECTORS
+    assert len(documented_acl_lines(block)) == 4
+    assert not any(
+        "(" in line or "%R" in line for line in documented_acl_lines(ACL_BLOCK_NO_SELECTORS)
+    )
 
 
 def test_the_default_user_is_closed(acl: AclRedis) -> None:

@@ -15,6 +15,7 @@ from orderflow._compat.redis import plain_pool, round_trip
 from orderflow.bus import metrics
 from orderflow.bus.guarantees import STREAMS, Guarantees
 from orderflow.bus.message import Message, encode
+from orderflow.bus.server import probe_acked_trim
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class StreamPublisher:
         if maxlen is None:
             length = int(await self._redis.xlen(stream))
             return TrimResult(length=length, trimmed=0, over_cap=False, safe_id=None)
-        if await self._supports_acked_trim():
+        if await self._supports_acked_trim(stream):
             result = await self._trim_acked(stream, maxlen)
         else:
             result = await self._trim_by_script(stream, maxlen)
@@ -207,13 +208,10 @@ class StreamPublisher:
             length=length, trimmed=trimmed, over_cap=length > maxlen * 1.1 + 100, safe_id=None
         )
 
-    async def _supports_acked_trim(self) -> bool:
+    async def _supports_acked_trim(self, stream: str) -> bool:
         if self._acked_trim is None:
-            info = await self._redis.info("server")
-            version = tuple(
-                int(part) for part in str(info.get("redis_version", "0")).split(".")[:2]
-            )
-            self._acked_trim = version >= (8, 2)
+            # Asked with the command itself: Valkey reports versions of its own.
+            self._acked_trim = await probe_acked_trim(self._redis, stream)
         return self._acked_trim
 
 

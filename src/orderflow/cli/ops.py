@@ -6,9 +6,12 @@ missing group, an unknown dead-letter id or an unusable key to exit 1.
 
 ``--json`` output (stable keys):
 
-- ``streams info``: ``{"redis": <URL, password redacted>, "streams": [<StreamInfo>...]}``,
-  each stream as documented in :mod:`orderflow.bus.admin.info`; a partitioned stream is the
-  sum of its partitions with each partition under ``partitions`` (empty otherwise).
+- ``streams info``: ``{"redis": <URL, password redacted>, "server": <ServerInfo>,
+  "streams": [<StreamInfo>...]}``, the server as in :mod:`orderflow.bus.server`
+  (``{"name": "redis"|"valkey", "version", "mode": "standalone"|"cluster",
+  "features": {"xtrim_acked", "xinfo_lag": true|false|null}}``), each stream as
+  documented in :mod:`orderflow.bus.admin.info`; a partitioned stream is the sum of its
+  partitions with each partition under ``partitions`` (empty otherwise).
 - ``dlq list``: ``{"stream", "dead_letter_stream", "total", "entries": [{"id",
   "dead_letter_stream", "source_stream", "source_id", "group", "consumer", "reason",
   "deliveries", "time", "fields", "preview"}], "partitions": [{"dead_letter_stream",
@@ -40,6 +43,7 @@ from rich.text import Text
 from orderflow.bus import StreamKeys, redact_url
 from orderflow.bus import admin as ops
 from orderflow.bus.keys import DLQ_SUFFIX
+from orderflow.bus.server import ServerInfo, server_info
 from orderflow.cli.common import CommandError, UsageError, load_settings, redis_client
 from orderflow.config import Settings, resolve_redis_url
 from orderflow.formatting import human_duration, human_size
@@ -214,10 +218,13 @@ async def streams_info_command(args: argparse.Namespace) -> int:
     async with redis_client(settings) as client:
         with _operation_errors():
             infos = await ops.stream_info(client, names)
+            server = await server_info(client, _probe_stream(infos))
     if args.json:
-        print(json.dumps({"redis": url, "streams": [i.to_json() for i in infos]}, indent=2))
+        body = {"redis": url, "server": server.to_json(), "streams": [i.to_json() for i in infos]}
+        print(json.dumps(body, indent=2))
         return 0
     console = _console()
+    console.print(Text(_server_line(server)))
     rows = [(label, i) for whole in infos for label, i in _with_partitions(whole)]
     console.print(_streams_table(rows, url))
     groups = [(label, i, g) for label, i in rows for g in i.groups]
@@ -228,6 +235,28 @@ async def streams_info_command(args: argparse.Namespace) -> int:
     if consumers:
         console.print(_consumers_table(consumers))
     return 0
+
+
+def _probe_stream(infos: Sequence[ops.StreamInfo]) -> str:
+    """A Redis stream to probe the server's stream features on: an existing one if any."""
+    for info in infos:
+        for part in info.partitions or [info]:
+            if part.exists:
+                return part.name
+    return infos[0].name
+
+
+#: How ``streams info`` names each probed feature.
+_FEATURES = {"xtrim_acked": "XTRIM … ACKED", "xinfo_lag": "lag in XINFO"}
+
+
+def _server_line(server: ServerInfo) -> str:
+    """``Server: valkey 9.1.2 (standalone); XTRIM … ACKED: no, lag in XINFO: yes``."""
+    said = {True: "yes", False: "no", None: "unknown"}
+    features = ", ".join(
+        f"{_FEATURES.get(name, name)}: {said[value]}" for name, value in server.features.items()
+    )
+    return f"Server: {server.name} {server.version} ({server.mode}); {features}"
 
 
 def _with_partitions(info: ops.StreamInfo) -> list[tuple[str, ops.StreamInfo]]:

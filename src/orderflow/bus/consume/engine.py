@@ -266,8 +266,12 @@ class Engine:
             reply = await self._redis.xautoclaim(
                 cfg.stream, cfg.group, cfg.consumer, min_idle_ms, start, self._free()
             )
-            start = text(reply[0])
             claimed = [(text(i), f) for i, f in reply[1] if i is not None and f is not None]
+            if len(claimed) < len(reply[1]) and len(reply) < 3:
+                # A server whose reply has no list of deleted ids (Redis 6.2) answers an
+                # entry deleted while pending with nil and keeps it pending: acknowledge it.
+                await ack_deleted_pending(self._redis, cfg.stream, cfg.group, cfg.consumer, start)
+            start = text(reply[0])
             claimed = [(i, f) for i, f in claimed if i not in self._inflight]
             if claimed:
                 counts = await self._delivery_counts(i for i, _ in claimed)
@@ -674,3 +678,29 @@ class Engine:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+
+async def ack_deleted_pending(
+    redis: aioredis.Redis, stream: str, group: str, consumer: str, start: str
+) -> list[str]:
+    """Acknowledge ``consumer``'s pending ids from ``start`` on whose entries are deleted.
+
+    Redis 7.0+ drops such ids from the PEL itself when XAUTOCLAIM meets them; Redis 6.2
+    claims them as nil entries, without their ids, and keeps them pending forever.
+    """
+    rows = await redis.xpending_range(
+        stream, group, min=start, max="+", count=_DELETED_SCAN, consumername=consumer
+    )
+    gone = []
+    for row in rows:
+        entry_id = text(cast(bytes, row["message_id"]))
+        if not await redis.xrange(stream, entry_id, entry_id):
+            gone.append(entry_id)
+    if gone:
+        await redis.xack(stream, group, *gone)
+        log.info("acknowledged %d entries of %s deleted while pending", len(gone), stream)
+    return gone
+
+
+#: Most pending ids ``ack_deleted_pending`` looks at in one go (the rest: next claim).
+_DELETED_SCAN = 1000
