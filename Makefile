@@ -79,4 +79,4 @@ $(UV_VENV)/bin/uv:
 	$(UV_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-lowest $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache
