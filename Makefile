@@ -2,25 +2,41 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+# uv resolves the lock files (`make lock`); installing from them needs only pip.
+UV_VERSION := 0.13.9
+UV_VENV := .venv-uv
+UV ?= $(UV_VENV)/bin/uv
+LOCK := $(UV) pip compile pyproject.toml --quiet --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
 
-.PHONY: run test lint typecheck pytest bench demo soak clean
+.PHONY: run test lint typecheck pytest bench demo soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+# A lock file's exact, hash-checked set, then orderflow itself without resolving again.
+define install_lock
+	$(PIP) install --quiet --require-hashes -r $(1)
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+endef
 
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	touch $(BENCH_STAMP)
+$(RUN_STAMP): requirements/run.txt pyproject.toml | $(BIN)/python
+	$(call install_lock,requirements/run.txt)
+
+$(STAMP): requirements/dev.txt pyproject.toml | $(BIN)/python
+	$(call install_lock,requirements/dev.txt)
+
+$(BENCH_STAMP): requirements/bench.txt $(STAMP)
+	$(call install_lock,requirements/bench.txt)
 
 ## run: start the whole system on embedded defaults (Ctrl-C stops it)
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/orderflow up
 
 ## test: lint, types and the whole test suite against real servers it starts itself
@@ -48,5 +64,19 @@ demo: $(STAMP)
 soak: $(STAMP)
 	ORDERFLOW_SOAK=1 $(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
+## lock: resolve requirements/*.txt again from pyproject.toml (UPGRADE=1 takes newer releases)
+# run.txt is what `make run` installs; dev.txt adds the tools `make test` uses, at run.txt's
+# versions; bench.txt adds the peers `make bench` measures; lowest.txt holds every direct
+# dependency at its lower bound, for .ci/lowest.
+lock: | $(filter $(UV_VENV)/%,$(UV))
+	$(LOCK) -o requirements/run.txt
+	$(LOCK) --extra dev -c requirements/run.txt -o requirements/dev.txt
+	$(LOCK) --extra dev --extra bench -c requirements/dev.txt -o requirements/bench.txt
+	$(LOCK) --extra dev --resolution lowest-direct -o requirements/lowest.txt
+
+$(UV_VENV)/bin/uv:
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-lowest $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache
