@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from orderflow.bus import Message, StreamPublisher, ensure_group
-from orderflow.operations import record_stream_metrics
+from orderflow.bus.admin import record_stream_metrics
 
 
 def gauge(name: str, **labels: str) -> float | None:

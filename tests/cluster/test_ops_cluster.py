@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.cluster import RedisCluster
 
-from orderflow import operations as ops
 from orderflow.bus import Delivery, PermanentError
+from orderflow.bus import admin as ops
 from orderflow.bus.partitions import (
     DEFAULT_CLUSTER_PARTITIONS,
     PartitionLayout,

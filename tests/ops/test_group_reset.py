@@ -166,7 +166,7 @@ def test_unknown_group_or_stream_exits_1_and_changes_nothing(
 
 
 def test_time_to_id() -> None:
-    from orderflow.operations import MAX_ID_PART, parse_position
+    from orderflow.bus.admin import MAX_ID_PART, parse_position
 
     position = parse_position("2023-11-14T22:13:21.5Z")
     assert position.id == f"{BASE_MS + 1499}-{MAX_ID_PART}"

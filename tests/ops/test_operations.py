@@ -7,7 +7,7 @@ import asyncio
 import redis
 import redis.asyncio as aioredis
 
-from orderflow import operations as ops
+from orderflow.bus import admin as ops
 
 
 def _dead_letters(client: redis.Redis, n: int) -> list[str]:

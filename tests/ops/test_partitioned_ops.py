@@ -14,8 +14,8 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from orderflow import operations as ops
 from orderflow.bus import Delivery, PermanentError
+from orderflow.bus import admin as ops
 from orderflow.bus.partitions import PartitionLayout, layout_key, partition_of, resolve_layout
 from tests.ops.conftest import (
     Cli,

@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from orderflow._compat.redis import plain_pool, round_trip
 from orderflow.bus import metrics
+from orderflow.bus.entries import text
 from orderflow.bus.guarantees import STREAMS, Guarantees
 from orderflow.bus.message import Message, encode
 from orderflow.bus.server import probe_acked_trim
@@ -138,7 +139,7 @@ class StreamPublisher:
         ids: list[str] = []
         for start in range(0, len(commands), PIPELINE_CHUNK):
             replies = await send_commands(self._redis, commands[start : start + PIPELINE_CHUNK])
-            ids.extend(_text(reply) for reply in replies)
+            ids.extend(text(reply) for reply in replies)
         metrics.PUBLISHED.labels(stream).inc(len(ids))
         await self.appended(stream, len(ids))
         return ids
@@ -192,7 +193,7 @@ class StreamPublisher:
                     length=int(length),
                     trimmed=trimmed_total,
                     over_cap=bool(int(limited)),
-                    safe_id=_text(safe_id) or None,
+                    safe_id=text(safe_id) or None,
                 )
 
     async def _trim_acked(self, stream: str, maxlen: int) -> TrimResult:
@@ -310,10 +311,6 @@ def _flatten(fields: dict[str, bytes | str]) -> list[bytes | str]:
         flat.append(key)
         flat.append(value)
     return flat
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def ensure_group(

@@ -17,6 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from orderflow.bus import connect, redact_url
+from orderflow.bus.entries import text
 from orderflow.cli.common import (
     CommandError,
     UsageError,
@@ -238,7 +239,7 @@ async def status_line(stack: Stack) -> str:
         pending = lag = 0
         with contextlib.suppress(RedisError):
             for group in await client.xinfo_groups(settings.stream):
-                if _text(group["name"]) == settings.group:
+                if text(group["name"]) == settings.group:
                     pending = int(group["pending"])
                     lag = int(group.get("lag") or 0)
     finally:
@@ -249,10 +250,6 @@ async def status_line(stack: Stack) -> str:
         count = sum(1 for _ in new.iterdir()) if new.is_dir() else 0
         mail = f" · emails in the Maildir {count}"
     return f"stream {length} · lag {lag} · pending {pending} · dead letters {dead}{mail}"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def up_command(args: argparse.Namespace) -> int:

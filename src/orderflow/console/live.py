@@ -30,14 +30,14 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError
 
-from orderflow.config import Settings
-from orderflow.console.inbox import count_inbox
-from orderflow.operations import (
+from orderflow.bus.admin import (
     OperationError,
     count_dead_letters,
     last_dead_letter_id,
     stream_info,
 )
+from orderflow.config import Settings
+from orderflow.console.inbox import count_inbox
 from orderflow.orders.runtime import OrderRuntime, StoredOrder
 
 log = logging.getLogger(__name__)

@@ -26,14 +26,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from orderflow.config import Settings
-from orderflow.console import security
-from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
-from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
-from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
-from orderflow.console.security import ConsoleGuard, Refusal
-from orderflow.formatting import human_duration, human_size
-from orderflow.operations import (
+from orderflow.bus.admin import (
     BATCH_SIZE,
     OperationError,
     dead_letter_stream,
@@ -45,6 +38,13 @@ from orderflow.operations import (
     replay_dead_letters,
     stream_info,
 )
+from orderflow.config import Settings
+from orderflow.console import security
+from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
+from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
+from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
+from orderflow.console.security import ConsoleGuard, Refusal
+from orderflow.formatting import human_duration, human_size
 from orderflow.orders.runtime import OrderConflict, OrderRuntime
 
 log = logging.getLogger(__name__)

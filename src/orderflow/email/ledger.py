@@ -22,6 +22,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orderflow.bus.entries import text
+
 #: Prefix of the ledger's keys; the full key is ``orderflow:email:{<order id>}``.
 KEY_PREFIX = "orderflow:email:"
 #: How long a ``sent`` record is kept: duplicates older than this would send again.
@@ -146,9 +148,9 @@ class EmailLedger:
     async def claim(self, order_id: int, token: str) -> Claim:
         """Take the order's lease if nobody sent or is sending it."""
         reply: Any = await self._claim(keys=[ledger_key(order_id)], args=[token, self.lease_ms])
-        state = ClaimState(_text(reply[0]))
+        state = ClaimState(text(reply[0]))
         if state is ClaimState.SENT:
-            return Claim(state, message_id=_text(reply[1]) or None, at=_text(reply[2]) or None)
+            return Claim(state, message_id=text(reply[1]) or None, at=text(reply[2]) or None)
         if state is ClaimState.BUSY:
             return Claim(state, lease_left_ms=max(0, int(reply[1])))
         return Claim(state)
@@ -189,13 +191,9 @@ class EmailLedger:
             keys=[ledger_key(order_id), stream],
             args=[token, message_id, at, self.sent_ttl_ms, *fields],
         )
-        return int(reply[0]) in _HELD, None if reply[1] is None else _text(reply[1])
+        return int(reply[0]) in _HELD, None if reply[1] is None else text(reply[1])
 
     async def release(self, order_id: int, token: str) -> bool:
         """Give the order back after a failed send; False if the caller did not hold it."""
         reply = await self._release(keys=[ledger_key(order_id)], args=[token])
         return bool(int(reply))
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -35,10 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from orderflow.bus import connect, redact_url
+from orderflow.bus.admin import OperationError, record_stream_metrics
 from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
 from orderflow.config import Settings, resolve_redis_url
 from orderflow.domain import MAX_ORDER_ID
-from orderflow.operations import OperationError, record_stream_metrics
 from orderflow.orders import metrics
 from orderflow.orders.database import Database
 from orderflow.orders.problems import PROBLEM_JSON, Problem, database_problem, invalid
