@@ -64,7 +64,7 @@ async def test_master_killed_mid_run(
             victim.kill()
             for n in range(40, 80):
                 await post(n)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # pacing: the posts span the failover
             # The replica is promoted (node timeout 1 s) and the cluster is whole again.
             await asyncio.to_thread(cluster.wait_ok, 20.0)
             assert victim not in cluster.masters()
