@@ -243,6 +243,9 @@ class _PipeliningServer:
         self.options = options
         self.messages: list[bytes] = []
         self.connections = 0
+        #: What the client did wrong; raised at exit, since a raise in a session task
+        #: would only be logged by asyncio and end the connection.
+        self.errors: list[object] = []
         self.server: asyncio.Server | None = None
 
     @property
@@ -259,6 +262,7 @@ class _PipeliningServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        assert self.errors == [], self.errors
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -272,11 +276,10 @@ class _PipeliningServer:
                     writer.write(b"221 bye\r\n")
                     return
                 commands = [first, await reader.readline(), await reader.readline()]
-                assert [c.split(b":")[0].split()[0] for c in commands] == [
-                    b"MAIL",
-                    b"RCPT",
-                    b"DATA",
-                ], commands
+                verbs = [c.split(b":")[0].split()[0] for c in commands]
+                if verbs != [b"MAIL", b"RCPT", b"DATA"]:
+                    self.errors.append(commands)
+                    return
                 # Each reply in its own write: the client must take replies as they come.
                 for verb in ("MAIL", "RCPT", "DATA"):
                     reply = self.replies[verb]
