@@ -287,7 +287,7 @@ class _PipeliningServer:
                         writer.close()
                         return
                     if reply.startswith(b"SLEEP"):
-                        await asyncio.sleep(float(reply.split()[1]))
+                        await asyncio.sleep(float(reply.split()[1]))  # a stalled server
                         return
                     writer.write(reply)
                     await writer.drain()
