@@ -10,6 +10,7 @@ import uvloop
 
 from orderflow import cli
 from orderflow.cli import run
+from tests.support import wait_until
 
 
 async def _loop_type() -> type[asyncio.AbstractEventLoop]:
@@ -29,8 +30,9 @@ def test_long_lived_objects_are_frozen_out_of_the_collector_once_started(
     monkeypatch.setattr(cli, "FREEZE_AFTER_S", (0.01,))
 
     async def command() -> int:
-        await asyncio.sleep(0.1)
-        return gc.get_freeze_count()
+        # Polls the effect: a command running past FREEZE_AFTER_S sees a freeze.
+        frozen: int = await wait_until(gc.get_freeze_count, timeout=5, what="a gc.freeze()")
+        return frozen
 
     gc.unfreeze()
     try:

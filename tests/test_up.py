@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -17,19 +16,9 @@ from pathlib import Path
 import pytest
 
 from orderflow.embedded.redis_server import free_port
+from tests.support import clean_env, poll_until
 
 pytestmark = pytest.mark.slow
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user who configured nothing (but the test run's server binary)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("ORDERFLOW_") or k == "ORDERFLOW_REDIS_SERVER"
-    }
-    env.update(extra)
-    return env
 
 
 def children_of(pid: int) -> set[int]:
@@ -111,14 +100,6 @@ def http(method: str, url: str, body: object = None) -> tuple[int, dict[str, obj
         return int(response.status), json.loads(response.read())
 
 
-def poll(predicate: object, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[tuple[Up, int]]:
     port = free_port()
@@ -140,9 +121,10 @@ def test_up_runs_everything_in_an_empty_directory_and_stops_cleanly(
     status, order = http("POST", f"{api}/orders", {"email": "alice@example.com", "total": "42.50"})
     assert status == 201
     mail = tmp_path / ".orderflow" / "mail" / "new"
-    poll(lambda: mail.is_dir() and len(list(mail.iterdir())) == 1, what="the email file")
-    poll(
+    poll_until(lambda: mail.is_dir() and len(list(mail.iterdir())) == 1, 60, what="the email file")
+    poll_until(
         lambda: http("GET", f"{api}/orders/{order['id']}")[1]["email_status"] == "sent",
+        60,
         what="status sent",
     )
     text = next(mail.iterdir()).read_text()

@@ -18,7 +18,7 @@ async def main(url: str, name: str, claim_idle_ms: int, handler_seconds: float) 
     async def handler(delivery: Delivery) -> None:
         n = str(delivery.message.data["n"])
         await redis.sadd("started", n)
-        await asyncio.sleep(handler_seconds)
+        await asyncio.sleep(handler_seconds)  # the work whose interruption is under test
         await redis.rpush("finished", n)
 
     config = WorkerConfig(

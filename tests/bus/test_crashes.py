@@ -101,7 +101,7 @@ async def test_redis_killed_and_restarted_mid_run_loses_nothing(
                     await publisher.publish("orders", Message(data={"n": n}))
                     break
                 except (RedisConnectionError, OSError):
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # a producer's retry pause while Redis is down
             accepted.append(n)
 
     await produce(0, 300)

@@ -13,6 +13,7 @@ from typing import Any, cast
 import redis
 
 from orderflow.embedded.redis_server import RedisServer
+from tests.support import poll_until
 
 
 def _free(port: int) -> bool:
@@ -151,16 +152,12 @@ class LocalCluster:
         failover lose every key (found by the failover test, whose master was killed
         within the 5 s a replica used to wait before its first sync).
         """
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def settled() -> bool:
             running = self.running()
-            if all(self._ok(node) for node in running) and all(
-                self._in_sync(node) for node in running
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in sync")
-            time.sleep(0.05)
+            return all(self._ok(node) and self._in_sync(node) for node in running)
+
+        poll_until(settled, timeout, what="the Redis Cluster to reach cluster_state:ok in sync")
 
     @staticmethod
     def _in_sync(node: RedisServer) -> bool:

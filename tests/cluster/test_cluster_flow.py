@@ -18,7 +18,8 @@ from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
 from tests.cluster.conftest import wait_until
 from tests.email.conftest import FAST_WORKER, SmtpFixture
-from tests.orders.conftest import order_body, running_api
+from tests.orders.conftest import running_api
+from tests.support import order_body
 
 pytestmark = pytest.mark.slow
 

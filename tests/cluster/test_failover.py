@@ -22,7 +22,8 @@ from orderflow.email import EmailService, SmtpSender
 from tests.cluster.conftest import wait_until
 from tests.cluster.harness import LocalCluster
 from tests.email.conftest import FAST_WORKER, SmtpFixture
-from tests.orders.conftest import order_body, running_api
+from tests.orders.conftest import running_api
+from tests.support import order_body
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -63,7 +64,7 @@ async def test_master_killed_mid_run(
             victim.kill()
             for n in range(40, 80):
                 await post(n)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # pacing: the posts span the failover
             # The replica is promoted (node timeout 1 s) and the cluster is whole again.
             await asyncio.to_thread(cluster.wait_ok, 20.0)
             assert victim not in cluster.masters()

@@ -37,7 +37,7 @@ class Recorder:
             if self.running.get(delivery.stream, name) != name:
                 self.overlaps += 1
             self.running[delivery.stream] = name
-            await asyncio.sleep(random.uniform(0, 0.003))
+            await asyncio.sleep(random.uniform(0, 0.003))  # handlers that overlap in time
             chosen = self.fail_every and (order * 7 + seq) % self.fail_every == 0
             if chosen and (order, seq) not in self.failed:
                 self.failed.add((order, seq))

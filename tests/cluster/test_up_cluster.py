@@ -10,7 +10,8 @@ import pytest
 
 from orderflow.bus.partitions import DEFAULT_CLUSTER_PARTITIONS
 from orderflow.embedded.redis_server import free_port
-from tests.test_up import Up, alive, children_of, http, poll
+from tests.support import poll_until
+from tests.test_up import Up, alive, children_of, http
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +42,10 @@ def test_up_on_a_cluster_emails_each_order_once_and_stops_cleanly(
             assert status == 201
             ids.append(order["id"])
         mail = tmp_path / ".orderflow" / "mail" / "new"
-        poll(lambda: mail.is_dir() and len(list(mail.iterdir())) == 12, what="12 emails")
-        poll(
+        poll_until(lambda: mail.is_dir() and len(list(mail.iterdir())) == 12, 60, what="12 emails")
+        poll_until(
             lambda: all(http("GET", f"{api}/orders/{i}")[1]["email_status"] == "sent" for i in ids),
+            60,
             what="every status sent",
         )
         texts = [path.read_text() for path in mail.iterdir()]
@@ -60,6 +62,11 @@ def test_up_on_a_cluster_emails_each_order_once_and_stops_cleanly(
         up.wait_for("emails in the Maildir 12")  # the live status line
 
         children = children_of(up.proc.pid)
+        # What it must have started on a cluster: no redis-server of its own, the mail
+        # sink, the two workers and the API. Were none found, the check below would
+        # hold whatever became of them.
+        roles = sorted(_role(pid) for pid in children)
+        assert roles == ["email worker", "email worker", "mail sink", "orders serve"], roles
         up.proc.send_signal(signal.SIGINT)
         assert up.finish() == 0
         assert "stopped cleanly" in up.output[-1]
@@ -68,3 +75,16 @@ def test_up_on_a_cluster_emails_each_order_once_and_stops_cleanly(
         if up.proc.poll() is None:
             up.proc.kill()
             up.finish()
+
+
+def _role(pid: int) -> str:
+    """The ``orderflow`` subcommand a child runs (its first two arguments after
+    ``orderflow``), or its program name when it is not an ``orderflow`` process."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return f"gone {pid}"
+    for i, arg in enumerate(argv):
+        if arg == "orderflow" or arg.endswith("/orderflow"):
+            return " ".join(argv[i + 1 : i + 3])
+    return Path(argv[0]).name

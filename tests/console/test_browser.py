@@ -7,26 +7,23 @@ would and save a screenshot of each page to ``test-artifacts/console/``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
 from orderflow.embedded.redis_server import free_port
+from tests.support import clean_env, poll_until
+from tests.support.apt import IN_CI, apt_install
 
 pytestmark = pytest.mark.slow
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -46,27 +43,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     pytest.skip("playwright is not installed (pip install playwright)", allow_module_level=True)
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} and CI=true")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def chromium() -> Path:
     """Debian's Chromium, installed with apt-get when missing and we are root."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        _unavailable(f"{CHROMIUM} is missing and cannot be installed (not root, or no apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            _unavailable(f"apt-get install chromium failed: {done.stderr[-500:]}")
-    return CHROMIUM
+    return apt_install("chromium", CHROMIUM)
 
 
 @dataclass
@@ -90,25 +70,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until truthy; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole system, as ``orderflow up`` runs it, with one email worker."""
     data_dir = tmp_path_factory.mktemp("console-stack")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
-    env.update(ORDERFLOW_DATA_DIR=str(data_dir), ORDERFLOW_REDIS_APPENDFSYNC="no")
+    env = clean_env(ORDERFLOW_DATA_DIR=str(data_dir), ORDERFLOW_REDIS_APPENDFSYNC="no")
     log = open(data_dir / "up.log", "wb")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "orderflow", "up", "--port", str(port), "--workers", "1"],
@@ -119,7 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _healthy(url) or process.poll() is not None, 60, "orderflow up healthy")
+        poll_until(lambda: _healthy(url) or process.poll() is not None, 60, what="orderflow up")
         if process.poll() is not None:
             raise AssertionError((data_dir / "up.log").read_text())
         yield Stack(url, data_dir, process)

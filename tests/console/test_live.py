@@ -54,6 +54,7 @@ async def test_ticker_publishes_snapshots_while_someone_listens(
 
 
 async def test_no_tick_costs_anything_when_nobody_listens(console: Console) -> None:
+    # Under test is an absence over time: a tick would have come within 1.5 periods.
     await asyncio.sleep(console.feed.options.tick_s * 1.5)
     assert console.feed.ticks == 0
 

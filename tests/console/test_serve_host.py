@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from orderflow.embedded.redis_server import free_port
+from tests.support import clean_env, poll_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +21,7 @@ def test_serving_beyond_loopback_without_a_token_turns_the_console_off(
     redis_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
-    env.update(ORDERFLOW_REDIS_URL=redis_url, ORDERFLOW_DATA_DIR=str(tmp_path))
+    env = clean_env(ORDERFLOW_REDIS_URL=redis_url, ORDERFLOW_DATA_DIR=str(tmp_path))
     command = ["orders", "serve", "--host", "0.0.0.0", "--port", str(port)]
     server = subprocess.Popen(
         [sys.executable, "-m", "orderflow", *command],
@@ -32,15 +30,8 @@ def test_serving_beyond_loopback_without_a_token_turns_the_console_off(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("the Order Service did not start") from None
-                time.sleep(0.1)
+        poll_until(lambda: _answers(port) or server.poll() is not None, 60, what="the service")
+        assert server.poll() is None, "the Order Service exited at start"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
         assert refused.value.code == 403
@@ -49,3 +40,11 @@ def test_serving_beyond_loopback_without_a_token_turns_the_console_off(
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False

@@ -87,7 +87,7 @@ class RecordingHandler:
             # Cancelled by aiosmtpd when the client goes away.
             await asyncio.Event().wait()
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)  # a slow server, the behaviour a test asks for
         if self.data_replies:
             return self.data_replies.popleft()
         self.received.append(

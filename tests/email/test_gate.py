@@ -26,7 +26,7 @@ class Server:
     def send(self, n: int) -> Callable[[], Awaitable[int]]:
         async def attempt() -> int:
             self.attempts += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a real send yields to the loop; so does this one
             if not self.up:
                 raise SmtpUnreachable("connection refused")
             self.sent.append(n)

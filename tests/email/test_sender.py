@@ -246,6 +246,9 @@ class _PipeliningServer:
         self.options = options
         self.messages: list[bytes] = []
         self.connections = 0
+        #: What the client did wrong; raised at exit, since a raise in a session task
+        #: would only be logged by asyncio and end the connection.
+        self.errors: list[object] = []
         self.server: asyncio.Server | None = None
 
     @property
@@ -262,6 +265,7 @@ class _PipeliningServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        assert self.errors == [], self.errors
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -283,13 +287,15 @@ class _PipeliningServer:
                         commands.append(await reader.readline())
                     if not commands[at]:
                         return  # the client gave up (a refused MAIL, without pipelining)
-                    assert commands[at].split(b":")[0].split()[0] == verb.encode(), commands
+                    if commands[at].split(b":")[0].split()[0] != verb.encode():
+                        self.errors.append(commands)
+                        return
                     reply = self.replies[verb]
                     if reply == b"CLOSE":
                         writer.close()
                         return
                     if reply.startswith(b"SLEEP"):
-                        await asyncio.sleep(float(reply.split()[1]))
+                        await asyncio.sleep(float(reply.split()[1]))  # a stalled server
                         return
                     writer.write(reply)
                     await writer.drain()

@@ -77,7 +77,9 @@ async def test_no_250_before_the_message_and_its_rename_are_on_disk(
         ]
         try:
             await wait_until(entered.is_set, what="the first group's flush of new/")
-            await asyncio.sleep(0.05)  # a 250 sent too early would have arrived by now
+            # Under test is an absence: no 250 within this time (one sent early would
+            # have arrived); no event can signal that nothing happened.
+            await asyncio.sleep(0.05)
             assert not any(send.done() for send in sends)
             assert handler.delivered == 0
         finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from orderflow.bus import Handler, StreamWorker, WorkerConfig, WorkerStats, conn
 from orderflow.bus.consume import PartitionedWorker
 from orderflow.bus.partitions import PartitionLayout, layout_key
 from orderflow.cli import main
+from tests.support import clear_orderflow_env
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,7 @@ def cli_runner(
     url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Cli:
     """Run ``orderflow ARGS...`` in this process against the Redis at ``url``."""
-    for name in list(os.environ):
-        if name.startswith("ORDERFLOW_"):
-            monkeypatch.delenv(name)
+    clear_orderflow_env(monkeypatch)
     monkeypatch.setenv("ORDERFLOW_REDIS_URL", url)
 
     def run(*argv: str) -> CliResult:

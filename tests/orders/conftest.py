@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,25 +20,6 @@ from orderflow.orders import create_app
 from orderflow.orders.runtime import OrderRuntime
 from orderflow.orders.schema import idempotency_keys, orders, outbox
 from tests.support import wait_until
-
-
-def create_test_database(admin_url: str) -> str:
-    """Create an empty PostgreSQL database next to ``admin_url``; returns its URL."""
-    name = f"orderflow_orders_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return f"{admin_url.rsplit('/', 1)[0]}/{name}"
-
-
-def drop_test_database(admin_url: str, url: str) -> None:
-    """Drop a database made by ``create_test_database``."""
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -129,13 +109,6 @@ async def stream_events(redis: aioredis.Redis, stream: str = "orders") -> list[d
     """The decoded ``data`` of every entry of ``stream``, oldest first."""
     entries = await redis.xrange(stream)
     return [orjson.loads(fields[b"data"]) for _, fields in entries]
-
-
-def order_body(n: int = 1, **overrides: Any) -> dict[str, Any]:
-    """A valid order body."""
-    body: dict[str, Any] = {"email": f"buyer{n}@example.com", "total": "100.00"}
-    body.update(overrides)
-    return body
 
 
 async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:

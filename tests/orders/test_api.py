@@ -14,8 +14,9 @@ from fastapi import FastAPI
 
 from orderflow.embedded.redis_server import RedisServer
 from orderflow.orders import api as orders_api
+from tests.support import order_body
 
-from .conftest import Api, make_settings, order_body, running_api, stream_events
+from .conftest import Api, make_settings, running_api, stream_events
 
 with_redis_server = pytest.mark.usefixtures("redis_server")
 

@@ -9,9 +9,9 @@ from typing import Any
 from orderflow.bus import Message, StreamPublisher, StreamWorker
 from orderflow.config import Settings
 from orderflow.orders import EmailStatusConsumer
-from tests.support import wait_until
+from tests.support import order_body, wait_until
 
-from .conftest import Api, order_body, running_api
+from .conftest import Api, running_api
 
 
 def email_event(kind: str, order_id: Any, **extra: Any) -> Message:

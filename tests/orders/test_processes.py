@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,21 +16,19 @@ import redis
 
 from orderflow.cli import main
 from orderflow.embedded.redis_server import free_port
-from tests.support import wait_until
+from tests.support import clean_env, clear_orderflow_env, order_body, wait_until
 
-from .conftest import order_body, stream_events
+from .conftest import stream_events
 
 ORDERFLOW = str(Path(sys.executable).parent / "orderflow")
 
 
 def _env(database_url: str, redis_url: str, data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
-    env.update(
+    return clean_env(
         ORDERFLOW_DATABASE_URL=database_url,
         ORDERFLOW_REDIS_URL=redis_url,
         ORDERFLOW_DATA_DIR=str(data_dir),
     )
-    return env
 
 
 @pytest.fixture
@@ -127,9 +124,7 @@ async def test_serve_publishes_and_stops_cleanly_on_sigterm(
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) -> str:
     """Environment of an in-process ``orderflow`` run; returns the database URL."""
-    for name in list(os.environ):
-        if name.startswith("ORDERFLOW_"):
-            monkeypatch.delenv(name)
+    clear_orderflow_env(monkeypatch)
     database_url = f"sqlite:///{tmp_path}/orders.db"
     monkeypatch.setenv("ORDERFLOW_DATABASE_URL", database_url)
     monkeypatch.setenv("ORDERFLOW_REDIS_URL", redis_url)

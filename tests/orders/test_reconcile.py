@@ -7,9 +7,9 @@ from typing import Any
 
 from orderflow.orders import Reconciler
 from orderflow.orders.schema import EMAIL_STATUS_SENT
-from tests.support import wait_until
+from tests.support import order_body, wait_until
 
-from .conftest import Api, make_settings, order_body, running_api, stream_events
+from .conftest import Api, make_settings, running_api, stream_events
 
 
 async def test_republishes_only_after_the_configured_time(api: Api, aredis: Any) -> None:

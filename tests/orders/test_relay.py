@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from orderflow.bus import PubSubSubscriber, connect
 from orderflow.bus.message import Message
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import RedisServer
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
-from tests.support import wait_until
+from orderflow.orders.outbox import NOTIFY_CHANNEL
+from tests.support import order_body, wait_until
 
-from .conftest import make_settings, order_body, running_api, stream_events
+from .conftest import make_settings, running_api, stream_events
+
+# An idle poll far longer than any wait below: an event published within the wait was
+# published because the relay was woken, not because a poll came round.
+IDLE_POLL = RelayConfig(min_poll_s=60.0, max_poll_s=60.0, lease_ttl_s=180.0)
 
 
 async def test_relay_publishes_promptly_after_a_commit(settings: Settings, aredis: Any) -> None:
-    # A long idle poll: only the in-process wake-up can make this fast.
-    config = RelayConfig(min_poll_s=5.0, max_poll_s=5.0, lease_ttl_s=30.0)
-    async with running_api(settings, run_relay=True, relay_config=config) as api:
-        await api.runtime.relay.wait_started()
-        await asyncio.sleep(0.05)  # let the relay's first (empty) pass finish and wait
-        started = time.monotonic()
-        response = await api.post(order_body())
-        assert response.status_code == 201
-        await wait_until(lambda: aredis.xlen("orders"), timeout=2.0, interval=0.005)
-        assert time.monotonic() - started < 1.0
+    async with running_api(settings, run_relay=True, relay_config=IDLE_POLL) as api:
+        relay = api.runtime.relay
+        await relay.wait_started()
+        # The first order may be found by the relay's first pass; once it is out, the
+        # relay waits 60 s, and only the in-process wake-up can publish the second.
+        assert (await api.post(order_body(1))).status_code == 201
+        await wait_until(lambda: relay.stats.published == 1, what="the first order out")
+        assert (await api.post(order_body(2))).status_code == 201
+        await wait_until(lambda: _length_is(aredis, 2), timeout=10, what="a wake-up")
 
 
 @pytest.mark.slow
@@ -170,20 +174,34 @@ async def test_relay_on_postgres_wakes_on_commits_of_other_processes(
     relay_db, writer_db = Database(postgres_url), Database(postgres_url)
     try:
         await relay_db.run(relay_db.migrate)
-        # Polling alone would take 5 s: only LISTEN/NOTIFY can make it prompt.
-        config = RelayConfig(min_poll_s=5.0, max_poll_s=5.0, lease_ttl_s=30.0)
-        relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=config)
+        await writer_db.run(_fill, writer_db, 1)
+        relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=IDLE_POLL)
         task = asyncio.create_task(relay.run())
         try:
-            await relay.wait_started()
-            await asyncio.sleep(0.3)  # the first empty pass done, LISTEN in place
-            started = time.monotonic()
+            # The first pass publishes the row already there; then the relay waits 60 s.
+            await wait_until(lambda: relay.stats.published == 1, what="the first row out")
+            await wait_until(
+                lambda: writer_db.run(_listening, writer_db), what="the relay's LISTEN"
+            )
             await writer_db.run(_fill, writer_db, 1)  # as another process would
-            await wait_until(lambda: aredis.xlen("orders"), timeout=3.0, interval=0.01)
-            assert time.monotonic() - started < 2.0
+            await wait_until(lambda: _length_is(aredis, 2), timeout=10, what="a NOTIFY wake-up")
         finally:
             relay.stop()
             await task
     finally:
         relay_db.close()
         writer_db.close()
+
+
+def _listening(db: Database) -> bool:
+    """True once a session of this database LISTENs on the outbox channel (as far as
+    PostgreSQL shows it: the last statement of an idle session)."""
+    with db.read() as conn:
+        count = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query = :listen"
+            ),
+            {"listen": f"LISTEN {NOTIFY_CHANNEL}"},
+        ).scalar_one()
+    return bool(count)

@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from orderflow.bus import connect
 from orderflow.embedded.redis_server import RedisServer
 from orderflow.orders import RelayConfig
-from tests.support import wait_until
+from tests.support import order_body, wait_until
 
-from .conftest import make_settings, order_body, running_api, stream_events
+from .conftest import make_settings, running_api, stream_events
 
 pytestmark = pytest.mark.slow
 

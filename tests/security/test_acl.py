@@ -22,8 +22,8 @@ from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
 from orderflow.embedded.smtp_server import SmtpServer
+from tests.support import CountingHandler, wait_until
 
-from ..chaos.conftest import CountingHandler, wait_until
 from .conftest import ACL_BLOCK, ACL_BLOCK_NO_SELECTORS, AclRedis, documented_acl_lines
 
 ORDER = b'{"id":101,"email":"alice@example.com","total":"100.00"}'
@@ -108,12 +108,19 @@ async def test_email_service_works_with_its_user(
         sender,
         worker_options={"block_ms": 100, "prune_idle_ms": 1000, "retry_base_ms": 20},
     )
+    handler: CountingHandler = smtp.handler
+    # A slow server: each entry is held for several heartbeats (every ~67 ms here).
+    handler.delay_s = 0.3
+    admin.config_resetstat()
     task = asyncio.create_task(service.run())
     try:
-        handler: CountingHandler = smtp.handler
         await wait_until(lambda: handler.by_order[101] == 1 and handler.by_order[102] == 1)
         await wait_until(lambda: admin.xlen("orders:dlq") == 1)
-        await asyncio.sleep(1.5)  # the claim, heartbeat and prune loops run meanwhile
+        # Each loop did its work as this user: the claim loop took the dead consumer's
+        # entry (order 101 above), the heartbeat refreshed held entries (its XCLAIM),
+        # and the prune loop removed the dead consumer once idle and owning nothing.
+        await wait_until(lambda: _calls(admin, "xclaim") > 0, what="a heartbeat")
+        await wait_until(lambda: not _has_consumer(admin, "dead-consumer"), what="a prune")
         assert admin.xpending("orders", "email-service")["pending"] == 0
         assert admin.xlen("email-events") == 2
         assert admin.hget("orderflow:email:{101}", "state") == b"sent"
@@ -243,11 +250,21 @@ async def test_email_service_on_partitions_works_with_its_user(
     client = connect(acl.url("email-service"))
     sender = SmtpSender(smtp.url)
     service = EmailService(settings, client, sender, worker_options={"block_ms": 100})
+    handler: CountingHandler = smtp.handler
+    handler.delay_s = 0.3  # entries held over several heartbeats
+    admin.config_resetstat()
     task = asyncio.create_task(service.run())
     try:
-        handler: CountingHandler = smtp.handler
         await wait_until(lambda: handler.by_order[101] == 1 and handler.by_order[102] == 1)
-        await asyncio.sleep(0.5)  # leases renewed, membership refreshed meanwhile
+        if ordered:
+            # Membership refreshed twice after the first rebalance: every rebalance
+            # after the leases were taken renewed them (GET + PEXPIRE in one script).
+            await wait_until(lambda: _calls(admin, "zadd") >= 3, what="three rebalances")
+            await wait_until(lambda: _calls(admin, "set") >= 2, what="both leases taken")
+        else:
+            # Each partition's claim loop ran twice, and a heartbeat refreshed an entry.
+            await wait_until(lambda: _calls(admin, "xautoclaim") >= 4, what="claim passes")
+            await wait_until(lambda: _calls(admin, "xclaim") > 0, what="a heartbeat")
     finally:
         service.stop()
         await asyncio.wait_for(task, 10)
@@ -255,3 +272,15 @@ async def test_email_service_on_partitions_works_with_its_user(
         await client.aclose()
         admin.close()
     assert acl.denials("email-service") == []
+
+
+def _calls(admin: redis.Redis, command: str) -> int:
+    """How many times the server ran ``command`` since CONFIG RESETSTAT, counting the
+    commands scripts ran (INFO commandstats)."""
+    stats: dict[str, Any] = admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def _has_consumer(admin: redis.Redis, name: str) -> bool:
+    consumers = admin.xinfo_consumers("orders", "email-service")
+    return any(c["name"] in (name, name.encode()) for c in consumers)

@@ -15,7 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ..chaos.conftest import Stack, make_stack, wait_until
+from tests.support import wait_until
+
+# The chaos harness's whole-system stack (real processes); the only chaos import left.
+from ..chaos.conftest import Stack, make_stack
 
 __all__ = ["make_stack"]  # the fixture, shared with the chaos scenarios
 

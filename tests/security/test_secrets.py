@@ -7,7 +7,6 @@ whole output, logs, HTTP answers and metrics are searched for every secret.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import free_port
 from orderflow.embedded.smtp_server import SmtpServer
+from tests.support import CountingHandler, clean_env, wait_until
 
-from ..chaos.conftest import CountingHandler, wait_until
 from .conftest import AclRedis, password_of
 
 ORDERFLOW = str(Path(sys.executable).parent / "orderflow")
@@ -38,8 +37,7 @@ def _assert_clean(text: str, *secrets: str) -> None:
 
 
 def _env(tmp: Path, redis_url: str, smtp_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
-    env.update(
+    return clean_env(
         ORDERFLOW_REDIS_URL=redis_url,
         ORDERFLOW_SMTP_URL=smtp_url,
         ORDERFLOW_DATABASE_URL=f"sqlite:///{tmp / 'orders.db'}",
@@ -48,7 +46,6 @@ def _env(tmp: Path, redis_url: str, smtp_url: str) -> dict[str, str]:
         ORDERFLOW_CLAIM_IDLE_MS="500",
         ORDERFLOW_MAX_DELIVERIES="2",
     )
-    return env
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 
 from orderflow.bus import Delivery, Message, StreamPublisher, StreamWorker, WorkerConfig, connect
 from orderflow.cli import main
-from orderflow.embedded.redis_server import RedisServer, find_redis_server, free_port
+from orderflow.embedded.redis_server import RedisServer, free_port
 
-from ..conftest import IN_CI
+from .conftest import start_tls_redis
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -62,28 +62,18 @@ class TlsRedis:
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    """The TLS server; skipped only when the redis-server binary has no TLS."""
+    """The TLS server: on Debian's redis-server when the suite's own has no TLS."""
     tmp = tmp_path_factory.mktemp("tls")
     ca = make_ca(tmp / "ca", "ca")
     other_ca = make_ca(tmp / "other", "other")
     cert, key = make_server_cert(tmp / "ca", ca, "DNS:localhost")
     tls_port = free_port()
-    server = RedisServer(
-        tmp / "redis",
-        appendonly=False,
-        extra_args=[
-            "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
-            "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-            "--tls-auth-clients", "no",
-        ],
-    )  # fmt: skip
-    try:
-        server.start()
-    except RuntimeError as exc:
-        binary = find_redis_server()
-        if IN_CI and str(binary).startswith("/usr/"):
-            pytest.fail(f"the system redis-server {binary} cannot serve TLS: {exc}")
-        pytest.skip(f"redis-server {binary} was built without TLS: {exc}")
+    tls_args = [
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    server = start_tls_redis(tmp / "redis", tls_args)
     yield TlsRedis(server, tls_port, ca, other_ca)
     server.stop()
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the test suites."""
+"""Waiting for an observable effect, with a deadline: never a fixed sleep."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def poll_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
+    """``wait_until`` for code outside an event loop: blocks the thread between looks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

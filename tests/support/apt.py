@@ -1,0 +1,42 @@
+"""Debian packages a test needs (Chromium, a TLS-capable redis-server), installed on demand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip for ``reason``; with CI=true, fail instead (CI must run every test)."""
+    if IN_CI:
+        pytest.fail(f"{reason} and CI=true")
+    pytest.skip(reason)
+
+
+def apt_install(package: str, provides: Path) -> Path:
+    """``provides`` (a file of Debian's ``package``), installed with apt-get when missing.
+
+    Needs root and apt-get: otherwise skipped (a failure with CI=true), as is a failed
+    install, whose error output the message quotes.
+    """
+    if provides.exists():
+        return provides
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        unavailable(f"{provides} is missing and cannot be installed (not root, or no apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", package]
+    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+        # The package lists may be missing or stale: refresh them once and try again.
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            unavailable(f"apt-get install {package} failed: {done.stderr[-500:]}")
+    if not provides.exists():
+        unavailable(f"apt-get install {package} did not provide {provides}")
+    return provides
