@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -145,7 +146,7 @@ def test_v1_upcasts_to_v2_in_one_place() -> None:
     assert v1.order.customer.email == "a@example.com"
     assert v1.name == "Ann"
     (line,) = v1.lines
-    assert (line.name, line.sku, line.quantity, line.unit_price) == ("S-1", "S-1", 3, 1)
+    assert (line.name, line.sku, line.quantity, line.unit_price) == ("S-1", "S-1", 3, Decimal(1))
     assert v1.priced
 
 
