@@ -38,9 +38,12 @@ async def test_create_then_get(api: Api, aredis: Any) -> None:
     _, fields = entries[0]
     assert fields[b"ce_type"] == b"order.created"
     assert fields[b"ce_source"] == b"orderflow/orders"
+    assert fields[b"ce_dataschema"] == b"urn:orderflow:schema:order.created:2"
     (event,) = await stream_events(aredis)
     assert event == {
-        key: order[key] for key in ("id", "email", "total", "currency", "items", "created_at")
+        "customer": {"email": order["email"]},
+        "lines": order["items"],
+        **{key: order[key] for key in ("id", "total", "currency", "created_at")},
     }
     assert event["total"] == "100.00"
 

@@ -1,6 +1,7 @@
 """Orders and their idempotency keys; every write is one transaction, run in a thread.
 
-The order row, its outbox row (the ``order.created`` event, wire format v1) and its
+The order row, its outbox row (the ``order.created`` event, in the version the
+service publishes) and its
 idempotency key commit together or not at all; the relay later publishes the outbox.
 """
 
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from orderflow.bus import Message
-from orderflow.domain import ORDER_CREATED_EVENT
+from orderflow.domain import DATASCHEMA_FIELD, ORDER_CREATED_EVENT, dataschema
 from orderflow.orders.database import Database, in_chunks
 from orderflow.orders.outbox import Outbox
 from orderflow.orders.schema import EMAIL_STATUS_PENDING, idempotency_keys, orders
@@ -43,6 +44,7 @@ class StoredOrder:
     currency: str
     items: list[dict[str, Any]]
     created_at: datetime
+    customer_name: str | None = None
     email_status: str = EMAIL_STATUS_PENDING
     email_status_at: datetime | None = None
     email_reason: str | None = None
@@ -50,9 +52,31 @@ class StoredOrder:
     last_published_at: datetime | None = None
     publish_count: int = 0
 
-    def event_data(self) -> dict[str, Any]:
-        """The ``order.created`` payload of wire format v1."""
-        return {
+    def event_data(self, version: int = 1) -> dict[str, Any]:
+        """The ``order.created`` payload of ``version`` (1 or 2)."""
+        if version == 2:
+            customer: dict[str, Any] = {"email": self.email}
+            if self.customer_name is not None:
+                customer["name"] = self.customer_name
+            # Version 2's total is its priced lines' sum; a flat body's prices may leave
+            # out shipping or tax, and then its lines go without them.
+            priced = (
+                all(item.get("price") is not None for item in self.items)
+                and sum(
+                    (Decimal(item["price"]) * item.get("quantity", 1) for item in self.items),
+                    Decimal(0),
+                )
+                == self.total
+            )
+            return {
+                "id": self.id,
+                "customer": customer,
+                "currency": self.currency,
+                "lines": [_line(item, priced=priced) for item in self.items],
+                "total": str(self.total),
+                "created_at": self.created_at.isoformat(),
+            }
+        data: dict[str, Any] = {
             "id": self.id,
             "email": self.email,
             "total": str(self.total),
@@ -60,11 +84,15 @@ class StoredOrder:
             "items": self.items,
             "created_at": self.created_at.isoformat(),
         }
+        if self.customer_name is not None:
+            data["name"] = self.customer_name
+        return data
 
     def to_json(self) -> dict[str, Any]:
         """The order as the HTTP API, the console and the CLI show it."""
         return {
             **self.event_data(),
+            "customer_name": self.customer_name,
             "email_status": self.email_status,
             "email_status_at": _iso(self.email_status_at),
             "email_reason": self.email_reason,
@@ -84,6 +112,7 @@ class StoredOrder:
             currency=m["currency"],
             items=list(m["items"] or []),
             created_at=m["created_at"],
+            customer_name=m["customer_name"],
             email_status=m["email_status"],
             email_status_at=m["email_status_at"],
             email_reason=m["email_reason"],
@@ -101,9 +130,52 @@ class CreateResult:
     created: bool
 
 
-def order_event(order: StoredOrder) -> Message:
-    """A fresh ``order.created`` event of ``order`` (a new event id each time)."""
-    return Message.event(ORDER_CREATED_EVENT, order.event_data(), source=SOURCE)
+def _line(item: dict[str, Any], *, priced: bool) -> dict[str, Any]:
+    """A stored item as a version 2 line (``price`` is ``unit_price`` there)."""
+    line: dict[str, Any] = {"name": item["name"], "quantity": item.get("quantity", 1)}
+    if item.get("sku") is not None:
+        line = {"sku": item["sku"], **line}
+    if priced and item.get("price") is not None:
+        line["unit_price"] = item["price"]
+    return line
+
+
+#: The ``order.created`` versions this service can publish.
+ORDER_EVENT_VERSIONS = (1, 2)
+
+
+def order_event(order: StoredOrder, version: int = 2) -> Message:
+    """A fresh ``order.created`` event of ``order`` in ``version`` (a new event id each
+    time); version 1 goes without ``ce_dataschema``, as every producer may send it."""
+    if version not in ORDER_EVENT_VERSIONS:
+        raise ValueError(f"order.created version {version} is not one of {ORDER_EVENT_VERSIONS}")
+    headers = {DATASCHEMA_FIELD: dataschema(ORDER_CREATED_EVENT, version)} if version > 1 else None
+    return Message.event(
+        ORDER_CREATED_EVENT, order.event_data(version), source=SOURCE, headers=headers
+    )
+
+
+def lab_message(message: Message) -> Message:
+    """The event as Pub/Sub mode sends it: version 1's flat JSON, what the lab's
+    subscriber reads (a version 2 ``order.created`` is written back down)."""
+    if message.headers.get(DATASCHEMA_FIELD) != dataschema(ORDER_CREATED_EVENT, 2):
+        return message
+    data = message.data
+    customer = data["customer"]
+    flat: dict[str, Any] = {"id": data["id"], "email": customer["email"]}
+    if customer.get("name") is not None:
+        flat["name"] = customer["name"]
+    items = []
+    for line in data.get("lines", ()):
+        item = {key: line[key] for key in ("name", "sku", "quantity") if key in line}
+        if line.get("unit_price") is not None:
+            item["price"] = line["unit_price"]
+        items.append(item)
+    flat.update(
+        total=data["total"], currency=data["currency"], items=items, created_at=data["created_at"]
+    )
+    headers = {k: v for k, v in message.headers.items() if k != DATASCHEMA_FIELD}
+    return Message(data=flat, headers=headers, id=message.id)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -212,9 +284,15 @@ class _Plan:
 class OrderRepository:
     """Creates and reads orders; a new order's event joins the outbox in its transaction."""
 
-    def __init__(self, db: Database, *, stream: str) -> None:
+    def __init__(self, db: Database, *, stream: str, event_version: int = 2) -> None:
+        if event_version not in ORDER_EVENT_VERSIONS:
+            raise ValueError(
+                f"order.created version {event_version} is not one of {ORDER_EVENT_VERSIONS}"
+            )
         self.db = db
         self.stream = stream
+        #: The ``order.created`` version this repository's events are written in.
+        self.event_version = event_version
         self.outbox = Outbox(db, stream=stream)
 
     def create(self, request: OrderRequest, *, idempotency_key: str | None = None) -> CreateResult:
@@ -299,7 +377,7 @@ class OrderRepository:
                 ]
                 conn.execute(_INSERT_KEY, rows)
             if inserted:
-                events = [(order.id, order_event(order)) for order in inserted]
+                events = [(order.id, order_event(order, self.event_version)) for order in inserted]
                 self.outbox.enqueue(conn, events, now)
             replay_ids = sorted({order_id(ref) for ref in plan.replays()})
             replayed = {
@@ -330,6 +408,7 @@ class OrderRepository:
         rows: list[dict[str, Any]] = [
             {
                 "email": request.email,
+                "customer_name": request.customer_name,
                 "total": request.total,
                 "currency": request.currency,
                 "items": [item.wire() for item in request.items],
@@ -367,6 +446,7 @@ class OrderRepository:
                 currency=row["currency"],
                 items=row["items"],
                 created_at=now,
+                customer_name=row["customer_name"],
             )
             for row in rows
         ]
