@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import IN_CI
+from tests.email.conftest import smtp  # noqa: F401  (the real SMTP server fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the parser is installed (npm's own cache stays npm's).
