@@ -129,7 +129,7 @@ async def test_every_published_event_conforms_to_the_document(
         "alice@example.com",
         "bob@example.com",
     ]
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     problems = [
         problem
