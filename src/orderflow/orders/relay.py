@@ -27,8 +27,8 @@ from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
 from orderflow.config import Settings
 from orderflow.orders import metrics
+from orderflow.orders.events import lab_message
 from orderflow.orders.outbox import NOTIFY_CHANNEL, ClaimedBatch, OutboxRow
-from orderflow.orders.repository import lab_message
 from orderflow.orders.store import OrderStore
 
 log = logging.getLogger(__name__)

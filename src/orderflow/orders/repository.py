@@ -17,17 +17,30 @@ from typing import Any, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from orderflow.bus import Message
-from orderflow.domain import DATASCHEMA_FIELD, ORDER_CREATED_EVENT, dataschema
 from orderflow.orders.database import Database, in_chunks
+from orderflow.orders.events import (
+    ORDER_EVENT_VERSIONS,
+    SOURCE,
+    event_payload,
+    lab_message,
+    order_event,
+)
 from orderflow.orders.outbox import Outbox
 from orderflow.orders.schema import EMAIL_STATUS_PENDING, idempotency_keys, orders
 from orderflow.orders.validation import OrderRequest
 
 log = logging.getLogger(__name__)
 
-#: CloudEvents source of the events this service publishes.
-SOURCE = "orderflow/orders"
+__all__ = [
+    "ORDER_EVENT_VERSIONS",
+    "SOURCE",
+    "CreateResult",
+    "OrderConflict",
+    "OrderRepository",
+    "StoredOrder",
+    "lab_message",
+    "order_event",
+]
 
 
 class OrderConflict(Exception):
@@ -54,44 +67,17 @@ class StoredOrder:
 
     def event_data(self, version: int = 1) -> dict[str, Any]:
         """The ``order.created`` payload of ``version`` (1 or 2)."""
-        if version == 2:
-            customer: dict[str, Any] = {"email": self.email}
-            if self.customer_name is not None:
-                customer["name"] = self.customer_name
-            # Version 2's total is its priced lines' sum; a flat body's prices may leave
-            # out shipping or tax, and then its lines go without them.
-            priced = (
-                all(item.get("price") is not None for item in self.items)
-                and sum(
-                    (Decimal(item["price"]) * item.get("quantity", 1) for item in self.items),
-                    Decimal(0),
-                )
-                == self.total
-            )
-            return {
-                "id": self.id,
-                "customer": customer,
-                "currency": self.currency,
-                "lines": [_line(item, priced=priced) for item in self.items],
-                "total": str(self.total),
-                "created_at": self.created_at.isoformat(),
-            }
-        data: dict[str, Any] = {
+        return event_payload(self, version)
+
+    def to_json(self) -> dict[str, Any]:
+        """The order as the HTTP API, the console and the CLI show it."""
+        return {
             "id": self.id,
             "email": self.email,
             "total": str(self.total),
             "currency": self.currency,
             "items": self.items,
             "created_at": self.created_at.isoformat(),
-        }
-        if self.customer_name is not None:
-            data["name"] = self.customer_name
-        return data
-
-    def to_json(self) -> dict[str, Any]:
-        """The order as the HTTP API, the console and the CLI show it."""
-        return {
-            **self.event_data(),
             "customer_name": self.customer_name,
             "email_status": self.email_status,
             "email_status_at": _iso(self.email_status_at),
@@ -128,54 +114,6 @@ class CreateResult:
 
     order: StoredOrder
     created: bool
-
-
-def _line(item: dict[str, Any], *, priced: bool) -> dict[str, Any]:
-    """A stored item as a version 2 line (``price`` is ``unit_price`` there)."""
-    line: dict[str, Any] = {"name": item["name"], "quantity": item.get("quantity", 1)}
-    if item.get("sku") is not None:
-        line = {"sku": item["sku"], **line}
-    if priced and item.get("price") is not None:
-        line["unit_price"] = item["price"]
-    return line
-
-
-#: The ``order.created`` versions this service can publish.
-ORDER_EVENT_VERSIONS = (1, 2)
-
-
-def order_event(order: StoredOrder, version: int = 2) -> Message:
-    """A fresh ``order.created`` event of ``order`` in ``version`` (a new event id each
-    time); version 1 goes without ``ce_dataschema``, as every producer may send it."""
-    if version not in ORDER_EVENT_VERSIONS:
-        raise ValueError(f"order.created version {version} is not one of {ORDER_EVENT_VERSIONS}")
-    headers = {DATASCHEMA_FIELD: dataschema(ORDER_CREATED_EVENT, version)} if version > 1 else None
-    return Message.event(
-        ORDER_CREATED_EVENT, order.event_data(version), source=SOURCE, headers=headers
-    )
-
-
-def lab_message(message: Message) -> Message:
-    """The event as Pub/Sub mode sends it: version 1's flat JSON, what the lab's
-    subscriber reads (a version 2 ``order.created`` is written back down)."""
-    if message.headers.get(DATASCHEMA_FIELD) != dataschema(ORDER_CREATED_EVENT, 2):
-        return message
-    data = message.data
-    customer = data["customer"]
-    flat: dict[str, Any] = {"id": data["id"], "email": customer["email"]}
-    if customer.get("name") is not None:
-        flat["name"] = customer["name"]
-    items = []
-    for line in data.get("lines", ()):
-        item = {key: line[key] for key in ("name", "sku", "quantity") if key in line}
-        if line.get("unit_price") is not None:
-            item["price"] = line["unit_price"]
-        items.append(item)
-    flat.update(
-        total=data["total"], currency=data["currency"], items=items, created_at=data["created_at"]
-    )
-    headers = {k: v for k, v in message.headers.items() if k != DATASCHEMA_FIELD}
-    return Message(data=flat, headers=headers, id=message.id)
 
 
 def _iso(value: datetime | None) -> str | None:
