@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import redis.asyncio as aioredis
 
+from orderflow.console.events import code_spans
 from orderflow.contracts import MESSAGES
 
 from .conftest import Console
@@ -58,3 +59,9 @@ async def test_console_script_updates_the_counts_live(console: Console) -> None:
     script = (await console.client.get("/console/static/console.js")).text
     assert '"events"' in script
     assert "data-count-stream" in script or "countStream" in script
+
+
+def test_code_spans_are_escaped_first() -> None:
+    assert code_spans("stream `a<b>` & `c`") == (
+        "stream <code>a&lt;b&gt;</code> &amp; <code>c</code>"
+    )

@@ -3,10 +3,13 @@ counts per stream and the event versions in flight."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from typing import Any
 
 import redis.asyncio as aioredis
+from markupsafe import Markup, escape
 
 from orderflow.config import Settings
 from orderflow.contracts.asyncapi import MESSAGES, asyncapi_document
@@ -15,6 +18,18 @@ from orderflow.contracts.inflight import versions_in_flight
 
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def code_spans(text: str) -> Markup:
+    """``text`` escaped, its Markdown `code spans` as <code> (the document's prose)."""
+    parts = _CODE_SPAN.split(text)  # plain, code, plain, code, ...
+    return Markup("").join(
+        Markup("<code>{}</code>").format(part) if odd else escape(part)
+        for odd, part in zip(itertools.cycle((False, True)), parts, strict=False)
+    )
 
 
 def catalogue(settings: Settings) -> dict[str, Any]:
@@ -30,6 +45,7 @@ def catalogue(settings: Settings) -> dict[str, Any]:
                     "service": operation["tags"][0]["name"],
                     "action": operation["action"],
                     "address": document["channels"][channel]["address"],
+                    "channel": document["channels"][channel]["title"],
                 }
             )
     streams = {settings.stream, settings.email_events_stream}

@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 
 from orderflow.config import Settings
 from orderflow.console import security
-from orderflow.console.events import catalogue, in_flight
+from orderflow.console.events import catalogue, code_spans, in_flight
 from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
 from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
 from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
@@ -101,6 +101,7 @@ def _environment() -> Environment:
     )
     env.filters.update(duration=_duration, size=_bytes, when=_time, items=_items, pretty=_pretty)
     env.filters["urlpart"] = lambda value: quote(str(value), safe="")
+    env.filters["code_spans"] = code_spans
     return env
 
 
