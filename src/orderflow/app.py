@@ -1,4 +1,5 @@
-"""The composition root: the Order Service's API and the web console in one app.
+"""The composition root: the Order Service's API, the web console and the event
+catalogue (``/asyncapi.json``) in one app.
 
 ``orders`` knows nothing of the console, and the console works only through the
 Order Service's runtime (``orders.runtime``); this module puts them together.
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from orderflow.config import Settings
 from orderflow.console import console_router
+from orderflow.contracts.router import asyncapi_router
 from orderflow.orders import api as orders_api
 from orderflow.orders.database import Database
 from orderflow.orders.relay import RelayConfig
@@ -40,6 +42,7 @@ def create_app(
     )
     # The console's lifespan runs inside the API's, so the runtime is there first.
     app.include_router(console_router(settings))
+    app.include_router(asyncapi_router(settings))
     return app
 
 

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         default=False,
         description="Email workers lease whole partitions: strict per-order order.",
     )
+    order_event_version: int = Field(
+        default=2,
+        description="order.created version the Order Service publishes: 2, or 1 while "
+        "some consumer does not read version 2 yet.",
+    )
     # With 5 deliveries, 1 s doubling to 60 s spans about 8–15 s before a dead letter;
     # a shorter base dead-letters orders during an SMTP outage of a few seconds.
     retry_base_ms: int = Field(default=1000, ge=1, description="First retry delay.")
@@ -68,6 +73,16 @@ class Settings(BaseSettings):
     def _no_whitespace(cls, value: str) -> str:
         if any(ch.isspace() for ch in value):
             raise ValueError("must not contain whitespace")
+        return value
+
+    @field_validator("order_event_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value not in (1, 2):
+            raise ValueError(
+                f"ORDERFLOW_ORDER_EVENT_VERSION must be 1 or 2 (the order.created versions "
+                f"the Order Service publishes), got {value}"
+            )
         return value
 
     @property

@@ -19,6 +19,11 @@ ORDER_CREATED_EVENT = "order.created"
 EMAIL_SENT_EVENT = "email.sent"
 EMAIL_FAILED_EVENT = "email.failed"
 
+#: The stream field naming a payload's version (absent: version 1).
+DATASCHEMA_FIELD = "ce_dataschema"
+#: What ``ce_dataschema`` holds: ``urn:orderflow:schema:<type>:<N>``.
+_DATASCHEMA = re.compile(r"urn:orderflow:schema:([a-z][a-z0-9._-]{0,63}):([1-9][0-9]{0,5})")
+
 #: Largest order id: what a signed 64-bit column holds.
 MAX_ORDER_ID = 2**63 - 1
 #: Longest address accepted (RFC 5321's path limit less the angle brackets).
@@ -32,6 +37,32 @@ CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN_LOCAL = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
 #: RFC 5321's limit on a local part.
 _MAX_LOCAL = 64
+
+
+class UnsupportedVersion(ValueError):
+    """A ``ce_dataschema`` that names no version this code reads."""
+
+
+def dataschema(event_type: str, version: int) -> str:
+    """The ``ce_dataschema`` value of ``event_type`` version ``version``."""
+    return f"urn:orderflow:schema:{event_type}:{version}"
+
+
+def schema_version(value: str | None, event_type: str) -> int:
+    """The payload version a ``ce_dataschema`` value names: 1 when absent.
+
+    Raises UnsupportedVersion for a malformed value or one of another event type
+    (what it says cannot be trusted to describe this payload).
+    """
+    if value is None:
+        return 1
+    found = _DATASCHEMA.fullmatch(value)
+    if found is None or found[1] != event_type:
+        raise UnsupportedVersion(
+            f"unsupported schema version: ce_dataschema {value[:100]!r} is not "
+            f"urn:orderflow:schema:{event_type}:<N>"
+        )
+    return int(found[2])
 
 
 def is_order_id(value: int) -> bool:

@@ -266,3 +266,26 @@ def test_validation_errors_are_shown_at_the_field(page: Page) -> None:
     expect(page.locator("#email")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#email")).to_have_value("nobody")
     shot(page, "orders-invalid")
+
+
+def test_events_page_renders_the_catalogue_and_counts_live(page: Page, stack: Stack) -> None:
+    page.goto("/events")
+    expect(page.locator("#live-status")).to_have_text("live")
+    v2 = page.locator("#message-orderCreatedV2")
+    expect(v2).to_contain_text("ce_dataschema: urn:orderflow:schema:order.created:2")
+    expect(v2.locator("pre").first).to_contain_text('"unit_price"')
+    body = {
+        "customer": {"email": "dora@example.com", "name": "Dora"},
+        "lines": [{"name": "Map", "quantity": 2, "unit_price": "3.50"}],
+        "total": "7.00",
+    }
+    client = stack.redis()
+    before = client.xlen("orders")
+    assert page.request.post("/orders", data=body).status == 201
+    poll_until(lambda: client.xlen("orders") > before, 20, what="the order on the stream")
+    length = client.xlen("orders")
+    client.close()
+    # The count follows the stream without a reload (the console's live ticks).
+    for count in page.locator('[data-count-stream="orders"]').all():
+        expect(count).to_have_text(str(length))
+    shot(page, "events")

@@ -163,3 +163,22 @@ def test_a_key_that_is_not_a_stream_is_an_error(cli: Cli, sync_redis: redis.Redi
 
     assert result.code == 1
     assert "'orders' is a string, not a stream" in result.err
+
+
+def test_versions_in_flight_are_counted_during_a_rollout(cli: Cli, sync_redis: redis.Redis) -> None:
+    data = b'{"id": 1, "email": "a@example.com", "total": 1}'
+    v2 = "urn:orderflow:schema:order.created:2"
+    sync_redis.xadd("orders", {"data": data})
+    sync_redis.xadd("orders", {"data": data, "ce_dataschema": v2})
+    sync_redis.xadd("orders", {"data": data, "ce_dataschema": v2})
+
+    result = cli("streams", "info", "--json")
+
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["versions_in_flight"] == {
+        "orders": {"order.created v1": 1, "order.created v2": 2},
+        "email-events": {},
+    }
+    table = cli("streams", "info")
+    assert "order.created v2" in table.out

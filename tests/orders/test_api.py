@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -39,9 +40,12 @@ async def test_create_then_get(api: Api, aredis: Any) -> None:
     _, fields = entries[0]
     assert fields[b"ce_type"] == b"order.created"
     assert fields[b"ce_source"] == b"orderflow/orders"
+    assert fields[b"ce_dataschema"] == b"urn:orderflow:schema:order.created:2"
     (event,) = await stream_events(aredis)
     assert event == {
-        key: order[key] for key in ("id", "email", "total", "currency", "items", "created_at")
+        "customer": {"email": order["email"]},
+        "lines": order["items"],
+        **{key: order[key] for key in ("id", "total", "currency", "created_at")},
     }
     assert event["total"] == "100.00"
 
@@ -260,7 +264,15 @@ async def test_metrics_show_orders_backlog_and_bus(api: Api) -> None:
 async def test_openapi_documents_the_order_body(api: Api) -> None:
     schema = (await api.client.get("/openapi.json")).json()
     body = schema["paths"]["/orders"]["post"]["requestBody"]["content"]["application/json"]
-    assert set(body["schema"]["required"]) == {"email", "total"}
+    components = schema["components"]["schemas"]
+    flat, v2 = (components[ref["$ref"].rsplit("/", 1)[1]] for ref in body["schema"]["oneOf"])
+    assert set(flat["required"]) == {"email", "total"}
+    assert set(v2["required"]) == {"customer", "total"}
+    # Every $ref of the body resolves within the document.
+    refs = re.findall(
+        r'"\$ref": ?"#/components/schemas/([^"]+)"', orjson.dumps(components).decode()
+    )
+    assert set(refs) <= set(components)
 
 
 # -- POST /orders: the lean ASGI path and the FastAPI route answer alike ---------------

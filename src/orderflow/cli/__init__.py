@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from orderflow.cli import demo, email, ops, orders, pubsub, up
+from orderflow.cli import contracts, demo, email, ops, orders, pubsub, up
 from orderflow.cli.common import CommandError, UsageError
 from orderflow.config import ConfigError
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 FREEZE_AFTER_S = (3.0, 15.0)
 
 #: Modules that add a command group; each has ``register(subparsers)``.
-COMMAND_MODULES = [up, demo, orders, email, ops, pubsub]
+COMMAND_MODULES = [up, demo, orders, email, ops, pubsub, contracts]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,9 @@ missing group, an unknown dead-letter id or an unusable key to exit 1.
   (``{"name": "redis"|"valkey", "version", "mode": "standalone"|"cluster",
   "features": {"xtrim_acked", "xinfo_lag": true|false|null}}``), each stream as
   documented in :mod:`orderflow.bus.admin.info`; a partitioned stream is the sum of its
-  partitions with each partition under ``partitions`` (empty otherwise).
+  partitions with each partition under ``partitions`` (empty otherwise);
+  ``"versions_in_flight": {<stream>: {"order.created v2": <n>, ...}}`` counts the event
+  versions among each stream's newest entries (see :mod:`orderflow.contracts.inflight`).
 - ``dlq list``: ``{"stream", "dead_letter_stream", "total", "entries": [{"id",
   "dead_letter_stream", "source_stream", "source_id", "group", "consumer", "reason",
   "deliveries", "time", "fields", "preview"}], "partitions": [{"dead_letter_stream",
@@ -46,6 +48,8 @@ from orderflow.bus.keys import DLQ_SUFFIX
 from orderflow.bus.server import ServerInfo, server_info
 from orderflow.cli.common import CommandError, UsageError, load_settings, redis_client
 from orderflow.config import Settings, resolve_redis_url
+from orderflow.contracts.inflight import SAMPLE as IN_FLIGHT_SAMPLE
+from orderflow.contracts.inflight import versions_in_flight
 from orderflow.formatting import human_duration, human_size
 
 #: Replays of more dead letters than this show a progress bar (on a terminal).
@@ -219,14 +223,22 @@ async def streams_info_command(args: argparse.Namespace) -> int:
         with _operation_errors():
             infos = await ops.stream_info(client, names)
             server = await server_info(client, _probe_stream(infos))
+            versions = {name: await versions_in_flight(client, name) for name in names}
     if args.json:
-        body = {"redis": url, "server": server.to_json(), "streams": [i.to_json() for i in infos]}
+        body = {
+            "redis": url,
+            "server": server.to_json(),
+            "streams": [i.to_json() for i in infos],
+            "versions_in_flight": versions,
+        }
         print(json.dumps(body, indent=2))
         return 0
     console = _console()
     console.print(Text(_server_line(server)))
     rows = [(label, i) for whole in infos for label, i in _with_partitions(whole)]
     console.print(_streams_table(rows, url))
+    if any(versions.values()):
+        console.print(_versions_table(versions))
     groups = [(label, i, g) for label, i in rows for g in i.groups]
     if groups:
         console.print(_groups_table(groups))
@@ -257,6 +269,17 @@ def _server_line(server: ServerInfo) -> str:
         f"{_FEATURES.get(name, name)}: {said[value]}" for name, value in server.features.items()
     )
     return f"Server: {server.name} {server.version} ({server.mode}); {features}"
+
+
+def _versions_table(versions: dict[str, dict[str, int]]) -> Table:
+    """Event versions among each stream's newest entries (a rollout in progress)."""
+    table = Table(title=f"Event versions in flight (newest {IN_FLIGHT_SAMPLE} entries)")
+    for column in ("stream", "event", "entries"):
+        table.add_column(column, justify="right" if column == "entries" else "left")
+    for stream, counts in versions.items():
+        for label, count in counts.items():
+            table.add_row(stream, label, str(count))
+    return table
 
 
 def _with_partitions(info: ops.StreamInfo) -> list[tuple[str, ops.StreamInfo]]:

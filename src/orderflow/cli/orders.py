@@ -205,7 +205,9 @@ async def create_command(args: argparse.Namespace) -> int:
     try:
         with _database_errors(settings):
             await db.run(db.migrate)
-            store = OrderStore(db, stream=settings.stream)
+            store = OrderStore(
+                db, stream=settings.stream, event_version=settings.order_event_version
+            )
             try:
                 result = await db.run(store.create, request)
             except OrderConflict as exc:
@@ -275,7 +277,7 @@ async def relay_command(args: argparse.Namespace) -> int:
         with _database_errors(settings):
             await db.run(db.migrate)
         relay = OutboxRelay(
-            OrderStore(db, stream=settings.stream),
+            OrderStore(db, stream=settings.stream, event_version=settings.order_event_version),
             client,
             config=config,
             retention=Retention(maxlen=settings.stream_maxlen),

@@ -1,4 +1,5 @@
-"""The console's routes: Orders, Flow, Dead letters and Inbox pages, actions, live events.
+"""The console's routes: Orders, Flow, Dead letters, Inbox and Events pages, actions,
+live events.
 
 Pages are rendered on the server by Jinja2 with autoescaping on for every template,
 so anything a user typed (an email, an item name, a dead letter's payload, a mail
@@ -40,6 +41,7 @@ from orderflow.bus.admin import (
 )
 from orderflow.config import Settings
 from orderflow.console import security
+from orderflow.console.events import catalogue, code_spans, in_flight
 from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
 from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
 from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
@@ -99,6 +101,7 @@ def _environment() -> Environment:
     )
     env.filters.update(duration=_duration, size=_bytes, when=_time, items=_items, pretty=_pretty)
     env.filters["urlpart"] = lambda value: quote(str(value), safe="")
+    env.filters["code_spans"] = code_spans
     return env
 
 
@@ -115,6 +118,7 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
     guard = ConsoleGuard(settings)
     feed = LiveFeed(settings, options)
     env = _environment()
+    events_catalogue = catalogue(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -266,6 +270,37 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
         except (RedisError, OSError, OperationError) as exc:
             problem = f"Redis unavailable: {type(exc).__name__}: {exc}"
         return render(request, "flow.html", page="flow", flow=flow, problem=problem)
+
+    # -- events ----------------------------------------------------------------------
+
+    @router.get("/events", response_class=HTMLResponse)
+    async def events_view(request: Request) -> Response:
+        """Events: the AsyncAPI catalogue for people, live counts, versions in flight."""
+        refused = guard.refusal(request)
+        if refused is not None:
+            return refuse(request, refused)
+        runtime = _runtime(request)
+        problem = None
+        counts: dict[str, Any] = {}
+        dead: dict[str, Any] = {}
+        flight: dict[str, dict[str, int]] = {}
+        try:
+            for info in await stream_info(runtime.redis, feed.streams):
+                counts[info.name] = info.length
+                dead[info.name] = info.dead_letters
+            flight = await in_flight(runtime.redis, settings)
+        except (RedisError, OSError, OperationError) as exc:
+            problem = f"Redis unavailable: {type(exc).__name__}: {exc}"
+        return render(
+            request,
+            "events.html",
+            page="events",
+            catalogue=events_catalogue,
+            counts=counts,
+            dead=dead,
+            in_flight=flight,
+            problem=problem,
+        )
 
     # -- dead letters ----------------------------------------------------------------
 

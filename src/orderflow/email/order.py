@@ -1,4 +1,6 @@
-"""The ``order.created`` event as the Email Service reads it, validated again.
+"""The ``order.created`` event as the Email Service reads it, validated again, in
+every version it knows (the payload models are the contract: the AsyncAPI document's
+schemas are generated from them).
 
 Events may come from any producer (``XADD orders * data '{...}'`` included), so the
 consumer trusts nothing: every field that reaches a header or the SMTP envelope is
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
@@ -19,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -138,38 +142,14 @@ class OrderItem(BaseModel):
         return self.name or self.sku or "item"
 
 
-class OrderEvent(BaseModel):
-    """A validated ``order.created`` payload: what the confirmation email is made of."""
+class _Payload(BaseModel):
+    """What every ``order.created`` version shares: an id, an amount, a currency."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: Annotated[int, BeforeValidator(_order_id), Field(ge=1, le=MAX_ORDER_ID, strict=True)]
-    email: str
-    total: Amount = Field(gt=0)
-    currency: str = "USD"
-    items: tuple[OrderItem, ...] = Field(default=(), max_length=MAX_ITEMS)
-    name: OneLine | None = None
-    #: The validated address in its ASCII form when it has one (IDNA domain), for the
-    #: SMTP envelope; None when the local part needs SMTPUTF8.
-    ascii_email: str | None = None
 
-    @field_validator("email", mode="before")
-    @classmethod
-    def _valid_email(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        if len(value) > MAX_EMAIL:
-            raise ValueError(f"is longer than {MAX_EMAIL} characters")
-        # Whitespace and control characters have no place in an address we put in the
-        # envelope and the To header; refuse them before anything else looks at it.
-        if _SPACE_OR_CONTROL.search(value):
-            raise ValueError("must not contain whitespace or control characters")
-        try:
-            return validate_address(value)[0]
-        except EmailNotValidError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("currency", mode="before")
+    @field_validator("currency", mode="before", check_fields=False)
     @classmethod
     def _currency(cls, value: Any) -> str:
         if not isinstance(value, str) or not value.isascii() or not value.isalpha():
@@ -178,20 +158,223 @@ class OrderEvent(BaseModel):
             raise ValueError("must be a three-letter ISO 4217 code such as USD")
         return value.upper()
 
-    @field_validator("items", mode="before")
-    @classmethod
-    def _items(cls, value: Any) -> Any:
-        if value is None:
-            return ()
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"must be a list, got {type(value).__name__}")
-        return value
+
+def _address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__}")
+    if len(value) > MAX_EMAIL:
+        raise ValueError(f"is longer than {MAX_EMAIL} characters")
+    # Whitespace and control characters have no place in an address we put in the
+    # envelope and the To header; refuse them before anything else looks at it.
+    if _SPACE_OR_CONTROL.search(value):
+        raise ValueError("must not contain whitespace or control characters")
+    try:
+        return validate_address(value)[0]
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _list(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _time_text(value: Any) -> Any:
+    # Version 1 never checked created_at; a producer's odd value is dropped, not refused.
+    return value if isinstance(value, str) and len(value) <= MAX_TEXT else None
+
+
+Address = Annotated[
+    str, BeforeValidator(_address), WithJsonSchema({"type": "string", "format": "email"})
+]
+#: v2's amounts: decimal strings on the wire (numbers are read too, never written).
+DecimalText = Annotated[
+    Decimal,
+    BeforeValidator(_amount),
+    WithJsonSchema({"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,4})?$"}),
+]
+Timestamp = Annotated[
+    str | None,
+    BeforeValidator(_time_text),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+class OrderCreatedV1(_Payload):
+    """``order.created`` version 1 (no ``ce_dataschema``): the lab's flat order."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        title="OrderCreatedV1",
+        json_schema_extra={
+            "examples": [{"id": 101, "email": "alice@example.com", "total": "100.00"}]
+        },
+    )
+
+    email: Address
+    total: Amount = Field(gt=0)
+    currency: str = "USD"
+    items: Annotated[tuple[OrderItem, ...], BeforeValidator(_list)] = Field(
+        default=(), max_length=MAX_ITEMS
+    )
+    name: OneLine | None = None
+    created_at: Timestamp = None
+
+
+class Customer(BaseModel):
+    """Who ordered: the address the confirmation goes to, and a name when known."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    email: Address
+    name: OneLine | None = None
+
+
+class OrderLine(BaseModel):
+    """One line of a version 2 order; ``unit_price`` when the producer knows it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    sku: OneLine | None = None
+    name: OneLine
+    quantity: int = Field(default=1, ge=1, le=1_000_000, strict=True)
+    unit_price: DecimalText | None = None
+
+    @property
+    def line_total(self) -> Decimal | None:
+        """quantity x unit price, when the price is known."""
+        return None if self.unit_price is None else self.unit_price * self.quantity
+
+
+class OrderCreatedV2(_Payload):
+    """``order.created`` version 2 (``urn:orderflow:schema:order.created:2``)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        title="OrderCreatedV2",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 101,
+                    "customer": {"email": "alice@example.com", "name": "Alice"},
+                    "currency": "USD",
+                    "lines": [
+                        {"sku": "BK-1", "name": "Book", "quantity": 1, "unit_price": "100.00"}
+                    ],
+                    "total": "100.00",
+                    "created_at": "2026-12-02T10:00:00+00:00",
+                }
+            ]
+        },
+    )
+
+    customer: Customer
+    currency: str
+    lines: Annotated[tuple[OrderLine, ...], BeforeValidator(_list)] = Field(
+        default=(), max_length=MAX_ITEMS
+    )
+    total: DecimalText = Field(gt=0)
+    created_at: Timestamp = None
 
     @model_validator(mode="after")
-    def _ascii_form(self) -> OrderEvent:
-        if self.ascii_email is None:
-            object.__setattr__(self, "ascii_email", validate_address(self.email)[1])
+    def _total_of_lines(self) -> OrderCreatedV2:
+        priced = [total for line in self.lines if (total := line.line_total) is not None]
+        if priced and len(priced) == len(self.lines):
+            expected = sum(priced, Decimal(0))
+            if expected != self.total:
+                raise ValueError(
+                    f"total {self.total} is not the sum of the lines' "
+                    f"quantity x unit_price ({expected})"
+                )
         return self
+
+
+def upcast_v1(order: OrderCreatedV1) -> OrderCreatedV2:
+    """The one place a version 1 order becomes a version 2 one (already validated:
+    built as is, so a v1 total that disagrees with its items, never checked, stays)."""
+    return OrderCreatedV2.model_construct(
+        id=order.id,
+        customer=Customer.model_construct(email=order.email, name=order.name),
+        currency=order.currency,
+        lines=tuple(
+            OrderLine.model_construct(
+                sku=item.sku, name=item.label, quantity=item.quantity, unit_price=item.price
+            )
+            for item in order.items
+        ),
+        total=order.total,
+        created_at=order.created_at,
+    )
+
+
+#: The payload model of each ``order.created`` version the Email Service reads.
+ORDER_CREATED_VERSIONS: dict[int, type[OrderCreatedV1] | type[OrderCreatedV2]] = {
+    1: OrderCreatedV1,
+    2: OrderCreatedV2,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    """A validated ``order.created`` of any version, as version 2: what the
+    confirmation email is made of."""
+
+    order: OrderCreatedV2
+    #: The version it arrived in.
+    version: int = 2
+    #: The validated address in its ASCII form when it has one (IDNA domain), for the
+    #: SMTP envelope; None when the local part needs SMTPUTF8.
+    ascii_email: str | None = None
+
+    @property
+    def id(self) -> int:
+        """The order id."""
+        return self.order.id
+
+    @property
+    def email(self) -> str:
+        """The customer's (normalised) address."""
+        return self.order.customer.email
+
+    @property
+    def name(self) -> str | None:
+        """The customer's name, when the event has one."""
+        return self.order.customer.name
+
+    @property
+    def total(self) -> Decimal:
+        """The order's total."""
+        return self.order.total
+
+    @property
+    def currency(self) -> str:
+        """ISO 4217 code of the amounts."""
+        return self.order.currency
+
+    @property
+    def lines(self) -> tuple[OrderLine, ...]:
+        """The order's lines (a v1 order's items, upcast)."""
+        return self.order.lines
+
+    @property
+    def items(self) -> tuple[OrderItem, ...]:
+        """The lines in version 1's terms (name, sku, quantity, price)."""
+        return tuple(
+            OrderItem.model_construct(
+                name=line.name, sku=line.sku, quantity=line.quantity, price=line.unit_price
+            )
+            for line in self.order.lines
+        )
+
+    @property
+    def priced(self) -> bool:
+        """Whether every line has a unit price: the email is then a receipt."""
+        return bool(self.lines) and all(line.unit_price is not None for line in self.lines)
 
     @property
     def envelope_recipient(self) -> str:
@@ -199,21 +382,26 @@ class OrderEvent(BaseModel):
         return self.ascii_email or self.email
 
 
-def parse_order(data: Mapping[str, Any]) -> OrderEvent:
-    """Validate an ``order.created`` payload; InvalidOrder names every field at fault."""
-    raw = {key: value for key, value in data.items() if key != "ascii_email"}
+def parse_order(data: Mapping[str, Any], version: int = 1) -> OrderEvent:
+    """Validate an ``order.created`` payload of ``version`` (a known one); InvalidOrder
+    names every field at fault."""
+    model = ORDER_CREATED_VERSIONS[version]
     try:
-        return OrderEvent.model_validate(raw)
+        parsed = model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'order'}: {err['msg']}"
             for err in exc.errors(include_url=False, include_input=False)
         )
+        customer = data.get("customer")
+        email = customer.get("email") if isinstance(customer, Mapping) else data.get("email")
         raise InvalidOrder(
             f"invalid order: {problems}",
-            order_id=_best_effort_id(raw.get("id")),
-            email=_best_effort_email(raw.get("email")),
+            order_id=_best_effort_id(data.get("id")),
+            email=_best_effort_email(email),
         ) from None
+    order = parsed if isinstance(parsed, OrderCreatedV2) else upcast_v1(parsed)
+    return OrderEvent(order, version, validate_address(order.customer.email)[1])
 
 
 def _best_effort_id(value: object) -> int | None:

@@ -38,11 +38,24 @@ from orderflow.bus import (
 from orderflow.bus import metrics as bus_metrics
 from orderflow.bus.partitions import is_cluster, resolve_layout, single_stream
 from orderflow.config import Settings
-from orderflow.domain import EMAIL_FAILED_EVENT, EMAIL_SENT_EVENT, ORDER_CREATED_EVENT
+from orderflow.domain import (
+    DATASCHEMA_FIELD,
+    EMAIL_FAILED_EVENT,
+    EMAIL_SENT_EVENT,
+    ORDER_CREATED_EVENT,
+    UnsupportedVersion,
+    schema_version,
+)
 from orderflow.email import metrics
+from orderflow.email.events import MAX_REASON, EmailFailed, EmailSent
 from orderflow.email.gate import SmtpGate
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
-from orderflow.email.order import InvalidOrder, OrderEvent, parse_order
+from orderflow.email.order import (
+    ORDER_CREATED_VERSIONS,
+    InvalidOrder,
+    OrderEvent,
+    parse_order,
+)
 from orderflow.email.render import OutgoingEmail, Renderer
 from orderflow.email.sender import Sender, SendError, SmtpUnreachable
 
@@ -175,7 +188,20 @@ class EmailService:
             log.debug("ignoring %s event %s", message.type, message.id)
             return
         try:
-            order = parse_order(message.data)
+            version = schema_version(message.headers.get(DATASCHEMA_FIELD), ORDER_CREATED_EVENT)
+        except UnsupportedVersion as exc:
+            metrics.FAILED.labels("invalid").inc()
+            raise PermanentError(str(exc)) from None
+        if version not in ORDER_CREATED_VERSIONS:
+            # A producer ahead of this consumer: no retry makes it readable, and no
+            # guess at its meaning is safe. Dead-lettered for replay after an upgrade.
+            metrics.FAILED.labels("invalid").inc()
+            raise PermanentError(
+                f"unsupported schema version: {ORDER_CREATED_EVENT} version {version} "
+                f"(this Email Service reads {sorted(ORDER_CREATED_VERSIONS)})"
+            )
+        try:
+            order = parse_order(message.data, version)
         except InvalidOrder as exc:
             metrics.FAILED.labels("invalid").inc()
             if exc.order_id is not None:
@@ -417,12 +443,9 @@ class EmailService:
 
     @staticmethod
     def _sent_data(order: OrderEvent, message_id: str, at: str | None) -> dict[str, Any]:
-        return {
-            "order_id": order.id,
-            "email": order.email,
-            "message_id": message_id,
-            "at": at or _now(),
-        }
+        return EmailSent(
+            order_id=order.id, email=order.email, message_id=message_id, at=at or _now()
+        ).data()
 
     async def _publish_sent(self, order: OrderEvent, message_id: str, at: str | None) -> None:
         data = self._sent_data(order, message_id, at)
@@ -433,13 +456,13 @@ class EmailService:
     async def _publish_failed(
         self, order_id: int, email: str | None, reason: str, message_id: str | None
     ) -> None:
-        data: dict[str, Any] = {
-            "order_id": order_id,
-            "email": email,
-            "reason": reason[:1000],
-            "message_id": message_id,
-            "at": _now(),
-        }
+        data = EmailFailed(
+            order_id=order_id,
+            email=email,
+            reason=reason[:MAX_REASON],
+            message_id=message_id,
+            at=_now(),
+        ).data()
         await self.publisher.publish(
             self.events_stream, Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE)
         )

@@ -48,6 +48,7 @@ from orderflow.orders.runtime import OrderConflict, OrderRuntime
 from orderflow.orders.validation import (
     BodyError,
     OrderRequest,
+    OrderRequestV2,
     field_errors,
     parse_body,
     validate_idempotency_key,
@@ -158,10 +159,31 @@ class OrderServiceApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def _order_schema() -> dict[str, Any]:
-    schema = OrderRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
-    return schema
+def _order_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body schema of ``POST /orders`` (today's shape or version 2's) and the
+    component schemas it refers to."""
+    components: dict[str, Any] = {}
+    variants = []
+    for model in (OrderRequest, OrderRequestV2):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        variants.append({"$ref": f"#/components/schemas/{model.__name__}"})
+    return {"oneOf": variants}, components
+
+
+def _with_body_components(app: FastAPI, components: dict[str, Any]) -> None:
+    """Add the body's component schemas to the app's OpenAPI document (FastAPI knows
+    nothing of a body given as ``openapi_extra``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(
@@ -252,6 +274,9 @@ def _routes(app: FastAPI) -> None:
         problem = database_problem(request.method, request.url.path, exc)
         return problem.response(request.url.path)
 
+    body_schema, body_components = _order_schemas()
+    _with_body_components(app, body_components)
+
     @app.post(
         "/orders",
         status_code=201,
@@ -273,7 +298,7 @@ def _routes(app: FastAPI) -> None:
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _order_schema()}},
+                "content": {"application/json": {"schema": body_schema}},
             },
         },
     )

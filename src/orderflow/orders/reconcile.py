@@ -50,7 +50,9 @@ def republish_due(
         if not due:
             return []
         ids = [order.id for order in due]
-        repository.outbox.enqueue(conn, [(order.id, order_event(order)) for order in due], now)
+        repository.outbox.enqueue(
+            conn, [(order.id, order_event(order, repository.event_version)) for order in due], now
+        )
         conn.execute(sa.update(orders).where(orders.c.id.in_(ids)).values(last_published_at=None))
         return ids
 

@@ -27,6 +27,7 @@ from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout, resolve_layout
 from orderflow.config import Settings
 from orderflow.orders import metrics
+from orderflow.orders.events import lab_message
 from orderflow.orders.outbox import NOTIFY_CHANNEL, ClaimedBatch, OutboxRow
 from orderflow.orders.store import OrderStore
 
@@ -227,7 +228,9 @@ class OutboxRelay:
                 ]
                 await self._partitioned.publish_keyed(layout, keyed)
             if self.config.channel is not None:
-                await self._pubsub.publish_many(self.config.channel, messages)
+                await self._pubsub.publish_many(
+                    self.config.channel, [lab_message(message) for message in messages]
+                )
             start = end
 
     async def _layout(self, stream: str) -> PartitionLayout:

@@ -1,6 +1,7 @@
 """Orders and their idempotency keys; every write is one transaction, run in a thread.
 
-The order row, its outbox row (the ``order.created`` event, wire format v1) and its
+The order row, its outbox row (the ``order.created`` event, in the version the
+service publishes) and its
 idempotency key commit together or not at all; the relay later publishes the outbox.
 """
 
@@ -16,17 +17,30 @@ from typing import Any, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from orderflow.bus import Message
-from orderflow.domain import ORDER_CREATED_EVENT
 from orderflow.orders.database import Database, in_chunks
+from orderflow.orders.events import (
+    ORDER_EVENT_VERSIONS,
+    SOURCE,
+    event_payload,
+    lab_message,
+    order_event,
+)
 from orderflow.orders.outbox import Outbox
 from orderflow.orders.schema import EMAIL_STATUS_PENDING, idempotency_keys, orders
 from orderflow.orders.validation import OrderRequest
 
 log = logging.getLogger(__name__)
 
-#: CloudEvents source of the events this service publishes.
-SOURCE = "orderflow/orders"
+__all__ = [
+    "ORDER_EVENT_VERSIONS",
+    "SOURCE",
+    "CreateResult",
+    "OrderConflict",
+    "OrderRepository",
+    "StoredOrder",
+    "lab_message",
+    "order_event",
+]
 
 
 class OrderConflict(Exception):
@@ -43,6 +57,7 @@ class StoredOrder:
     currency: str
     items: list[dict[str, Any]]
     created_at: datetime
+    customer_name: str | None = None
     email_status: str = EMAIL_STATUS_PENDING
     email_status_at: datetime | None = None
     email_reason: str | None = None
@@ -50,8 +65,12 @@ class StoredOrder:
     last_published_at: datetime | None = None
     publish_count: int = 0
 
-    def event_data(self) -> dict[str, Any]:
-        """The ``order.created`` payload of wire format v1."""
+    def event_data(self, version: int = 1) -> dict[str, Any]:
+        """The ``order.created`` payload of ``version`` (1 or 2)."""
+        return event_payload(self, version)
+
+    def to_json(self) -> dict[str, Any]:
+        """The order as the HTTP API, the console and the CLI show it."""
         return {
             "id": self.id,
             "email": self.email,
@@ -59,12 +78,7 @@ class StoredOrder:
             "currency": self.currency,
             "items": self.items,
             "created_at": self.created_at.isoformat(),
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """The order as the HTTP API, the console and the CLI show it."""
-        return {
-            **self.event_data(),
+            "customer_name": self.customer_name,
             "email_status": self.email_status,
             "email_status_at": _iso(self.email_status_at),
             "email_reason": self.email_reason,
@@ -84,6 +98,7 @@ class StoredOrder:
             currency=m["currency"],
             items=list(m["items"] or []),
             created_at=m["created_at"],
+            customer_name=m["customer_name"],
             email_status=m["email_status"],
             email_status_at=m["email_status_at"],
             email_reason=m["email_reason"],
@@ -99,11 +114,6 @@ class CreateResult:
 
     order: StoredOrder
     created: bool
-
-
-def order_event(order: StoredOrder) -> Message:
-    """A fresh ``order.created`` event of ``order`` (a new event id each time)."""
-    return Message.event(ORDER_CREATED_EVENT, order.event_data(), source=SOURCE)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -212,9 +222,15 @@ class _Plan:
 class OrderRepository:
     """Creates and reads orders; a new order's event joins the outbox in its transaction."""
 
-    def __init__(self, db: Database, *, stream: str) -> None:
+    def __init__(self, db: Database, *, stream: str, event_version: int = 2) -> None:
+        if event_version not in ORDER_EVENT_VERSIONS:
+            raise ValueError(
+                f"order.created version {event_version} is not one of {ORDER_EVENT_VERSIONS}"
+            )
         self.db = db
         self.stream = stream
+        #: The ``order.created`` version this repository's events are written in.
+        self.event_version = event_version
         self.outbox = Outbox(db, stream=stream)
 
     def create(self, request: OrderRequest, *, idempotency_key: str | None = None) -> CreateResult:
@@ -299,7 +315,7 @@ class OrderRepository:
                 ]
                 conn.execute(_INSERT_KEY, rows)
             if inserted:
-                events = [(order.id, order_event(order)) for order in inserted]
+                events = [(order.id, order_event(order, self.event_version)) for order in inserted]
                 self.outbox.enqueue(conn, events, now)
             replay_ids = sorted({order_id(ref) for ref in plan.replays()})
             replayed = {
@@ -330,6 +346,7 @@ class OrderRepository:
         rows: list[dict[str, Any]] = [
             {
                 "email": request.email,
+                "customer_name": request.customer_name,
                 "total": request.total,
                 "currency": request.currency,
                 "items": [item.wire() for item in request.items],
@@ -367,6 +384,7 @@ class OrderRepository:
                 currency=row["currency"],
                 items=row["items"],
                 created_at=now,
+                customer_name=row["customer_name"],
             )
             for row in rows
         ]

@@ -59,7 +59,7 @@ class OrderRuntime:
         relay_config: RelayConfig | None = None,
     ) -> OrderRuntime:
         """Build the pieces on a migrated ``db`` and start the background loops asked for."""
-        store = OrderStore(db, stream=settings.stream)
+        store = OrderStore(db, stream=settings.stream, event_version=settings.order_event_version)
         relay = OutboxRelay(
             store,
             redis,

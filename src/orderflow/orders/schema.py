@@ -87,6 +87,8 @@ orders = sa.Table(
     metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column("email", sa.String(320), nullable=False),
+    # The customer's name, when the order gave one (a version 2 body's customer.name).
+    sa.Column("customer_name", sa.String(200), nullable=True),
     sa.Column("total", Money(), nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("items", sa.JSON(), nullable=False),

@@ -19,8 +19,8 @@ from orderflow.orders.repository import OrderRepository
 class OrderStore(OrderRepository):
     """Orders and idempotency keys, plus the outbox and email statuses of one database."""
 
-    def __init__(self, db: Database, *, stream: str) -> None:
-        super().__init__(db, stream=stream)
+    def __init__(self, db: Database, *, stream: str, event_version: int = 2) -> None:
+        super().__init__(db, stream=stream, event_version=event_version)
         self.email_statuses = EmailStatusStore(db)
 
     # -- email statuses (see EmailStatusStore) ----------------------------------------

@@ -15,15 +15,18 @@ from typing import Annotated, Any
 import orjson
 from email_validator import EmailNotValidError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orderflow.domain import CONTROL_CHARACTERS, MAX_EMAIL, MAX_ORDER_ID, validate_address
 
@@ -95,33 +98,40 @@ Total = Annotated[Decimal, BeforeValidator(_total)]
 Price = Annotated[Decimal, BeforeValidator(_price)]
 
 
+def _text(value: str) -> str:
+    # The Email Service strips names; a blank one would leave nothing to show.
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return _no_control(value)
+
+
+#: A name or SKU: one line of printable text, what the Email Service accepts.
+Text = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ITEM_NAME), AfterValidator(_text)]
+
+
 class Item(BaseModel):
     """One line of an order."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    name: StrictStr = Field(min_length=1, max_length=MAX_ITEM_NAME)
+    name: Text
+    sku: Text | None = None
     quantity: StrictInt = Field(default=1, ge=1, le=MAX_QUANTITY)
     price: Price | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name_clean(cls, value: str) -> str:
-        # The Email Service strips names; a blank one would leave nothing to show.
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return _no_control(value)
-
     def wire(self) -> dict[str, Any]:
-        """The item as stored and published (the price as a string)."""
+        """The item as stored and published in version 1 (the price as a string)."""
         out: dict[str, Any] = {"name": self.name, "quantity": self.quantity}
+        if self.sku is not None:
+            out["sku"] = self.sku
         if self.price is not None:
             out["price"] = str(self.price)
         return out
 
 
 class OrderRequest(BaseModel):
-    """A validated ``POST /orders`` body."""
+    """A validated ``POST /orders`` body (today's flat shape; a version 2 body arrives
+    as one of these too, its customer's name kept aside)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -130,37 +140,103 @@ class OrderRequest(BaseModel):
     currency: StrictStr = "USD"
     items: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS)
     id: StrictInt | None = Field(default=None, ge=1, le=MAX_ORDER_ID)
+    _customer_name: str | None = PrivateAttr(default=None)
 
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:
-        _no_control(value)
-        try:
-            # The check the Email Service makes too (so an order taken here is never
-            # refused there): no display names, no quoted local parts, no domain literals,
-            # nothing that could smuggle another address or a header into the email.
-            return validate_address(value)[0]
-        except EmailNotValidError as exc:
-            raise ValueError(f"is not a valid email address: {exc}") from None
+        return _address(value)
 
     @field_validator("currency")
     @classmethod
     def _currency(cls, value: str) -> str:
-        code = value.upper()
-        if code not in CURRENCIES:
-            raise ValueError("must be a known ISO 4217 currency code such as USD or EUR")
-        return code
+        return _currency_code(value)
+
+    @property
+    def customer_name(self) -> str | None:
+        """The customer's name (a version 2 body's ``customer.name``), if given."""
+        return self._customer_name
 
     def fingerprint(self) -> str:
         """sha256 of the normalised request: equal for the same order however it is spelled."""
-        canonical = {
+        canonical: dict[str, Any] = {
             "email": self.email,
             "total": str(self.total),
             "currency": self.currency,
             "items": [item.wire() for item in self.items],
             "id": self.id,
         }
+        if self._customer_name is not None:
+            # Only when given, so the fingerprints of orders stored before stay the same.
+            canonical["name"] = self._customer_name
         return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _address(value: str) -> str:
+    _no_control(value)
+    try:
+        # The check the Email Service makes too (so an order taken here is never
+        # refused there): no display names, no quoted local parts, no domain literals,
+        # nothing that could smuggle another address or a header into the email.
+        return validate_address(value)[0]
+    except EmailNotValidError as exc:
+        raise ValueError(f"is not a valid email address: {exc}") from None
+
+
+def _currency_code(value: str) -> str:
+    code = value.upper()
+    if code not in CURRENCIES:
+        raise ValueError("must be a known ISO 4217 currency code such as USD or EUR")
+    return code
+
+
+class Customer(BaseModel):
+    """A version 2 body's customer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    email: Annotated[StrictStr, Field(min_length=3, max_length=MAX_EMAIL), AfterValidator(_address)]
+    name: Text | None = None
+
+
+class Line(BaseModel):
+    """A version 2 body's line: its unit price is required."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    sku: Text | None = None
+    name: Text
+    quantity: StrictInt = Field(default=1, ge=1, le=MAX_QUANTITY)
+    unit_price: Price
+
+
+class OrderRequestV2(BaseModel):
+    """A ``POST /orders`` body in the shape of ``order.created`` version 2."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    customer: Customer
+    total: Total
+    currency: Annotated[StrictStr, AfterValidator(_currency_code)] = "USD"
+    lines: list[Line] = Field(default_factory=list, max_length=MAX_ITEMS)
+    id: StrictInt | None = Field(default=None, ge=1, le=MAX_ORDER_ID)
+
+    def request(self) -> OrderRequest:
+        """The same order as the service keeps it."""
+        request = OrderRequest.model_construct(
+            email=self.customer.email,
+            total=self.total,
+            currency=self.currency,
+            items=[
+                Item.model_construct(
+                    name=line.name, sku=line.sku, quantity=line.quantity, price=line.unit_price
+                )
+                for line in self.lines
+            ],
+            id=self.id,
+        )
+        request._customer_name = self.customer.name
+        return request
 
 
 def _no_constant(name: str) -> Any:
@@ -215,8 +291,35 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
 
 
 def validate_order(data: dict[str, Any]) -> OrderRequest:
-    """Validate a parsed body (raises pydantic's ValidationError)."""
-    return OrderRequest.model_validate(data)
+    """Validate a parsed body, today's shape or version 2's (``customer``, ``lines``);
+    raises pydantic's ValidationError, also for a total that disagrees with its lines."""
+    if "customer" not in data and "lines" not in data:
+        # Today's body, as ever: its items' prices may leave out shipping or tax.
+        return OrderRequest.model_validate(data)
+    request = OrderRequestV2.model_validate(data).request()
+    expected = sum((item.price * item.quantity for item in request.items if item.price), ZERO)
+    if request.items and expected != request.total:
+        # Every consumer of version 2 checks this: refused here, never dead-lettered there.
+        raise _mismatch(request.total, expected)
+    return request
+
+
+ZERO = Decimal(0)
+
+
+def _mismatch(total: Decimal, expected: Decimal) -> ValidationError:
+    detail = f"lines add up to {expected} (quantity x unit_price), the total says {total}"
+    return ValidationError.from_exception_data(
+        "OrderRequest",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("total_mismatch", "{detail}", {"detail": detail}),
+                loc=(field,),
+                input=str(total) if field == "total" else expected,
+            )
+            for field in ("total", "lines")
+        ],
+    )
 
 
 def validate_idempotency_key(value: str) -> str:

@@ -4,7 +4,7 @@
 "use strict";
 
 (function () {
-  const LIVE_PAGES = new Set(["orders", "flow", "dead-letters", "inbox"]);
+  const LIVE_PAGES = new Set(["orders", "flow", "dead-letters", "inbox", "events"]);
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -172,6 +172,19 @@
     root.replaceChildren(...snap.flow.map(streamCard));
   }
 
+  function renderEventCounts(snap) {
+    // The Events page's counts: each stream's length and dead letters, from the tick.
+    if (!Array.isArray(snap.flow)) return;
+    for (const stream of snap.flow) {
+      for (const node of document.querySelectorAll("[data-count-stream]")) {
+        if (node.dataset.countStream === stream.name) node.textContent = String(stream.length);
+      }
+      for (const node of document.querySelectorAll("[data-count-dead]")) {
+        if (node.dataset.countDead === stream.name) node.textContent = String(stream.dead_letters);
+      }
+    }
+  }
+
   function renderNotice(snap) {
     const notice = document.getElementById("live-notice");
     if (!notice) return;
@@ -190,6 +203,7 @@
     renderBadges(snap);
     renderOrders(snap);
     renderFlow(snap);
+    renderEventCounts(snap);
     renderNotice(snap);
     const problem = snap.redis_error || snap.orders_error;
     if (problem) setStatus("degraded", "live · " + problem);
