@@ -29,14 +29,21 @@ def test_poll_until_blocks_until_true_or_fails_naming_what() -> None:
         support.poll_until(lambda: False, timeout=0.02, interval=0.005, what="nothing")
 
 
-def test_clean_env_drops_every_orderflow_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clean_env_drops_every_orderflow_setting_but_the_server_under_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("ORDERFLOW_REDIS_URL", "redis://elsewhere")
+    monkeypatch.setenv("ORDERFLOW_REDIS_SERVER", "/opt/valkey-server")
     monkeypatch.setenv("UNRELATED", "kept")
     env = support.clean_env(ORDERFLOW_DATA_DIR="/tmp/x")
     assert env["UNRELATED"] == "kept"
-    assert [k for k in env if k.startswith("ORDERFLOW_")] == ["ORDERFLOW_DATA_DIR"]
+    assert sorted(k for k in env if k.startswith("ORDERFLOW_")) == [
+        "ORDERFLOW_DATA_DIR",
+        "ORDERFLOW_REDIS_SERVER",
+    ]
     support.clear_orderflow_env(monkeypatch)
     assert "ORDERFLOW_REDIS_URL" not in support.clean_env()
+    assert support.clean_env()["ORDERFLOW_REDIS_SERVER"] == "/opt/valkey-server"
 
 
 @pytest.mark.parametrize(
