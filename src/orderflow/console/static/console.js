@@ -61,12 +61,21 @@
     if (inbox && snap.inbox) inbox.textContent = snap.inbox.count ? String(snap.inbox.count) : "";
   }
 
+  function journeyCell(id) {
+    const cell = el("td");
+    const link = el("a", "journey-link", id);
+    link.href = "/journey/" + encodeURIComponent(String(id));
+    link.title = "the order's journey";
+    cell.append(link);
+    return cell;
+  }
+
   function orderRow(order, placed) {
     const row = el("tr");
     row.dataset.orderId = String(order.id);
     if (placed && String(order.id) === placed) row.className = "placed";
     row.append(
-      el("td", "", order.id),
+      journeyCell(order.id),
       el("td", "email", order.email),
       el("td", "num", order.total + " " + order.currency),
       el("td", "items", items(order.items)),
