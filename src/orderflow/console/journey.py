@@ -154,8 +154,9 @@ def timeline(
                 f"{letter.reason or 'no reason recorded'} ({letter.dead_letter_stream})",
             )
         )
-    events.append(_status(order))
-    return _in_order(events)
+    # The status last: it concludes the journey (its time is the outcome's, which the
+    # worker stamps a moment before it records the delivery's step).
+    return [*_in_order(events), _status(order)]
 
 
 def _delivery(step: Step, ended: set[tuple[str, int]]) -> Event:

@@ -78,6 +78,13 @@ def _time(value: Any) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _time_ms(value: datetime | None) -> str:
+    """A time to the millisecond (the journey's steps are often milliseconds apart)."""
+    if value is None:
+        return "—"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
 def _items(items: Any) -> str:
     return ", ".join(f"{item.get('quantity', 1)} × {item.get('name', '')}" for item in items or [])
 
@@ -101,6 +108,7 @@ def _environment() -> Environment:
     env.filters.update(duration=_duration, size=_bytes, when=_time, items=_items, pretty=_pretty)
     env.filters["urlpart"] = lambda value: quote(str(value), safe="")
     env.filters["order_id"] = order_id_of
+    env.filters["when_ms"] = _time_ms
     return env
 
 
