@@ -5,8 +5,9 @@ One capped list per order, ``orderflow:journey:{<order id>}`` (newest first, at 
 braces are the ledger key's hash tag: an order's journey and ledger share a slot.
 
 Recording never costs a delivery a round trip: :meth:`JourneyRecorder.note` only
-appends to a buffer, and one pipeline writes every order's new steps a moment later
-(or when the service stops). It is a diagnostic record, written best effort: a step
+appends to a buffer, and one script call writes every order's new steps a moment later
+(or when the service stops); on a cluster, where the keys live in different slots, one
+pipeline of per-order commands does. It is a diagnostic record, written best effort: a step
 buffered when the process is killed is lost, and a Redis error drops the batch.
 """
 
@@ -24,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from orderflow.bus.partitions import is_cluster
 from orderflow.email.ledger import SENT_TTL_S
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,23 @@ KEY_PREFIX = "orderflow:journey:"
 KEEP = 50
 #: How long buffered steps wait to be written with the next ones.
 FLUSH_AFTER_S = 0.05
+#: Orders written per script call (a long batch is split).
+_ORDERS_PER_CALL = 500
+
+# KEYS the orders' journey keys; ARGV keep, ttl ms, then per key: its step count and
+# its steps (oldest first). One command per batch instead of three per order: the
+# client's CPU to pack commands is what a step costs.
+_RECORD = """
+local at = 3
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  redis.call('LPUSH', key, unpack(ARGV, at + 1, at + n))
+  redis.call('LTRIM', key, 0, tonumber(ARGV[1]) - 1)
+  redis.call('PEXPIRE', key, ARGV[2])
+  at = at + n + 1
+end
+return #KEYS
+"""
 
 #: The outcomes a step records.
 SENT = "sent"
@@ -98,6 +117,7 @@ class JourneyRecorder:
         self._flush_after_s = flush_after_s
         self._buffer: list[tuple[int, bytes]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._record = None if is_cluster(redis) else redis.register_script(_RECORD)
 
     def note(
         self,
@@ -139,15 +159,28 @@ class JourneyRecorder:
         for order_id, step in steps:
             by_order[order_id].append(step)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for order_id, recorded in by_order.items():
-                    key = journey_key(order_id)
-                    pipe.lpush(key, *recorded)
-                    pipe.ltrim(key, 0, self._keep - 1)
-                    pipe.pexpire(key, self._ttl_ms)
-                await pipe.execute()
+            if self._record is None:
+                await self._pipelined(by_order)
+            else:
+                orders = list(by_order.items())
+                for start in range(0, len(orders), _ORDERS_PER_CALL):
+                    keys: list[str] = []
+                    args: list[int | bytes] = [self._keep, self._ttl_ms]
+                    for order_id, recorded in orders[start : start + _ORDERS_PER_CALL]:
+                        keys.append(journey_key(order_id))
+                        args += (len(recorded), *recorded)
+                    await self._record(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             log.warning("journey steps of %d order(s) not all recorded: %s", len(by_order), exc)
+
+    async def _pipelined(self, by_order: dict[int, list[bytes]]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for order_id, recorded in by_order.items():
+                key = journey_key(order_id)
+                pipe.lpush(key, *recorded)
+                pipe.ltrim(key, 0, self._keep - 1)
+                pipe.pexpire(key, self._ttl_ms)
+            await pipe.execute()
 
     async def close(self) -> None:
         """Write what is buffered (the service is stopping)."""
