@@ -16,6 +16,7 @@ from orderflow.bus.partitions import (
 )
 from orderflow.config import Settings
 from orderflow.email import EmailService, SmtpSender
+from orderflow.email.journey import SENT, read_journey
 from tests.cluster.conftest import wait_until
 from tests.email.conftest import FAST_WORKER, SmtpFixture
 from tests.orders.conftest import running_api
@@ -74,6 +75,9 @@ async def test_every_order_is_emailed_exactly_once(
     assert all(lengths), lengths
     handled = sum(s.worker.stats.handled for s in services)
     assert handled == count
+    # Each order's journey was recorded too (on a cluster: a pipeline over the slots).
+    for order_id in ids:
+        assert [step.outcome for step in await read_journey(acluster, order_id)] == [SENT]
 
 
 async def test_changing_the_count_is_refused_while_entries_are_unfinished(

@@ -19,8 +19,11 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def apt_install(package: str, provides: Path) -> Path:
+def apt_install(package: str, provides: Path, *, recommends: bool = True) -> Path:
     """``provides`` (a file of Debian's ``package``), installed with apt-get when missing.
+
+    ``recommends=False`` leaves out the packages Debian only recommends (prometheus's
+    node exporter and IPMI tools, for example: a test needs only the binary).
 
     Needs root and apt-get: otherwise skipped (a failure with CI=true), as is a failed
     install, whose error output the message quotes.
@@ -31,6 +34,8 @@ def apt_install(package: str, provides: Path) -> Path:
         unavailable(f"{provides} is missing and cannot be installed (not root, or no apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", package]
+    if not recommends:
+        install.insert(3, "--no-install-recommends")
     if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
         # The package lists may be missing or stale: refresh them once and try again.
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)

@@ -44,6 +44,7 @@ from orderflow.console import security
 from orderflow.console.events import catalogue, code_spans, in_flight
 from orderflow.console.forms import FormError, OrderForm, read_form, validate_order_form
 from orderflow.console.inbox import find_by_message_id, list_inbox, read_message, valid_key
+from orderflow.console.journey import load_journey, order_id_of
 from orderflow.console.live import RECENT_ORDERS, LiveFeed, LiveOptions
 from orderflow.console.security import ConsoleGuard, Refusal
 from orderflow.formatting import human_duration, human_size
@@ -79,6 +80,13 @@ def _time(value: Any) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _time_ms(value: datetime | None) -> str:
+    """A time to the millisecond (the journey's steps are often milliseconds apart)."""
+    if value is None:
+        return "—"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
 def _items(items: Any) -> str:
     return ", ".join(f"{item.get('quantity', 1)} × {item.get('name', '')}" for item in items or [])
 
@@ -102,6 +110,8 @@ def _environment() -> Environment:
     env.filters.update(duration=_duration, size=_bytes, when=_time, items=_items, pretty=_pretty)
     env.filters["urlpart"] = lambda value: quote(str(value), safe="")
     env.filters["code_spans"] = code_spans
+    env.filters["order_id"] = order_id_of
+    env.filters["when_ms"] = _time_ms
     return env
 
 
@@ -301,6 +311,27 @@ def console_router(settings: Settings, *, options: LiveOptions | None = None) ->
             in_flight=flight,
             problem=problem,
         )
+
+    # -- an order's journey ----------------------------------------------------------
+
+    @router.get("/journey/{order_id}", response_class=HTMLResponse)
+    async def journey_view(request: Request, order_id: str) -> Response:
+        """One order's path as a timeline: accepted, published, each delivery, the status."""
+        refused = guard.refusal(request)
+        if refused is not None:
+            return refuse(request, refused)
+        if not order_id.isdigit() or len(order_id) > 19:
+            bad = Refusal(400, "Bad order id", f"{order_id!r} is not an order id (digits).")
+            return render(request, "refused.html", status=400, page="", refusal=bad)
+        try:
+            journey = await load_journey(_runtime(request), int(order_id), feed.streams)
+        except (RedisError, OSError, OperationError, sa.exc.SQLAlchemyError) as exc:
+            down = Refusal(503, "The journey cannot be read", f"{type(exc).__name__}: {exc}")
+            return render(request, "refused.html", status=503, page="", refusal=down)
+        if journey is None:
+            missing = Refusal(404, "No such order", f"There is no order #{order_id}.")
+            return render(request, "refused.html", status=404, page="", refusal=missing)
+        return render(request, "journey.html", page="journey", journey=journey)
 
     # -- dead letters ----------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from orderflow.domain import (
 from orderflow.email import metrics
 from orderflow.email.events import MAX_REASON, EmailFailed, EmailSent
 from orderflow.email.gate import SmtpGate
+from orderflow.email.journey import DEAD_LETTERED, DUPLICATE, RETRIED, SENT, JourneyRecorder
 from orderflow.email.ledger import Claim, ClaimState, EmailLedger, ledger_key
 from orderflow.email.order import (
     ORDER_CREATED_VERSIONS,
@@ -106,6 +107,8 @@ class EmailService:
         # for that long is presumed dead in both places, so its order and its entry
         # become available again at about the same time.
         self.ledger = EmailLedger(redis, lease_ms=settings.claim_idle_ms)
+        #: Each delivery's outcome per order, for the console's journey page.
+        self.journey = JourneyRecorder(redis)
         self.publisher = StreamPublisher(redis, retention=Retention(maxlen=settings.stream_maxlen))
         options: dict[str, Any] = {"concurrency": concurrency, **(worker_options or {})}
         if consumer is not None:
@@ -140,7 +143,10 @@ class EmailService:
             self.settings.group,
         )
         await self._choose_worker()
-        return await self.worker.run(burst=burst)
+        try:
+            return await self.worker.run(burst=burst)
+        finally:
+            await self.journey.close()
 
     async def _choose_worker(self) -> None:
         # The partition count is agreed through Redis, so it is known only now. The
@@ -206,21 +212,55 @@ class EmailService:
             metrics.FAILED.labels("invalid").inc()
             if exc.order_id is not None:
                 await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
+                self._step(delivery, exc.order_id, DEAD_LETTERED, exc.reason)
             raise PermanentError(exc.reason) from None
-        await self.gate.run(functools.partial(self._deliver, order, delivery))
+        try:
+            outcome, message_id = await self.gate.run(
+                functools.partial(self._deliver, order, delivery)
+            )
+        except Exception as exc:
+            # What the bus does next: dead-letter it (permanent, or the last delivery),
+            # or retry it.
+            last = delivery.deliveries >= self.worker.config.max_deliveries
+            gone = isinstance(exc, PermanentError) or last
+            reason = str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
+            self._step(delivery, order.id, DEAD_LETTERED if gone else RETRIED, reason)
+            raise
+        self._step(delivery, order.id, outcome, message_id=message_id)
 
-    async def _deliver(self, order: OrderEvent, delivery: Delivery) -> None:
-        """Claim, send, record. Raises SmtpUnreachable (nothing sent, the lease given
-        back) for the gate to hold the delivery until SMTP answers."""
+    def _step(
+        self,
+        delivery: Delivery,
+        order_id: int,
+        outcome: str,
+        reason: str | None = None,
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        """Record this delivery's outcome in the order's journey (buffered, no wait)."""
+        self.journey.note(
+            order_id,
+            consumer=self.consumer,
+            stream=delivery.stream,
+            entry_id=delivery.entry_id,
+            deliveries=delivery.deliveries,
+            outcome=outcome,
+            reason=reason,
+            message_id=message_id,
+        )
+
+    async def _deliver(self, order: OrderEvent, delivery: Delivery) -> tuple[str, str]:
+        """Claim, send, record; returns the outcome (sent or duplicate) and Message-ID.
+        Raises SmtpUnreachable (nothing sent, the lease given back) for the gate to
+        hold the delivery until SMTP answers."""
         token = f"{self.consumer}:{uuid.uuid4().hex}"
         claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
             metrics.DUPLICATES.inc()
             log.debug("order %s: email already sent, not sending again", order.id)
-            await self._publish_sent(
-                order, claim.message_id or self.renderer.message_id(order.id), claim.at
-            )
-            return
+            sent_id = claim.message_id or self.renderer.message_id(order.id)
+            await self._publish_sent(order, sent_id, claim.at)
+            return DUPLICATE, sent_id
         message_id = self.renderer.message_id(order.id)
         try:
             email = self.renderer.render(order)
@@ -253,6 +293,7 @@ class EmailService:
         else:
             await self._mark_sent_and_publish(order, token, message_id, at)
             metrics.SENT.inc()
+        return SENT, message_id
 
     async def _claim(self, order: OrderEvent, token: str) -> tuple[Claim, float]:
         """Claim the order; while another sender holds it, wait for its outcome.

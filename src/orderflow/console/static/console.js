@@ -61,12 +61,21 @@
     if (inbox && snap.inbox) inbox.textContent = snap.inbox.count ? String(snap.inbox.count) : "";
   }
 
+  function journeyCell(id) {
+    const cell = el("td");
+    const link = el("a", "journey-link", id);
+    link.href = "/journey/" + encodeURIComponent(String(id));
+    link.title = "the order's journey";
+    cell.append(link);
+    return cell;
+  }
+
   function orderRow(order, placed) {
     const row = el("tr");
     row.dataset.orderId = String(order.id);
     if (placed && String(order.id) === placed) row.className = "placed";
     row.append(
-      el("td", "", order.id),
+      journeyCell(order.id),
       el("td", "email", order.email),
       el("td", "num", order.total + " " + order.currency),
       el("td", "items", items(order.items)),
@@ -166,10 +175,152 @@
     return card;
   }
 
+  // -- Flow charts: the last minutes of rate, lag and pending, drawn as inline SVG ---------
+  // The history is kept by the page (and in sessionStorage, so a reload keeps it): each
+  // snapshot the live stream brings adds a point.
+  const HISTORY_KEY = "orderflow.flow.history";
+  const WINDOW_MS = 5 * 60 * 1000;
+  const SVG = "http://www.w3.org/2000/svg";
+  let history = loadHistory();
+
+  function loadHistory() {
+    try {
+      const saved = JSON.parse(window.sessionStorage.getItem(HISTORY_KEY) || "[]");
+      return Array.isArray(saved) ? saved : [];
+    } catch (error) {
+      return [];
+    }
+  }
+
+  function recordFlow(snap) {
+    if (!Array.isArray(snap.flow)) return;
+    const t = Number(snap.at) * 1000 || Date.now();
+    const point = { t: t, streams: {} };
+    for (const stream of snap.flow) {
+      const groups = {};
+      for (const group of stream.groups || []) {
+        groups[group.name] = { lag: group.lag ?? null, pending: group.pending ?? null };
+      }
+      point.streams[stream.name] = { rate: stream.rate_per_s ?? null, groups: groups };
+    }
+    history.push(point);
+    history = history.filter((p) => p.t >= t - WINDOW_MS);
+    try {
+      window.sessionStorage.setItem(HISTORY_KEY, JSON.stringify(history));
+    } catch (error) {
+      // storage full or disabled: the page keeps its history in memory only
+    }
+  }
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, String(value));
+    return node;
+  }
+
+  // One chart: a polyline per series over the last WINDOW_MS, y from 0 to the maximum.
+  function chart(title, kind, series) {
+    const width = 300, height = 90, pad = 4;
+    const box = el("figure", "chart");
+    box.dataset.chart = kind;
+    const now = history.length ? history[history.length - 1].t : Date.now();
+    // The x axis spans the history kept (up to WINDOW_MS), so a fresh page fills it too.
+    const span = Math.max(history.length ? now - history[0].t : 0, 10000);
+    let max = 0;
+    for (const one of series) for (const [, v] of one.points) max = Math.max(max, v);
+    const top = max > 0 ? max : 1;
+    const drawing = svg("svg", { viewBox: "0 0 " + width + " " + height, width: width, height: height, role: "img" });
+    drawing.append(svg("line", { x1: 0, y1: height - pad, x2: width, y2: height - pad, class: "axis" }));
+    const label = el("figcaption", "", title);
+    const legend = el("span", "legend");
+    series.forEach((one, index) => {
+      const coords = one.points.map(([t, v]) => {
+        const x = width - ((now - t) / span) * width;
+        const y = height - pad - (v / top) * (height - 2 * pad);
+        return x.toFixed(1) + "," + y.toFixed(1);
+      });
+      const line = svg("polyline", { points: coords.join(" "), class: "series series-" + (index % 6) });
+      line.dataset.series = one.name;
+      line.dataset.samples = String(one.points.length);
+      line.dataset.last = one.points.length ? String(one.points[one.points.length - 1][1]) : "";
+      drawing.append(line);
+      if (series.length > 1 || one.name) {
+        const swatch = el("span", "swatch series-" + (index % 6), one.name);
+        legend.append(swatch);
+      }
+    });
+    const scale = svg("text", { x: 2, y: 11, class: "scale" });
+    scale.textContent = "max " + (Math.round(max * 100) / 100);
+    drawing.append(scale);
+    label.append(" ", legend);
+    box.append(drawing, label);
+    return box;
+  }
+
+  function pointsOf(pick) {
+    const points = [];
+    for (const point of history) {
+      const value = pick(point);
+      if (typeof value === "number" && isFinite(value)) points.push([point.t, value]);
+    }
+    return points;
+  }
+
+  function charts(stream) {
+    const name = String(stream.name);
+    const groups = (stream.groups || []).map((group) => String(group.name));
+    const perGroup = (field) =>
+      groups.map((group) => ({
+        name: group,
+        points: pointsOf((p) => p.streams[name]?.groups?.[group]?.[field]),
+      }));
+    const row = el("div", "charts");
+    row.append(
+      chart("Rate (entries/s)", "rate", [{ name: "", points: pointsOf((p) => p.streams[name]?.rate) }]),
+      chart("Lag", "lag", perGroup("lag")),
+      chart("Pending", "pending", perGroup("pending")),
+    );
+    return row;
+  }
+
   function renderFlow(snap) {
     const root = document.getElementById("flow");
     if (!root || !Array.isArray(snap.flow)) return;
-    root.replaceChildren(...snap.flow.map(streamCard));
+    recordFlow(snap);
+    root.replaceChildren(
+      ...snap.flow.map((stream) => {
+        const card = streamCard(stream);
+        card.querySelector("dl.figures").after(charts(stream));
+        return card;
+      }),
+    );
+  }
+
+  // -- Dead letters and Inbox: the table re-rendered when the server says it changed ------
+  // The page is fetched again and its <main> swapped in (parsed by DOMParser, where no
+  // script runs; the markup is the server's, escaped). Not while the operator is
+  // mid-selection: then the notice says the page is stale.
+  let refreshing = false;
+
+  function busy() {
+    return document.querySelector("main input[type=checkbox]:checked, main details[open]") !== null;
+  }
+
+  async function refreshMain(notice) {
+    refreshing = true;
+    try {
+      const response = await fetch(window.location.pathname, { headers: { accept: "text/html" } });
+      if (!response.ok) return;
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const fresh = page.querySelector("main");
+      const main = document.querySelector("main");
+      if (!fresh || !main) return;
+      main.replaceChildren(...Array.from(fresh.childNodes).map((node) => document.importNode(node, true)));
+    } catch (error) {
+      notice.hidden = false; // could not refresh: say the page is stale instead
+    } finally {
+      refreshing = false;
+    }
   }
 
   function renderEventCounts(snap) {
@@ -196,7 +347,12 @@
     } else if (notice.dataset.section === "inbox" && snap.inbox) {
       version = snap.inbox.count + ":" + snap.inbox.newest;
     }
-    if (version !== null) notice.hidden = version === notice.dataset.version;
+    if (version === null || version === notice.dataset.version) {
+      notice.hidden = true;
+      return;
+    }
+    if (busy()) notice.hidden = false;
+    else if (!refreshing) refreshMain(notice);
   }
 
   function render(snap) {
