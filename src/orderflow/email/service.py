@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orderflow import logs, tracing
 from orderflow.bus import (
     TRANSIENT,
     Delivery,
@@ -181,13 +182,15 @@ class EmailService:
             if exc.order_id is not None:
                 await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
             raise PermanentError(exc.reason) from None
-        await self.gate.run(functools.partial(self._deliver, order, delivery))
+        with logs.order_context(order.id):
+            await self.gate.run(functools.partial(self._deliver, order, delivery))
 
     async def _deliver(self, order: OrderEvent, delivery: Delivery) -> None:
         """Claim, send, record. Raises SmtpUnreachable (nothing sent, the lease given
         back) for the gate to hold the delivery until SMTP answers."""
         token = f"{self.consumer}:{uuid.uuid4().hex}"
-        claim, leased_at = await self._claim(order, token)
+        with tracing.span("email.ledger claim"):
+            claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
             metrics.DUPLICATES.inc()
             log.debug("order %s: email already sent, not sending again", order.id)
@@ -197,7 +200,8 @@ class EmailService:
             return
         message_id = self.renderer.message_id(order.id)
         try:
-            email = self.renderer.render(order)
+            with tracing.span("email.render"):
+                email = self.renderer.render(order)
             await self._send_holding_lease(order, token, email, leased_at)
         except SendError as exc:
             await self._release(order, token)
@@ -356,7 +360,10 @@ class EmailService:
     ) -> None:
         """``_mark_sent`` and ``_publish_sent`` in one round trip (a single server)."""
         event = Message.event(
-            EMAIL_SENT_EVENT, self._sent_data(order, message_id, at), source=SOURCE
+            EMAIL_SENT_EVENT,
+            self._sent_data(order, message_id, at),
+            source=SOURCE,
+            headers=tracing.headers(),
         )
         fields: list[bytes | str] = []
         for key, value in encode(event).items():
@@ -427,7 +434,8 @@ class EmailService:
     async def _publish_sent(self, order: OrderEvent, message_id: str, at: str | None) -> None:
         data = self._sent_data(order, message_id, at)
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_SENT_EVENT, data, source=SOURCE)
+            self.events_stream,
+            Message.event(EMAIL_SENT_EVENT, data, source=SOURCE, headers=tracing.headers()),
         )
 
     async def _publish_failed(
@@ -441,7 +449,8 @@ class EmailService:
             "at": _now(),
         }
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE)
+            self.events_stream,
+            Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE, headers=tracing.headers()),
         )
         log.warning("order %s: email failed: %s", order_id, reason)
 
