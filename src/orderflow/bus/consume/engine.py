@@ -18,6 +18,9 @@ with a few C calls (a malformed entry is dead-lettered, never handed over), hand
 that do not wait run one after another in one lane task, and the delivery count is
 added to Prometheus in bulk when acks are flushed (XACK per batch, packed by hiredis).
 See bench/RESULTS.md for what each part costs.
+
+With tracing on (``orderflow.tracing``), each handler call runs inside a CONSUMER span
+continuing the entry's ``traceparent``; off, the lane pays one boolean check.
 """
 
 from __future__ import annotations
