@@ -13,21 +13,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
+
+from orderflow.bus import tracing as bus_tracing
+from orderflow.bus.tracing import (
+    TRACE_FIELDS,
+    consuming,
+    event,
+    failed,
+    headers,
+    headers_of,
+    publishing,
+    span,
+)
+
+__all__ = [
+    "TRACE_FIELDS",
+    "asgi",
+    "consuming",
+    "event",
+    "exporter_names",
+    "failed",
+    "headers",
+    "headers_of",
+    "publishing",
+    "remember_request",
+    "request_trace",
+    "setup",
+    "shutdown",
+    "span",
+]
 
 log = logging.getLogger(__name__)
 
 #: Whether spans are recorded and exported in this process (set by :func:`setup`).
 enabled = False
-#: The W3C trace-context fields a stream entry (or outbox row) carries.
-TRACE_FIELDS = ("traceparent", "tracestate")
-
-_tracer: Any = None
 #: The trace context of orders being placed, by ``id()`` of their request (see
 #: :func:`remember_request`): read by the outbox in the database thread.
 _request_traces: dict[int, dict[str, str]] = {}
-_NULL = contextlib.nullcontext()
 
 
 def exporter_names() -> list[str]:
@@ -48,7 +72,7 @@ def exporter_names() -> list[str]:
 def setup(service_name: str) -> bool:
     """Install the SDK if an exporter is configured; ``service_name`` unless
     ``OTEL_SERVICE_NAME`` says otherwise. Returns whether tracing is on."""
-    global enabled, _tracer
+    global enabled
     names = exporter_names()
     if not names or enabled:
         return enabled
@@ -64,7 +88,7 @@ def setup(service_name: str) -> bool:
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     trace.set_tracer_provider(provider)
-    _tracer = trace.get_tracer("orderflow")
+    bus_tracing.activate(trace.get_tracer("orderflow"))
     enabled = True
     log.info("tracing on: exporting spans with %s", ", ".join(names))
     return True
@@ -107,133 +131,6 @@ def shutdown() -> None:
 
         provider: Any = trace.get_tracer_provider()
         provider.shutdown()
-
-
-# -- spans ------------------------------------------------------------------------
-
-
-def span(
-    name: str, attributes: Mapping[str, Any] | None = None
-) -> contextlib.AbstractContextManager[Any]:
-    """An INTERNAL child span of the current one; a shared no-op when tracing is off."""
-    if not enabled:
-        return _NULL
-    started: contextlib.AbstractContextManager[Any] = _tracer.start_as_current_span(
-        name, attributes=attributes
-    )
-    return started
-
-
-def event(name: str, attributes: Mapping[str, Any] | None = None) -> None:
-    """Add an event to the current span (tracing on only)."""
-    if enabled:
-        from opentelemetry import trace
-
-        trace.get_current_span().add_event(name, attributes=attributes)
-
-
-def failed(exc: BaseException) -> None:
-    """Mark the current span failed by ``exc`` (tracing on only)."""
-    if enabled:
-        from opentelemetry import trace
-        from opentelemetry.trace import Status, StatusCode
-
-        current = trace.get_current_span()
-        current.record_exception(exc)
-        current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-
-
-def headers() -> dict[str, str]:
-    """The current trace context as W3C fields (``traceparent``, maybe ``tracestate``);
-    empty when tracing is off or no span is current."""
-    if not enabled:
-        return {}
-    from opentelemetry.propagate import inject
-
-    carrier: dict[str, str] = {}
-    inject(carrier)
-    return {k: v for k, v in carrier.items() if k in TRACE_FIELDS}
-
-
-def _parent(fields: Mapping[str, str] | None) -> Any:
-    """The context of ``fields``' traceparent, or an empty one (a new trace)."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    if not fields or "traceparent" not in fields:
-        return Context()
-    return TraceContextTextMapPropagator().extract(
-        {k: fields[k] for k in TRACE_FIELDS if k in fields}
-    )
-
-
-@contextlib.contextmanager
-def consuming(
-    headers: Mapping[str, str],
-    *,
-    stream: str,
-    group: str,
-    consumer: str,
-    entry_id: str,
-    message_id: str,
-    deliveries: int,
-    claimed: bool,
-) -> Iterator[Any]:
-    """The CONSUMER span of one delivery (messaging semantic conventions), continuing
-    the entry's ``traceparent`` or starting a trace."""
-    from opentelemetry.trace import SpanKind
-
-    attributes = {
-        "messaging.system": "redis",
-        "messaging.destination.name": stream,
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.message.id": message_id,
-        "messaging.consumer.group.name": group,
-        "messaging.redis.consumer.name": consumer,
-        "messaging.redis.entry.id": entry_id,
-        "messaging.redis.message.delivery_count": deliveries,
-    }
-    with _tracer.start_as_current_span(
-        f"process {stream}",
-        context=_parent(headers),
-        kind=SpanKind.CONSUMER,
-        attributes=attributes,
-    ) as current:
-        if claimed:
-            current.add_event("claimed", {"messaging.redis.message.delivery_count": deliveries})
-        elif deliveries > 1:
-            current.add_event("redelivered", {"messaging.redis.message.delivery_count": deliveries})
-        yield current
-
-
-def publishing(stream: str, message_id: str, trace: Mapping[str, str] | None) -> Any:
-    """A started PRODUCER span ``send <stream>`` under ``trace`` (not current; the
-    caller ends it)."""
-    from opentelemetry.trace import SpanKind
-
-    return _tracer.start_span(
-        f"send {stream}",
-        context=_parent(trace),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": "redis",
-            "messaging.destination.name": stream,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "xadd",
-            "messaging.message.id": message_id,
-        },
-    )
-
-
-def headers_of(span: Any) -> dict[str, str]:
-    """``span``'s context as W3C fields."""
-    from opentelemetry import trace
-    from opentelemetry.propagate import inject
-
-    carrier: dict[str, str] = {}
-    inject(carrier, context=trace.set_span_in_context(span))
-    return {k: v for k, v in carrier.items() if k in TRACE_FIELDS}
 
 
 def asgi(app: Any) -> Any:

@@ -19,8 +19,9 @@ that do not wait run one after another in one lane task, and the delivery count 
 added to Prometheus in bulk when acks are flushed (XACK per batch, packed by hiredis).
 See bench/RESULTS.md for what each part costs.
 
-With tracing on (``orderflow.tracing``), each handler call runs inside a CONSUMER span
-continuing the entry's ``traceparent``; off, the lane pays one boolean check.
+With tracing on (``orderflow.tracing`` sets it up, ``bus.tracing`` makes the spans), each
+handler call runs inside a CONSUMER span continuing the entry's ``traceparent``; off, the
+lane pays one boolean check.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from orderflow import tracing
-from orderflow.bus import metrics
+from orderflow.bus import metrics, tracing
 from orderflow.bus.consume.config import WorkerConfig, WorkerStats
 from orderflow.bus.consume.deadletter import dead_letter_record, move_to_dead_letters
 from orderflow.bus.consume.heartbeat import Heartbeat
