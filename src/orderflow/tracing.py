@@ -19,6 +19,7 @@ from typing import Any
 from orderflow.bus import tracing as bus_tracing
 from orderflow.bus.tracing import (
     TRACE_FIELDS,
+    attribute,
     consuming,
     event,
     failed,
@@ -29,8 +30,10 @@ from orderflow.bus.tracing import (
 )
 
 __all__ = [
+    "ORDER_ID",
     "TRACE_FIELDS",
     "asgi",
+    "attribute",
     "consuming",
     "event",
     "exporter_names",
@@ -47,6 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The span attribute naming the order a span worked for.
+ORDER_ID = "orderflow.order.id"
 #: Whether spans are recorded and exported in this process (set by :func:`setup`).
 enabled = False
 #: The trace context of orders being placed, by ``id()`` of their request (see

@@ -131,6 +131,8 @@ async def test_one_order_is_one_trace_through_a_worker_crash_and_a_claim(
     assert delivery.attributes["messaging.redis.message.delivery_count"] == 2
     assert delivery.attributes["messaging.redis.consumer.name"] == "survivor"
     assert "claimed" in delivery.events
+    assert delivery.attributes["orderflow.order.id"] == order_id
+    assert server.attributes["orderflow.order.id"] == order_id
     # Both deliveries' child spans are in the trace: the killed one's (ledger claim,
     # render) under its delivery span, which died unexported with the process.
     claims = _named(spans, "email.ledger claim")
@@ -146,6 +148,7 @@ async def test_one_order_is_one_trace_through_a_worker_crash_and_a_claim(
     (status,) = _named(spans, "process email-events")
     assert status.service == "orderflow-orders"
     assert status.parent_id == delivery.span_id
+    assert status.attributes["orderflow.order.id"] == order_id
     # Parent links unbroken: every span's parent is in the trace, but the caller's and
     # the killed delivery's.
     assert {s.parent_id for s in spans} - ids == {CALLER_SPAN, killed}

@@ -47,6 +47,14 @@ def event(name: str, attributes: Mapping[str, Any] | None = None) -> None:
         trace.get_current_span().add_event(name, attributes=attributes)
 
 
+def attribute(key: str, value: Any) -> None:
+    """Set an attribute on the current span (tracing on only)."""
+    if enabled:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attribute(key, value)
+
+
 def failed(exc: BaseException) -> None:
     """Mark the current span failed by ``exc`` (tracing on only)."""
     if enabled:

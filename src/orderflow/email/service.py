@@ -182,6 +182,7 @@ class EmailService:
             if exc.order_id is not None:
                 await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
             raise PermanentError(exc.reason) from None
+        tracing.attribute(tracing.ORDER_ID, order.id)
         with logs.order_context(order.id):
             await self.gate.run(functools.partial(self._deliver, order, delivery))
 

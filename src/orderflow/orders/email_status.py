@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from orderflow import logs
+from orderflow import logs, tracing
 from orderflow.bus import (
     Delivery,
     PermanentError,
@@ -89,6 +89,7 @@ class EmailStatusConsumer:
             reason=_clipped(data.get("reason"), 1000),
             message_id=_clipped(data.get("message_id"), 998),
         )
+        tracing.attribute(tracing.ORDER_ID, order_id)
         with logs.order_context(order_id):
             outcome = await self._record(update)
         metrics.EMAIL_STATUS.labels(status, outcome).inc()

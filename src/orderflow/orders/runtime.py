@@ -124,6 +124,8 @@ class OrderRuntime:
         except OrderConflict:
             metrics.ORDERS_REJECTED.labels("conflict").inc()
             raise
+        if tracing.enabled:
+            tracing.attribute(tracing.ORDER_ID, result.order.id)
         if result.created:
             metrics.ORDERS_CREATED.inc()
             self.notify_relay()
