@@ -14,12 +14,10 @@ import redis.asyncio as aioredis
 from opentelemetry.sdk.trace import TracerProvider
 
 from orderflow import logs, tracing
-from tests.email.conftest import SmtpFixture, processes, smtp, start_cli
+from tests.email.conftest import SmtpFixture, start_cli
 from tests.support import wait_until
 from tests.tracing.receiver import Receiver
-from tests.tracing.test_trace import _env, receiver
-
-__all__ = ["processes", "receiver", "smtp"]
+from tests.tracing.test_trace import _env
 
 
 @pytest.fixture

@@ -6,31 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from orderflow.embedded.redis_server import free_port
-from tests.email.conftest import ORDERFLOW, SmtpFixture, processes, smtp, start_cli
+from tests.email.conftest import ORDERFLOW, SmtpFixture, start_cli
 from tests.support import order_body, wait_until
 from tests.tracing.receiver import Receiver, Span
-
-__all__ = ["processes", "smtp"]
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 SERVER, CONSUMER, PRODUCER = 2, 5, 4  # OTLP's SpanKind numbers
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """The OTLP/HTTP receiver the processes export to."""
-    r = Receiver()
-    r.start()
-    yield r
-    r.stop()
 
 
 def _env(redis_url: str, smtp_url: str, data_dir: Path, receiver: Receiver) -> dict[str, str]:
