@@ -12,6 +12,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from orderflow import tracing
 from orderflow.config import Settings
 from orderflow.console import console_router
 from orderflow.contracts.router import asyncapi_router
@@ -48,9 +49,11 @@ def create_app(
 
 def app_from_environment() -> FastAPI:
     """The app with settings from ``ORDERFLOW_*`` (uvicorn's factory, one per worker)."""
+    tracing.setup("orderflow-orders")  # each worker process is a process start
     return create_app(Settings())
 
 
 def app_without_relay() -> FastAPI:
     """As ``app_from_environment``, without the outbox relay."""
+    tracing.setup("orderflow-orders")
     return create_app(Settings(), run_relay=False)

@@ -24,6 +24,7 @@ KNOWN_HEADERS = (
     "ce_time",
     "content-type",
     "traceparent",
+    "tracestate",
 )
 #: Attributes whose absence means exactly this value in wire format v1.
 WIRE_DEFAULTS = {"ce_specversion": "1.0", "content-type": "application/json"}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from orderflow import logs, tracing
 from orderflow.cli import contracts, demo, email, ops, orders, pubsub, up
 from orderflow.cli.common import CommandError, UsageError
 from orderflow.config import ConfigError
@@ -53,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; exit codes: 0 done, 1 failed, 2 bad usage."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        logs.configure(args.log_level)
+        # Each process names its own service (``orderflow up``'s children too).
+        tracing.setup(f"orderflow-{args.command}")
+    except ValueError as exc:
+        parser.exit(2, f"orderflow: error: {exc}\n")
     try:
         return int(run(args.handler(args)) or 0)
     except UsageError as exc:

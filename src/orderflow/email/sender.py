@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
+from orderflow import tracing
 from orderflow._compat.aiosmtplib import PIPELINING, pipelined_transaction
 from orderflow.bus import redact_url
 from orderflow.config import ConfigError
@@ -210,6 +211,14 @@ class SmtpSender:
         ``before_transaction`` runs after connecting (which can take long), right before
         MAIL FROM; an exception from it aborts the send as it is, nothing sent.
         """
+        if not tracing.enabled:
+            await self._send(email, before_transaction)
+            return
+        attributes = {"server.address": self.config.host, "server.port": self.config.port}
+        with tracing.span("smtp send", attributes):
+            await self._send(email, before_transaction)
+
+    async def _send(self, email: OutgoingEmail, before_transaction: Guard | None) -> None:
         async with self._slots:
             client, reused = await self._acquire()
             if before_transaction is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orderflow import logs, tracing
 from orderflow.bus import (
     TRANSIENT,
     Delivery,
@@ -214,19 +215,23 @@ class EmailService:
                 await self._publish_failed(exc.order_id, exc.email, exc.reason, None)
                 self._step(delivery, exc.order_id, DEAD_LETTERED, exc.reason)
             raise PermanentError(exc.reason) from None
-        try:
-            outcome, message_id = await self.gate.run(
-                functools.partial(self._deliver, order, delivery)
-            )
-        except Exception as exc:
-            # What the bus does next: dead-letter it (permanent, or the last delivery),
-            # or retry it.
-            last = delivery.deliveries >= self.worker.config.max_deliveries
-            gone = isinstance(exc, PermanentError) or last
-            reason = str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
-            self._step(delivery, order.id, DEAD_LETTERED if gone else RETRIED, reason)
-            raise
-        self._step(delivery, order.id, outcome, message_id=message_id)
+        tracing.attribute(tracing.ORDER_ID, order.id)
+        with logs.order_context(order.id):
+            try:
+                outcome, message_id = await self.gate.run(
+                    functools.partial(self._deliver, order, delivery)
+                )
+            except Exception as exc:
+                # What the bus does next: dead-letter it (permanent, or the last delivery),
+                # or retry it.
+                last = delivery.deliveries >= self.worker.config.max_deliveries
+                gone = isinstance(exc, PermanentError) or last
+                reason = (
+                    str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
+                )
+                self._step(delivery, order.id, DEAD_LETTERED if gone else RETRIED, reason)
+                raise
+            self._step(delivery, order.id, outcome, message_id=message_id)
 
     def _step(
         self,
@@ -254,7 +259,8 @@ class EmailService:
         Raises SmtpUnreachable (nothing sent, the lease given back) for the gate to
         hold the delivery until SMTP answers."""
         token = f"{self.consumer}:{uuid.uuid4().hex}"
-        claim, leased_at = await self._claim(order, token)
+        with tracing.span("email.ledger claim"):
+            claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
             metrics.DUPLICATES.inc()
             log.debug("order %s: email already sent, not sending again", order.id)
@@ -263,7 +269,8 @@ class EmailService:
             return DUPLICATE, sent_id
         message_id = self.renderer.message_id(order.id)
         try:
-            email = self.renderer.render(order)
+            with tracing.span("email.render"):
+                email = self.renderer.render(order)
             await self._send_holding_lease(order, token, email, leased_at)
         except SendError as exc:
             await self._release(order, token)
@@ -423,7 +430,10 @@ class EmailService:
     ) -> None:
         """``_mark_sent`` and ``_publish_sent`` in one round trip (a single server)."""
         event = Message.event(
-            EMAIL_SENT_EVENT, self._sent_data(order, message_id, at), source=SOURCE
+            EMAIL_SENT_EVENT,
+            self._sent_data(order, message_id, at),
+            source=SOURCE,
+            headers=tracing.headers(),
         )
         fields: list[bytes | str] = []
         for key, value in encode(event).items():
@@ -491,7 +501,8 @@ class EmailService:
     async def _publish_sent(self, order: OrderEvent, message_id: str, at: str | None) -> None:
         data = self._sent_data(order, message_id, at)
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_SENT_EVENT, data, source=SOURCE)
+            self.events_stream,
+            Message.event(EMAIL_SENT_EVENT, data, source=SOURCE, headers=tracing.headers()),
         )
 
     async def _publish_failed(
@@ -505,7 +516,8 @@ class EmailService:
             at=_now(),
         ).data()
         await self.publisher.publish(
-            self.events_stream, Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE)
+            self.events_stream,
+            Message.event(EMAIL_FAILED_EVENT, data, source=SOURCE, headers=tracing.headers()),
         )
         log.warning("order %s: email failed: %s", order_id, reason)
 

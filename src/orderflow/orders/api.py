@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from orderflow import tracing
 from orderflow.bus import connect, redact_url
 from orderflow.bus.admin import OperationError, record_stream_metrics
 from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
@@ -144,8 +145,19 @@ class OrderServiceApp(FastAPI):
     is mounted under a root path or before its lifespan started).
     """
 
+    #: With tracing on: the app behind OpenTelemetry's ASGI middleware (set by create_app),
+    #: so the lean path gets its SERVER span too.
+    traced: Any = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route ``POST /orders`` to the lean path, the rest to FastAPI."""
+        if self.traced is not None:
+            await self.traced(scope, receive, send)
+        else:
+            await self.route(scope, receive, send)
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /orders`` to :func:`_post_orders`, the rest to FastAPI."""
         if (
             scope["type"] == "http"
             and scope["path"] == "/orders"
@@ -241,6 +253,8 @@ def create_app(
         description="Takes orders; their events reach Redis through a transactional outbox.",
     )
     _routes(app)
+    if tracing.enabled:
+        app.traced = tracing.asgi(app.route)
     return app
 
 

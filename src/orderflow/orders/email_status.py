@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orderflow import logs, tracing
 from orderflow.bus import (
     Delivery,
     PermanentError,
@@ -88,7 +89,9 @@ class EmailStatusConsumer:
             reason=_clipped(data.get("reason"), 1000),
             message_id=_clipped(data.get("message_id"), 998),
         )
-        outcome = await self._record(update)
+        tracing.attribute(tracing.ORDER_ID, order_id)
+        with logs.order_context(order_id):
+            outcome = await self._record(update)
         metrics.EMAIL_STATUS.labels(status, outcome).inc()
         if outcome == "unknown":
             log.warning("%s event %s names unknown order %s", message.type, message.id, order_id)

@@ -31,6 +31,8 @@ class OutboxRow:
     stream: str
     order_id: int | None
     message: Message
+    #: The W3C trace context of the request that made the event, if it was traced.
+    trace: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -67,9 +69,14 @@ class Outbox:
         self.stream = stream
 
     def enqueue(
-        self, conn: Connection, events: Sequence[tuple[int | None, Message]], now: datetime
+        self,
+        conn: Connection,
+        events: Sequence[tuple[int | None, Message]],
+        now: datetime,
+        traces: Sequence[dict[str, str] | None] | None = None,
     ) -> None:
-        """Add ``(order id, event)`` pairs inside the caller's write transaction."""
+        """Add ``(order id, event)`` pairs inside the caller's write transaction;
+        ``traces``, one per event, are their requests' trace contexts (tracing on)."""
         conn.execute(
             _INSERT_OUTBOX,
             [
@@ -80,8 +87,9 @@ class Outbox:
                     "headers": orjson.dumps(dict(message.headers)).decode(),
                     "data": dumps(message.data).decode(),
                     "created_at": now,
+                    "trace_context": _trace_json(traces[i]) if traces else None,
                 }
-                for order_id, message in events
+                for i, (order_id, message) in enumerate(events)
             ],
         )
         if not self.db.is_sqlite:
@@ -183,8 +191,13 @@ def _mark(conn: Connection, ids: list[int], order_ids: list[int]) -> None:
         conn.execute(_MARK_PUBLISHED, {"ids": order_ids, "published_at": datetime.now(UTC)})
 
 
+def _trace_json(trace: dict[str, str] | None) -> str | None:
+    return orjson.dumps(trace).decode() if trace else None
+
+
 def _outbox_row(row: Row[Any]) -> OutboxRow:
     m = row._mapping
+    trace = m["trace_context"]
     message = Message(
         data=orjson.loads(m["data"]), headers=orjson.loads(m["headers"]), id=m["event_id"]
     )
@@ -194,4 +207,5 @@ def _outbox_row(row: Row[Any]) -> OutboxRow:
         stream=m["stream"],
         order_id=int(order_id) if order_id is not None else None,
         message=message,
+        trace=orjson.loads(trace) if trace else None,
     )

@@ -16,11 +16,12 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
+from orderflow import tracing
 from orderflow.bus import Message, PubSubPublisher, Retention, StreamPublisher
 from orderflow.bus import metrics as bus_metrics
 from orderflow.bus.errors import TRANSIENT as TRANSIENT_REDIS_ERRORS
@@ -85,6 +86,10 @@ class RelayStats:
     published: int = 0
     batches: int = 0
     errors: int = 0
+
+
+def _with_headers(message: Message, extra: dict[str, str]) -> Message:
+    return Message(data=message.data, headers={**message.headers, **extra}, id=message.id)
 
 
 class OutboxRelay:
@@ -209,6 +214,27 @@ class OutboxRelay:
             raise
 
     async def _publish(self, rows: list[OutboxRow]) -> None:
+        if not tracing.enabled:
+            await self._publish_rows(rows)
+            return
+        # A PRODUCER span per event, continuing its request's trace; the entry carries
+        # the span's context (traceparent, tracestate) to the consumers.
+        spans = [tracing.publishing(row.stream, row.message.id, row.trace) for row in rows]
+        traced = [
+            replace(row, message=_with_headers(row.message, tracing.headers_of(span)))
+            for row, span in zip(rows, spans, strict=True)
+        ]
+        try:
+            await self._publish_rows(traced)
+        except BaseException as exc:
+            for span in spans:
+                span.record_exception(exc)
+                span.end()
+            raise
+        for span in spans:
+            span.end()
+
+    async def _publish_rows(self, rows: list[OutboxRow]) -> None:
         # Consecutive rows of the same stream go out in one pipeline, in order.
         start = 0
         while start < len(rows):

@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from orderflow import tracing
 from orderflow.orders.database import Database, in_chunks
 from orderflow.orders.events import (
     ORDER_EVENT_VERSIONS,
@@ -316,7 +317,8 @@ class OrderRepository:
                 conn.execute(_INSERT_KEY, rows)
             if inserted:
                 events = [(order.id, order_event(order, self.event_version)) for order in inserted]
-                self.outbox.enqueue(conn, events, now)
+                traces = [tracing.request_trace(requests[i][0]) for i in plan.to_insert]
+                self.outbox.enqueue(conn, events, now, traces)
             replay_ids = sorted({order_id(ref) for ref in plan.replays()})
             replayed = {
                 order.id: order

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orderflow import tracing
 from orderflow.bus import Retention, StreamWorker
 from orderflow.config import Settings
 from orderflow.orders import metrics
@@ -118,10 +119,13 @@ class OrderRuntime:
         Raises OrderConflict, or the database error that failed the transaction.
         """
         try:
-            result = await self.writer.create(request, idempotency_key=idempotency_key)
+            with tracing.remember_request(request):
+                result = await self.writer.create(request, idempotency_key=idempotency_key)
         except OrderConflict:
             metrics.ORDERS_REJECTED.labels("conflict").inc()
             raise
+        if tracing.enabled:
+            tracing.attribute(tracing.ORDER_ID, result.order.id)
         if result.created:
             metrics.ORDERS_CREATED.inc()
             self.notify_relay()

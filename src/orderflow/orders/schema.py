@@ -116,6 +116,9 @@ outbox = sa.Table(
     sa.Column("headers", sa.Text(), nullable=False),
     sa.Column("data", sa.Text(), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    # The W3C trace context (JSON: traceparent, tracestate) of the request that made
+    # the event, when tracing was on; the relay's span continues it (migration 0002).
+    sa.Column("trace_context", sa.Text(), nullable=True),
     sqlite_autoincrement=True,
 )
 

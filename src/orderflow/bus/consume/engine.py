@@ -18,6 +18,10 @@ with a few C calls (a malformed entry is dead-lettered, never handed over), hand
 that do not wait run one after another in one lane task, and the delivery count is
 added to Prometheus in bulk when acks are flushed (XACK per batch, packed by hiredis).
 See bench/RESULTS.md for what each part costs.
+
+With tracing on (``orderflow.tracing`` sets it up, ``bus.tracing`` makes the spans), each
+handler call runs inside a CONSUMER span continuing the entry's ``traceparent``; off, the
+lane pays one boolean check.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from orderflow.bus import metrics
+from orderflow.bus import metrics, tracing
 from orderflow.bus.consume.config import WorkerConfig, WorkerStats
 from orderflow.bus.consume.deadletter import dead_letter_record, move_to_dead_letters
 from orderflow.bus.consume.heartbeat import Heartbeat
@@ -42,7 +46,7 @@ from orderflow.bus.consume.retry import claim_back, reconnect_delay_s
 from orderflow.bus.delivery import Handler, make_delivery
 from orderflow.bus.entries import id_key, text
 from orderflow.bus.errors import TRANSIENT, PermanentError, is_nogroup
-from orderflow.bus.message import DecodeError, decode_entry
+from orderflow.bus.message import DecodeError, Message, decode_entry
 from orderflow.bus.streams import ensure_group, flat_fields, read_group, send_commands
 
 log = logging.getLogger("orderflow.bus.worker")
@@ -96,6 +100,10 @@ class Engine:
         self._burst = False
         self._started = asyncio.Event()
         self._failure: BaseException | None = None
+        #: Tracing on: each handler call runs in a CONSUMER span (see _handle_traced).
+        self._traced = tracing.enabled
+        #: Entries claimed from other consumers, not yet handled (traced only).
+        self._claimed_ids: set[str] = set()
 
     @property
     def consumer(self) -> str:
@@ -278,6 +286,8 @@ class Engine:
                 self.stats.claimed += len(claimed)
                 metrics.CLAIMED.labels(*self._labels).inc(len(claimed))
                 log.info("claimed %d idle entries of %s", len(claimed), cfg.stream)
+                if self._traced:
+                    self._claimed_ids.update(i for i, _ in claimed)
                 for entry_id, fields in claimed:
                     self._start(entry_id, flat_fields(fields), counts.get(entry_id, 1))
             if start == "0-0":
@@ -323,6 +333,7 @@ class Engine:
         max_deliveries = self.config.max_deliveries
         observe = self._handler_seconds.observe
         clock = time.perf_counter
+        traced = self._traced
         # Ordered: on stop, not one more entry (the next owner may have its lease already).
         stop_now, stopping = not self.policy.finish_read_on_stop, self._stopping
         while queue:
@@ -342,6 +353,9 @@ class Engine:
                     await self._settle(entry_id, fields, deliveries, None)
                     continue
                 self._consumed_count += 1
+                if traced:
+                    requeued = await self._handle_traced(message, entry_id, fields, deliveries)
+                    continue
                 started = clock()
                 try:
                     await handler(make_delivery(message, entry_id, stream, deliveries))
@@ -371,6 +385,37 @@ class Engine:
         current = asyncio.current_task()
         if current is not None:
             self._lanes.discard(current)
+
+    async def _handle_traced(
+        self, message: Message, entry_id: str, fields: list[bytes], deliveries: int
+    ) -> bool:
+        """The lane's handler call and its outcome, inside the delivery's CONSUMER span
+        (tracing on only); returns whether the entry was queued again."""
+        cfg = self.config
+        with tracing.consuming(
+            message.headers,
+            stream=cfg.stream,
+            group=cfg.group,
+            consumer=cfg.consumer,
+            entry_id=entry_id,
+            message_id=message.id,
+            deliveries=deliveries,
+            claimed=entry_id in self._claimed_ids,
+        ):
+            self._claimed_ids.discard(entry_id)
+            started = time.perf_counter()
+            try:
+                await self._handler(make_delivery(message, entry_id, cfg.stream, deliveries))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._handler_seconds.observe(time.perf_counter() - started)
+                tracing.failed(exc)
+                return await self._settle(entry_id, fields, deliveries, exc)
+            self._handler_seconds.observe(time.perf_counter() - started)
+        self.stats.handled += 1
+        self._ack(entry_id)
+        return False
 
     def _finished(self, entry_id: str) -> None:
         self._inflight.discard(entry_id)
@@ -412,6 +457,8 @@ class Engine:
         delay = self.config.backoff_s(deliveries)
         self.stats.retried += 1
         metrics.RETRIED.labels(*self._labels).inc()
+        if self._traced:
+            tracing.event("retry scheduled", {"reason": reason, "delay_s": delay})
         log.info(
             "entry %s of %s failed (delivery %d): %s; retrying in %.2fs",
             entry_id,
@@ -530,6 +577,8 @@ class Engine:
                 await self._redis_down("dead-letter", exc, attempt)
         self.stats.dead_lettered += 1
         metrics.DEAD_LETTERED.labels(*self._labels).inc()
+        if self._traced:
+            tracing.event("dead-lettered", {"reason": reason})
         log.warning("dead-lettered entry %s of %s: %s", entry_id, cfg.stream, reason)
 
     # -- background loops ----------------------------------------------------------
