@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+MUTATION_STAMP := $(VENV)/.installed-mutation
 
-.PHONY: run test lint typecheck pytest bench demo soak clean
+.PHONY: run test lint typecheck pytest bench demo soak mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
+
+$(MUTATION_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
+	touch $(MUTATION_STAMP)
 
 ## run: start the whole system on embedded defaults (Ctrl-C stops it)
 run: $(STAMP)
@@ -48,5 +53,9 @@ demo: $(STAMP)
 soak: $(STAMP)
 	ORDERFLOW_SOAK=1 $(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
+## mutation: mutmut over the core with its targeted tests (MODULE=ledger for one; docs/MUTATION.md)
+mutation: $(MUTATION_STAMP)
+	nice -n 10 $(BIN)/python -m tests.mutation.run $(MODULE)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .mutation
