@@ -38,7 +38,7 @@ TARGETS: dict[str, Target] = {
     ),
     "message": Target(
         ("src/orderflow/bus/message.py",),
-        ("tests/bus/test_message.py",),
+        ("tests/bus/test_message.py", "tests/bus/test_message_bounds.py"),
     ),
     "streams": Target(
         ("src/orderflow/bus/streams.py",),
@@ -46,7 +46,11 @@ TARGETS: dict[str, Target] = {
     ),
     "mime": Target(
         ("src/orderflow/email/mime.py",),
-        ("tests/email/test_mime.py", "tests/security/test_header_injection.py"),
+        (
+            "tests/email/test_mime.py",
+            "tests/email/test_mime_edges.py",
+            "tests/security/test_header_injection.py",
+        ),
     ),
     "deadletter": Target(
         (
