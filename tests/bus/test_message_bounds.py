@@ -92,6 +92,8 @@ def test_an_entry_of_exactly_the_field_limit_decodes() -> None:
     error = rf"^entry has {MAX_HEADERS + 2} fields, over the {MAX_HEADERS + 1} limit$"
     with pytest.raises(DecodeError, match=error):
         decode(over, "1-0")
+    with pytest.raises(DecodeError, match=error):
+        decode_entry([*flat, b"one-more", b"v"], "1-0")
 
 
 def test_a_header_of_exactly_the_byte_limit_decodes() -> None:

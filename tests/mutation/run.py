@@ -14,8 +14,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRATCH = ROOT / ".mutation"
@@ -27,6 +29,9 @@ class Target:
 
     sources: tuple[str, ...]
     tests: tuple[str, ...]
+    #: Functions of those files left out of the figure (docs/MUTATION.md says why);
+    #: mutmut still mutates them, their results are listed apart.
+    skip: tuple[str, ...] = ()
 
 
 #: module -> (files mutated, tests run). Tests that only drive subprocesses are left
@@ -42,7 +47,19 @@ TARGETS: dict[str, Target] = {
     ),
     "streams": Target(
         ("src/orderflow/bus/streams.py",),
-        ("tests/bus/test_retention.py",),
+        ("tests/bus/test_retention.py", "tests/bus/test_retention_edges.py"),
+        # Retention is the guarantee here. The transport (one-write pipelines, XREADGROUP
+        # parsing) is measured by "transport"; XTRIM ... ACKED needs Redis 8.2.
+        skip=(
+            "send_commands",
+            "read_group",
+            "_entries_of",
+            "flat_fields",
+            "_plain_pool",
+            "_round_trip",
+            "_trim_acked",
+            "_supports_acked_trim",
+        ),
     ),
     "mime": Target(
         ("src/orderflow/email/mime.py",),
@@ -58,11 +75,15 @@ TARGETS: dict[str, Target] = {
             "src/orderflow/bus/consume/retry.py",
             "src/orderflow/bus/consume/policy.py",
         ),
-        ("tests/bus/test_worker.py", "tests/bus/test_poison.py"),
+        ("tests/bus/test_worker.py",),
     ),
     "relay": Target(
         ("src/orderflow/orders/relay.py", "src/orderflow/orders/outbox.py"),
-        ("tests/orders/test_relay.py", "tests/orders/test_store.py"),
+        (
+            "tests/orders/test_relay.py",
+            "tests/orders/test_store.py",
+            "tests/orders/test_outbox_lease.py",
+        ),
     ),
     "engine": Target(
         (
@@ -115,18 +136,44 @@ def prepare(name: str, target: Target) -> Path:
     return work
 
 
-def summarise(work: Path) -> dict[str, int]:
-    """mutmut's own counts for the module (killed, survived, timeout, no_tests...)."""
-    mutmut = [str(Path(sys.executable).parent / "mutmut")]
-    subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, check=True, capture_output=True)
-    stats: dict[str, int] = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    return stats
+def _function(mutant: str) -> str:
+    # orderflow.bus.streams.xǁStreamPublisherǁtrim__mutmut_3 -> trim;
+    # orderflow.bus.streams.x_send_commands__mutmut_1 -> send_commands
+    name = mutant.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+    return name.rsplit("ǁ", 1)[1] if "ǁ" in name else name.removeprefix("x_")
 
 
-def score(stats: dict[str, int]) -> float:
-    """Killed share of the mutants that were tested (a timeout counts as killed, as mutmut does)."""
-    tested = stats["total"] - stats.get("skipped", 0)
-    return 100.0 * (stats["killed"] + stats.get("timeout", 0)) / tested if tested else 0.0
+def summarise(work: Path, target: Target) -> dict[str, Any]:
+    """Counts per status for the module's figure, and the mutants not killed."""
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    listing = subprocess.run(
+        [mutmut, "results", "--all", "true"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts: Counter[str] = Counter()
+    left_out: Counter[str] = Counter()
+    alive: list[str] = []
+    for line in listing.splitlines():
+        mutant, _, status = line.strip().rpartition(": ")
+        if not mutant:
+            continue
+        if _function(mutant) in target.skip:
+            left_out[status] += 1
+            continue
+        counts[status] += 1
+        if status not in ("killed", "timeout"):
+            alive.append(f"{mutant}: {status}")
+    tested = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
+    killed = counts["killed"] + counts["timeout"]
+    return {
+        "score": round(100.0 * killed / tested, 1) if tested else 0.0,
+        "counts": dict(counts),
+        "left_out": dict(left_out),
+        "alive": alive,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: mutmut exited {run.returncode}; see {log}", flush=True)
             failed = True
             continue
-        stats = summarise(work)
-        survivors = subprocess.run(
-            [mutmut, "results"], cwd=work, capture_output=True, text=True, check=False
-        ).stdout
-        print(f"{name}: {score(stats):.1f}% killed {json.dumps(stats)} in {took:.0f}s", flush=True)
-        print(survivors, flush=True)
+        summary = summarise(work, TARGETS[name]) | {"seconds": round(took)}
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(
+            f"{name}: {summary['score']}% killed {summary['counts']} in {took:.0f}s"
+            + (f"; left out {summary['left_out']}" if summary["left_out"] else ""),
+            flush=True,
+        )
+        for mutant in summary["alive"]:
+            print(f"    {mutant}", flush=True)
     return 1 if failed else 0
 
 
