@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import secrets
 from email.message import EmailMessage
 from itertools import count
 
@@ -100,7 +101,7 @@ def test_the_message_is_whole_and_ends_with_a_line_end() -> None:
 
 def test_a_boundary_found_in_a_body_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
     draws = count()
-    monkeypatch.setattr(mime.secrets, "token_hex", lambda n: f"{next(draws):0{2 * n}d}")
+    monkeypatch.setattr(secrets, "token_hex", lambda n: f"{next(draws):0{2 * n}d}")
     taken = "=_orderflow_" + "0" * 24
     for text, html in ((f"--{taken}", "h"), ("t", f"--{taken}")):
         draws = count()
