@@ -75,7 +75,7 @@ TARGETS: dict[str, Target] = {
             "src/orderflow/bus/consume/retry.py",
             "src/orderflow/bus/consume/policy.py",
         ),
-        ("tests/bus/test_worker.py",),
+        ("tests/bus/test_worker.py", "tests/bus/test_deadletter.py"),
     ),
     "relay": Target(
         ("src/orderflow/orders/relay.py", "src/orderflow/orders/outbox.py"),

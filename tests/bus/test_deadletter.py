@@ -1,0 +1,111 @@
+"""Dead letters and retries at their edges: the record's every field, the capped and
+atomic move, claiming an entry back, and the reconnect backoff's bounds (each test kills
+mutants the worker tests let live: see docs/MUTATION.md)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from orderflow.bus import ensure_group
+from orderflow.bus.consume.deadletter import (
+    REASON_LIMIT,
+    dead_letter_record,
+    move_to_dead_letters,
+)
+from orderflow.bus.consume.retry import claim_back, reconnect_delay_s
+
+STREAM = "dl-orders"
+GROUP = "g"
+
+
+def test_a_record_keeps_the_fields_and_says_why_where_and_when() -> None:
+    record = dead_letter_record(
+        [(b"data", b"{}"), (b"dlq_reason", b"an earlier one"), ("ce_id", "e-1")],
+        reason="x" * (REASON_LIMIT + 5),
+        stream="orders",
+        group="email",
+        consumer="c-1",
+        entry_id="1-0",
+        deliveries=6,
+    )
+    at = datetime.fromisoformat(str(record.pop("dlq_time")))
+    assert at.utcoffset() == timedelta(0)
+    assert abs(datetime.now(at.tzinfo) - at) < timedelta(minutes=1)
+    assert record == {
+        b"data": b"{}",
+        "ce_id": "e-1",
+        "dlq_reason": "x" * REASON_LIMIT,
+        "dlq_stream": "orders",
+        "dlq_group": "email",
+        "dlq_consumer": "c-1",
+        "dlq_deliveries": "6",
+        "dlq_source_id": "1-0",
+    }
+
+
+async def _commands(redis: aioredis.Redis) -> dict[str, int]:
+    stats: dict[str, Any] = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def _pending_entry(redis: aioredis.Redis, consumer: str = "c") -> str:
+    await ensure_group(redis, STREAM, GROUP)
+    entry_id = (await redis.xadd(STREAM, {"data": "{}"})).decode()
+    await redis.xreadgroup(GROUP, consumer, {STREAM: ">"})
+    return entry_id
+
+
+async def test_the_move_is_one_transaction_that_acks(aredis: aioredis.Redis) -> None:
+    entry_id = await _pending_entry(aredis)
+    await aredis.config_resetstat()
+    await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {"data": "{}"}, maxlen=10)
+    calls = await _commands(aredis)
+    assert (calls.get("multi"), calls.get("exec")) == (1, 1)
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 0
+    assert await aredis.xlen(f"{STREAM}:dlq") == 1
+
+
+async def test_the_dead_letters_are_capped_in_whole_nodes(aredis: aioredis.Redis) -> None:
+    entry_id = await _pending_entry(aredis)
+    for _ in range(350):
+        await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {"data": "{}"}, maxlen=10)
+    # Approximate trimming (cheap: whole radix-tree nodes of 100 entries) keeps a
+    # little more than the cap, never everything.
+    assert 10 < await aredis.xlen(f"{STREAM}:dlq") < 350
+
+
+async def test_claim_back_counts_a_delivery_without_a_transaction(
+    aredis: aioredis.Redis,
+) -> None:
+    entry_id = await _pending_entry(aredis, consumer="first")
+    await aredis.config_resetstat()
+    claimed = await claim_back(aredis, STREAM, GROUP, "second", entry_id)
+    assert claimed is not None
+    fields, deliveries = claimed
+    assert (fields, deliveries) == ([b"data", b"{}"], 2)
+    assert "multi" not in await _commands(aredis)
+    await aredis.xack(STREAM, GROUP, entry_id)
+    assert await claim_back(aredis, STREAM, GROUP, "second", entry_id) is None
+
+
+@pytest.mark.parametrize(
+    ("attempt", "max_s", "ceiling"),
+    [(0, 10.0, 0.05), (3, 10.0, 0.4), (10, 100.0, 51.2), (30, 100.0, 51.2), (30, 1.0, 1.0)],
+)
+def test_the_reconnect_delay_is_jittered_in_the_upper_half_of_its_ceiling(
+    attempt: int, max_s: float, ceiling: float
+) -> None:
+    rng = random.Random(7)
+    state = random.getstate()
+    random.setstate(rng.getstate())
+    try:
+        delays = [reconnect_delay_s(attempt, max_s) for _ in range(400)]
+    finally:
+        random.setstate(state)
+    assert ceiling / 2 <= min(delays) < ceiling * 0.55
+    assert ceiling * 0.95 < max(delays) <= ceiling
