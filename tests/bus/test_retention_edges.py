@@ -4,6 +4,7 @@ tests let live: see docs/MUTATION.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -127,3 +128,18 @@ async def test_ensure_group_raises_other_errors(aredis: aioredis.Redis) -> None:
     await aredis.set("not-a-stream", "x")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
         await ensure_group(aredis, "not-a-stream", "g")
+
+
+async def test_an_approximate_trim_that_cannot_free_a_node_stops(
+    aredis: aioredis.Redis, stream: str
+) -> None:
+    # Each step may trim at most scan_limit (50) entries, less than one radix-tree node
+    # (100): an approximate trim frees nothing, and must say so rather than loop.
+    await StreamPublisher(aredis, retention=Retention(maxlen=None)).publish_many(
+        stream, [Message(data={})] * 1000
+    )
+    trimmer = StreamPublisher(
+        aredis, retention=Retention(maxlen=100, scan_limit=50, approximate=True)
+    )
+    result = await asyncio.wait_for(trimmer.trim(stream), timeout=10)
+    assert (result.length, result.trimmed, result.over_cap) == (1000, 0, False)
