@@ -17,7 +17,7 @@ from orderflow.bus.consume.deadletter import (
     dead_letter_record,
     move_to_dead_letters,
 )
-from orderflow.bus.consume.retry import claim_back, reconnect_delay_s
+from orderflow.bus.consume.retry import backoff_s, claim_back, reconnect_delay_s
 
 STREAM = "dl-orders"
 GROUP = "g"
@@ -109,3 +109,16 @@ def test_the_reconnect_delay_is_jittered_in_the_upper_half_of_its_ceiling(
         random.setstate(state)
     assert ceiling / 2 <= min(delays) < ceiling * 0.55
     assert ceiling * 0.95 < max(delays) <= ceiling
+
+
+@pytest.mark.parametrize(
+    ("deliveries", "base_ms", "max_ms", "ceiling_s"),
+    [(1, 100, 10_000, 0.1), (2, 100, 10_000, 0.2), (4, 100, 10_000, 0.8), (9, 100, 5_000, 5.0)],
+)
+def test_the_retry_backoff_doubles_up_to_its_cap_drawn_from_the_upper_half(
+    monkeypatch: pytest.MonkeyPatch, deliveries: int, base_ms: int, max_ms: int, ceiling_s: float
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    assert backoff_s(deliveries, base_ms, max_ms) == pytest.approx(ceiling_s)
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+    assert backoff_s(deliveries, base_ms, max_ms) == pytest.approx(ceiling_s / 2)
