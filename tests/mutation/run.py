@@ -176,12 +176,42 @@ def summarise(work: Path, target: Target) -> dict[str, Any]:
     }
 
 
+def table(names: list[str]) -> str:
+    """The last figures of ``names`` (from their summary.json) as a Markdown table."""
+    rows = [
+        "| module | mutated | tests | killed | survived | no tests | figure | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        target = TARGETS[name]
+        path = SCRATCH / name / "summary.json"
+        mutated = ", ".join(s.removeprefix("src/orderflow/") for s in target.sources)
+        tests = ", ".join(t.removeprefix("tests/") for t in target.tests)
+        if not path.exists():
+            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | |")
+            continue
+        summary = json.loads(path.read_text())
+        counts = summary["counts"]
+        rows.append(
+            f"| {name} | {mutated} | {tests} | {counts.get('killed', 0) + counts.get('timeout', 0)}"
+            f" | {counts.get('survived', 0)} | {counts.get('no tests', 0)}"
+            f" | **{summary['score']}%** | {summary['seconds']} s |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the named modules (all by default) and print one line per module."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("modules", nargs="*", help=f"any of {', '.join(TARGETS)}; all by default")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument(
+        "--table", action="store_true", help="print the last figures as Markdown and exit"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.modules or list(TARGETS)))
+        return 0
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
         parser.error(f"unknown module {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
