@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from orderflow.bus import ensure_group
+from orderflow.bus import (
+    Delivery,
+    Message,
+    PermanentError,
+    Retention,
+    StreamPublisher,
+    StreamWorker,
+    WorkerConfig,
+    ensure_group,
+)
 from orderflow.bus.consume.deadletter import (
     REASON_LIMIT,
     dead_letter_record,
@@ -122,3 +131,18 @@ def test_the_retry_backoff_doubles_up_to_its_cap_drawn_from_the_upper_half(
     assert backoff_s(deliveries, base_ms, max_ms) == pytest.approx(ceiling_s)
     monkeypatch.setattr(random, "uniform", lambda low, high: low)
     assert backoff_s(deliveries, base_ms, max_ms) == pytest.approx(ceiling_s / 2)
+
+
+async def test_the_worker_caps_its_dead_letters_at_dlq_maxlen(aredis: aioredis.Redis) -> None:
+    await StreamPublisher(aredis, retention=Retention(maxlen=None)).publish_many(
+        STREAM, [Message(data={"n": n}) for n in range(350)]
+    )
+
+    async def handler(delivery: Delivery) -> None:
+        raise PermanentError("no")
+
+    config = WorkerConfig(stream=STREAM, group=GROUP, block_ms=50, dlq_maxlen=10)
+    stats = await StreamWorker(aredis, config, handler).run(burst=True)
+    assert stats.dead_lettered == 350
+    # Approximately: whole nodes of 100 entries go, so a little more than 10 stays.
+    assert 10 < await aredis.xlen(f"{STREAM}:dlq") < 350

@@ -92,7 +92,12 @@ TARGETS: dict[str, Target] = {
             "src/orderflow/bus/consume/config.py",
             "src/orderflow/bus/consume/competing.py",
         ),
-        ("tests/bus/test_worker.py", "tests/bus/test_config.py", "tests/bus/test_transports.py"),
+        (
+            "tests/bus/test_worker.py",
+            "tests/bus/test_config.py",
+            "tests/bus/test_transports.py",
+            "tests/bus/test_deadletter.py",
+        ),
     ),
     "ordered": Target(
         (
