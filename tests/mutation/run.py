@@ -83,6 +83,7 @@ TARGETS: dict[str, Target] = {
             "tests/orders/test_relay.py",
             "tests/orders/test_store.py",
             "tests/orders/test_outbox_lease.py",
+            "tests/orders/test_relay_failures.py",
         ),
     ),
     "engine": Target(

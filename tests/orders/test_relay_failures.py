@@ -1,0 +1,93 @@
+"""What the relay does after a failed pass: counts it, backs off (doubling, capped,
+jittered) and logs only the first and every 20th failure in a row (each test kills
+mutants the relay's end-to-end tests let live: see docs/MUTATION.md)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from orderflow.orders import Database, OrderStore, OutboxRelay, RelayConfig
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def jitter(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
+    """The bounds of every jitter draw; the draw itself is 0 (no wait at all)."""
+    drawn: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return 0.0
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    return drawn
+
+
+def _redis_errors() -> float:
+    return REGISTRY.get_sample_value("orderflow_redis_errors_total", {"component": "relay"}) or 0
+
+
+async def test_failures_are_counted_and_backed_off_doubling_up_to_the_cap(
+    database: Database, aredis: aioredis.Redis, jitter: list[tuple[float, float]]
+) -> None:
+    relay = OutboxRelay(
+        OrderStore(database, stream="orders"), aredis, config=RelayConfig(retry_max_s=2.0)
+    )
+    before = _redis_errors()
+    for failures in (1, 2, 3, 10, 11, 30):
+        await relay._failed(RedisConnectionError("down"), failures)
+    await relay._failed(ValueError("not Redis"), 1)
+    assert relay.stats.errors == 7
+    assert _redis_errors() == before + 6
+    assert jitter == [
+        (0.05, 0.1),
+        (0.1, 0.2),
+        (0.2, 0.4),
+        (1.0, 2.0),  # 0.05 * 2**10 = 51.2 s, capped at retry_max_s
+        (1.0, 2.0),
+        (1.0, 2.0),
+        (0.05, 0.1),
+    ]
+
+
+async def test_the_exponent_stops_at_ten(
+    database: Database, aredis: Any, jitter: list[tuple[float, float]]
+) -> None:
+    relay = OutboxRelay(
+        OrderStore(database, stream="orders"), aredis, config=RelayConfig(retry_max_s=100.0)
+    )
+    await relay._failed(None, 10)
+    await relay._failed(None, 11)
+    assert jitter == [(25.6, 51.2), (25.6, 51.2)]
+
+
+async def test_only_the_first_and_every_20th_failure_in_a_row_is_logged(
+    database: Database,
+    aredis: aioredis.Redis,
+    jitter: list[tuple[float, float]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    with caplog.at_level(logging.WARNING, logger="orderflow.orders.relay"):
+        for failures in range(1, 42):
+            await relay._failed(RedisConnectionError("down"), failures)
+        await relay._failed(None, 1)  # a pass that failed without an exception
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 3  # failures 1, 20 and 40
+    assert all(m.startswith("relay cannot publish (ConnectionError: down)") for m in logged)
