@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orderflow.orders import Database, OrderStore, OutboxRelay, RelayConfig
+from orderflow.orders import outbox as outbox_module
+from orderflow.orders import relay as relay_module
 
 
 @pytest.fixture
@@ -91,3 +94,41 @@ async def test_only_the_first_and_every_20th_failure_in_a_row_is_logged(
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 3  # failures 1, 20 and 40
     assert all(m.startswith("relay cannot publish (ConnectionError: down)") for m in logged)
+
+
+async def test_the_lease_is_renewed_once_a_third_of_it_has_passed(
+    database: Database,
+    aredis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = [1000.0]
+    now = SimpleNamespace(time=lambda: clock[0], monotonic=lambda: clock[0])
+    monkeypatch.setattr(relay_module, "time", now)
+    monkeypatch.setattr(outbox_module, "time", now)
+    store = OrderStore(database, stream="orders")
+    asked: list[float] = []
+    acquire = store.acquire_lease
+
+    def counting(holder: str, ttl_s: float) -> bool:
+        asked.append(clock[0])
+        return acquire(holder, ttl_s)
+
+    monkeypatch.setattr(store, "acquire_lease", counting)
+    relay = OutboxRelay(store, aredis, config=RelayConfig(lease_ttl_s=15.0), name="a")
+    with caplog.at_level(logging.INFO, logger="orderflow.orders.relay"):
+        assert await relay._hold_lease()
+        assert relay.is_leader
+        clock[0] = 1004.9  # less than a third gone: no write
+        assert await relay._hold_lease()
+        clock[0] = 1005.0  # a third gone: renewed, not taken over (nothing logged)
+        assert await relay._hold_lease()
+        clock[0] = 1020.0  # exactly when the renewed lease ends: taken again, logged
+        assert await relay._hold_lease()
+    assert asked == [1000.0, 1005.0, 1020.0]
+    assert caplog.messages == ["relay a holds the outbox lease"] * 2
+    # Another relay holds it: this one is no leader.
+    clock[0] = 1036.0
+    assert store.acquire_lease("b", 15.0)
+    assert not await relay._hold_lease()
+    assert not relay.is_leader
