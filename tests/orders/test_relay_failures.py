@@ -5,6 +5,7 @@ mutants the relay's end-to-end tests let live: see docs/MUTATION.md)."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from orderflow.config import Settings
 from orderflow.orders import Database, OrderStore, OutboxRelay, RelayConfig
 from orderflow.orders import outbox as outbox_module
 from orderflow.orders import relay as relay_module
@@ -132,3 +134,13 @@ async def test_the_lease_is_renewed_once_a_third_of_it_has_passed(
     assert store.acquire_lease("b", 15.0)
     assert not await relay._hold_lease()
     assert not relay.is_leader
+
+
+def test_only_the_pubsub_transport_publishes_on_the_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("ORDERFLOW_")]:
+        monkeypatch.delenv(name)
+    assert RelayConfig.from_settings(Settings(transport="streams")).channel is None
+    assert RelayConfig.from_settings(Settings(transport="pubsub", channel="c")).channel == "c"
+    assert RelayConfig.from_settings(Settings(), batch_size=7).batch_size == 7
