@@ -4,6 +4,7 @@ mutants the worker tests let live: see docs/MUTATION.md)."""
 
 from __future__ import annotations
 
+import logging
 import random
 from datetime import datetime, timedelta
 from typing import Any
@@ -146,3 +147,31 @@ async def test_the_worker_caps_its_dead_letters_at_dlq_maxlen(aredis: aioredis.R
     assert stats.dead_lettered == 350
     # Approximately: whole nodes of 100 entries go, so a little more than 10 stays.
     assert 10 < await aredis.xlen(f"{STREAM}:dlq") < 350
+
+
+async def test_a_retry_is_logged_with_its_entry_delivery_reason_and_delay(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    (entry_id,) = await StreamPublisher(aredis).publish_many(STREAM, [Message(data={})])
+    failed: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("try later")
+
+    config = WorkerConfig(
+        stream=STREAM, group=GROUP, block_ms=50, retry_base_ms=20, retry_max_ms=20
+    )
+    with caplog.at_level(logging.INFO, logger="orderflow.bus.worker"):
+        stats = await StreamWorker(aredis, config, handler).run(burst=True)
+    assert (stats.retried, stats.handled) == (1, 1)
+    retries = [m for m in caplog.messages if "retrying in" in m]
+    # backoff drawn from 10-20 ms, printed to the centisecond
+    expected = {
+        f"entry {entry_id} of {STREAM} failed (delivery 1): RuntimeError: try later; "
+        f"retrying in {delay}s"
+        for delay in ("0.01", "0.02")
+    }
+    assert len(retries) == 1
+    assert retries[0] in expected
