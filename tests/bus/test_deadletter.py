@@ -4,6 +4,7 @@ mutants the worker tests let live: see docs/MUTATION.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from orderflow.bus.consume.deadletter import (
     move_to_dead_letters,
 )
 from orderflow.bus.consume.retry import backoff_s, claim_back, reconnect_delay_s
+from tests.support import wait_until
 
 STREAM = "dl-orders"
 GROUP = "g"
@@ -175,3 +177,25 @@ async def test_a_retry_is_logged_with_its_entry_delivery_reason_and_delay(
     }
     assert len(retries) == 1
     assert retries[0] in expected
+
+
+async def test_claimed_idle_entries_are_logged_with_their_count_and_stream(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    await ensure_group(aredis, STREAM, GROUP)
+    await StreamPublisher(aredis).publish_many(STREAM, [Message(data={})] * 3)
+    await aredis.xreadgroup(GROUP, "dead-consumer", {STREAM: ">"})
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append(delivery.deliveries)
+
+    config = WorkerConfig(stream=STREAM, group=GROUP, block_ms=50, claim_idle_ms=100)
+    worker = StreamWorker(aredis, config, handler)
+    with caplog.at_level(logging.INFO, logger="orderflow.bus.worker"):
+        task = asyncio.create_task(worker.run())
+        await wait_until(lambda: len(handled) == 3, what="the claims")
+        worker.stop()
+        stats = await task
+    assert (stats.claimed, handled) == (3, [2, 2, 2])
+    assert f"claimed 3 idle entries of {STREAM}" in caplog.messages
