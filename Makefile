@@ -58,4 +58,4 @@ mutation: $(MUTATION_STAMP)
 	nice -n 10 $(BIN)/python -m tests.mutation.run $(MODULE)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .mutation
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
