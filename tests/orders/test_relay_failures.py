@@ -4,6 +4,7 @@ mutants the relay's end-to-end tests let live: see docs/MUTATION.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -150,3 +151,13 @@ def test_only_the_pubsub_transport_publishes_on_the_channel(
     assert RelayConfig.from_settings(Settings(transport="streams")).channel is None
     assert RelayConfig.from_settings(Settings(transport="pubsub", channel="c")).channel == "c"
     assert RelayConfig.from_settings(Settings(), batch_size=7).batch_size == 7
+
+
+async def test_a_relay_on_sqlite_runs_and_stops_cleanly(
+    database: Database, aredis: aioredis.Redis
+) -> None:
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_started()
+    relay.stop()
+    assert await asyncio.wait_for(task, timeout=10) is None
