@@ -160,4 +160,6 @@ async def test_a_relay_on_sqlite_runs_and_stops_cleanly(
     task = asyncio.create_task(relay.run())
     await relay.wait_started()
     relay.stop()
-    assert await asyncio.wait_for(task, timeout=10) is None
+    await asyncio.wait_for(task, timeout=10)  # raises what run() raised, if anything
+    assert task.done()
+    assert task.exception() is None
