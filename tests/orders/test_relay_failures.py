@@ -163,3 +163,41 @@ async def test_a_relay_on_sqlite_runs_and_stops_cleanly(
     await asyncio.wait_for(task, timeout=10)  # raises what run() raised, if anything
     assert task.done()
     assert task.exception() is None
+
+
+async def test_the_run_loop_counts_failures_in_a_row_and_logs_bugs_sparingly(
+    database: Database,
+    aredis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    down = RedisConnectionError("down")
+    # Two outage passes, a good one, then 21 passes hitting a bug, then stop.
+    outcomes: list[BaseException | int] = [down, down, 1, *[RuntimeError("bug")] * 21]
+    failed: list[tuple[BaseException | None, int]] = []
+
+    async def publish_pending() -> int:
+        outcome = outcomes.pop(0)
+        if not outcomes:
+            relay.stop()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    logged_at: list[int] = []
+
+    async def record(exc: BaseException | None, failures: int) -> None:
+        failed.append((exc, failures))
+        if len(caplog.records) > len(logged_at):
+            logged_at.append(failures)
+
+    monkeypatch.setattr(relay, "publish_pending", publish_pending)
+    monkeypatch.setattr(relay, "_failed", record)
+    with caplog.at_level(logging.ERROR, logger="orderflow.orders.relay"):
+        await asyncio.wait_for(relay.run(), timeout=10)
+    assert failed == [(down, 1), (down, 2), *((None, n) for n in range(1, 22))]
+    # A bug is logged with its traceback at the first and every 20th pass in a row.
+    assert logged_at == [1, 20]
+    assert caplog.messages == ["relay failed unexpectedly; retrying"] * 2
+    assert all(r.exc_info for r in caplog.records)
