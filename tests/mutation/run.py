@@ -188,8 +188,8 @@ def summarise(work: Path, target: Target) -> dict[str, Any]:
 def table(names: list[str]) -> str:
     """The last figures of ``names`` (from their summary.json) as a Markdown table."""
     rows = [
-        "| module | mutated | tests | killed | survived | no tests | figure | time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| module | mutated | tests | checked | killed | survived | no tests | figure | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
         target = TARGETS[name]
@@ -197,12 +197,15 @@ def table(names: list[str]) -> str:
         mutated = ", ".join(s.removeprefix("src/orderflow/") for s in target.sources)
         tests = ", ".join(t.removeprefix("tests/") for t in target.tests)
         if not path.exists():
-            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | |")
+            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | | |")
             continue
         summary = json.loads(path.read_text())
         counts = summary["counts"]
+        total = sum(counts.values())
+        checked = total - counts.get("not checked", 0)
         rows.append(
-            f"| {name} | {mutated} | {tests} | {counts.get('killed', 0) + counts.get('timeout', 0)}"
+            f"| {name} | {mutated} | {tests} | {checked} of {total}"
+            f" | {counts.get('killed', 0) + counts.get('timeout', 0)}"
             f" | {counts.get('survived', 0)} | {counts.get('no tests', 0)}"
             f" | **{summary['score']}%** | {summary['seconds']} s |"
         )
