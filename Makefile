@@ -13,7 +13,9 @@ UV ?= $(UV_VENV)/bin/uv
 LOCK := $(UV) pip compile pyproject.toml --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
 
-.PHONY: run test lint typecheck pytest bench demo soak lock clean
+MUTATION_STAMP := $(VENV)/.installed-mutation
+
+.PHONY: run test lint typecheck pytest bench demo soak mutation lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,9 @@ $(STAMP): requirements/dev.txt pyproject.toml | $(BIN)/python
 
 $(BENCH_STAMP): requirements/bench.txt $(STAMP)
 	$(call install_lock,requirements/bench.txt)
+
+$(MUTATION_STAMP): requirements/mutation.txt $(STAMP)
+	$(call install_lock,requirements/mutation.txt)
 
 ## run: start the whole system on embedded defaults (Ctrl-C stops it)
 run: $(RUN_STAMP)
@@ -66,17 +71,22 @@ soak: $(STAMP)
 
 ## lock: resolve requirements/*.txt again from pyproject.toml (UPGRADE=1 takes newer releases)
 # run.txt is what `make run` installs; dev.txt adds the tools `make test` uses, at run.txt's
-# versions; bench.txt adds the peers `make bench` measures; lowest.txt holds every direct
-# dependency at its lower bound, for .ci/lowest.
+# versions; bench.txt adds the peers `make bench` measures, mutation.txt the mutation tool;
+# lowest.txt holds every direct dependency at its lower bound, for .ci/lowest.
 lock: | $(filter $(UV_VENV)/%,$(UV))
 	$(LOCK) -o requirements/run.txt
 	$(LOCK) --extra dev -c requirements/run.txt -o requirements/dev.txt
 	$(LOCK) --extra dev --extra bench -c requirements/dev.txt -o requirements/bench.txt
+	$(LOCK) --extra dev --extra mutation -c requirements/dev.txt -o requirements/mutation.txt
 	$(LOCK) --extra dev --resolution lowest-direct -o requirements/lowest.txt
 
 $(UV_VENV)/bin/uv:
 	$(PYTHON) -m venv $(UV_VENV)
 	$(UV_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+## mutation: mutmut over the core with its targeted tests (MODULE=ledger for one; docs/MUTATION.md)
+mutation: $(MUTATION_STAMP)
+	nice -n 10 $(BIN)/python -m tests.mutation.run $(MODULE)
 
 clean:
 	rm -rf $(VENV) .venv-lowest $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from orderflow.bus import WorkerConfig
+from orderflow.bus.consume.config import WorkerStats, sum_stats
 from orderflow.config import Settings
 
 
@@ -37,3 +40,13 @@ def test_a_retry_maximum_below_the_base_is_refused_not_raised() -> None:
 def test_an_unset_retry_maximum_is_30_s_or_the_base_when_longer() -> None:
     assert WorkerConfig("orders", "g", retry_base_ms=100).retry_cap_ms == 30_000
     assert WorkerConfig("orders", "g", retry_base_ms=60_000).retry_cap_ms == 60_000
+
+
+def test_the_stats_of_several_workers_add_up_field_by_field() -> None:
+    # The partitioned, ordered and supervised workers report these sums.
+    names = [f.name for f in dataclasses.fields(WorkerStats)]
+    parts = [WorkerStats(**{n: i + 1 for i, n in enumerate(names)}) for _ in range(3)]
+    parts.append(WorkerStats(**{n: 100 * (i + 1) for i, n in enumerate(names)}))
+    total = sum_stats(parts)
+    assert dataclasses.asdict(total) == {n: 103 * (i + 1) for i, n in enumerate(names)}
+    assert sum_stats([]) == WorkerStats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -186,7 +187,9 @@ def sample(name: str, group: str) -> float:
 async def test_deliveries_and_handler_times_reach_prometheus(aredis: aioredis.Redis) -> None:
     # The worker counts per delivery itself and adds to Prometheus in bulk: every
     # delivery, failed ones too, must be there once the worker stopped.
-    group = "metrics-check"
+    # A group of this run's own: the counters are process-wide and outlive a test run
+    # (a second run in one process, as a mutation tester does, must start at zero).
+    group = f"metrics-check-{uuid.uuid4().hex[:8]}"
     await publish(aredis, 30)
 
     async def handler(delivery: Delivery) -> None:
@@ -417,7 +420,7 @@ async def test_idle_consumers_with_nothing_pending_are_removed(aredis: aioredis.
     await aredis.xreadgroup(GROUP, "idle-with-pending", {STREAM: ">"}, count=1)
     # Made explicitly: an XREADGROUP that reads nothing creates no consumer (Redis 7),
     # and this test once waited for the removal of a consumer that never existed.
-    await aredis.xgroup_createconsumer(STREAM, GROUP, "idle-empty")
+    assert await aredis.xgroup_createconsumer(STREAM, GROUP, "idle-empty") == 1
 
     handled: list[str] = []
 

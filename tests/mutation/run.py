@@ -1,0 +1,275 @@
+"""`make mutation`: mutmut over the modules every delivery guarantee rests on.
+
+Each module runs in its own scratch copy of the project (``.mutation/<module>/``) with
+only its targeted tests, so one module can be run alone (``make mutation MODULE=ledger``)
+and a finished module keeps its results when the next one is interrupted. mutmut 3
+remembers finished mutants there: a second run re-tests only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRATCH = ROOT / ".mutation"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One mutated area: the source files mutmut changes and the tests that judge them."""
+
+    sources: tuple[str, ...]
+    tests: tuple[str, ...]
+    #: Functions of those files left out of the figure (docs/MUTATION.md says why);
+    #: mutmut still mutates them, their results are listed apart.
+    skip: tuple[str, ...] = ()
+
+
+#: module -> (files mutated, tests run). Tests that only drive subprocesses are left
+#: out: a child process imports the unmutated package, so it can never kill a mutant.
+TARGETS: dict[str, Target] = {
+    "ledger": Target(
+        ("src/orderflow/email/ledger.py",),
+        ("tests/email/test_service.py", "tests/email/test_ledger.py"),
+    ),
+    "message": Target(
+        ("src/orderflow/bus/message.py",),
+        ("tests/bus/test_message.py", "tests/bus/test_message_bounds.py"),
+    ),
+    "streams": Target(
+        ("src/orderflow/bus/streams.py",),
+        ("tests/bus/test_retention.py", "tests/bus/test_retention_edges.py"),
+        # Retention is the guarantee here. The transport (one-write pipelines, XREADGROUP
+        # parsing) is measured by "transport"; XTRIM ... ACKED needs Redis 8.2.
+        skip=(
+            "send_commands",
+            "read_group",
+            "_entries_of",
+            "flat_fields",
+            "_plain_pool",
+            "_round_trip",
+            "_trim_acked",
+            "_supports_acked_trim",
+        ),
+    ),
+    "mime": Target(
+        ("src/orderflow/email/mime.py",),
+        (
+            "tests/email/test_mime.py",
+            "tests/email/test_mime_edges.py",
+            "tests/security/test_header_injection.py",
+        ),
+    ),
+    "deadletter": Target(
+        (
+            "src/orderflow/bus/consume/deadletter.py",
+            "src/orderflow/bus/consume/retry.py",
+            "src/orderflow/bus/consume/policy.py",
+        ),
+        ("tests/bus/test_worker.py", "tests/bus/test_deadletter.py"),
+    ),
+    "relay": Target(
+        ("src/orderflow/orders/relay.py", "src/orderflow/orders/outbox.py"),
+        (
+            "tests/orders/test_relay.py",
+            "tests/orders/test_store.py",
+            "tests/orders/test_outbox_lease.py",
+            "tests/orders/test_relay_failures.py",
+        ),
+    ),
+    "engine": Target(
+        (
+            "src/orderflow/bus/consume/engine.py",
+            "src/orderflow/bus/consume/heartbeat.py",
+            "src/orderflow/bus/consume/config.py",
+            "src/orderflow/bus/consume/competing.py",
+        ),
+        (
+            "tests/bus/test_worker.py",
+            "tests/bus/test_config.py",
+            "tests/bus/test_transports.py",
+            "tests/bus/test_deadletter.py",
+            # Kills and restarts its own Redis under a worker in this process: the only
+            # in-process test of the engine's Redis-down path (_redis_down).
+            "tests/bus/test_crashes.py",
+        ),
+    ),
+    "ordered": Target(
+        (
+            "src/orderflow/bus/consume/ordered.py",
+            "src/orderflow/bus/consume/partitioned.py",
+            "src/orderflow/bus/consume/supervised.py",
+        ),
+        ("tests/bus",),
+    ),
+}
+
+
+def _toml_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(name: str, target: Target) -> Path:
+    """Lay the scratch copy for one module: src, tests and a pyproject with its mutmut table."""
+    work = SCRATCH / name
+    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("src", "tests"):
+        # copy2 keeps mtimes: mutmut re-mutates a file only when its source changed.
+        shutil.copytree(
+            ROOT / folder,
+            work / folder,
+            dirs_exist_ok=True,
+            copy_function=shutil.copy2,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    tests = [t for t in target.tests if (ROOT / t).exists()]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject += (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["src"]\n'
+        f"only_mutate = {_toml_list(list(target.sources))}\n"
+        f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "--timeout=60"]\n'
+        "use_git_change_detection = false\n"
+    )
+    (work / "pyproject.toml").write_text(pyproject)
+    return work
+
+
+def _function(mutant: str) -> str:
+    # orderflow.bus.streams.xǁStreamPublisherǁtrim__mutmut_3 -> trim;
+    # orderflow.bus.streams.x_send_commands__mutmut_1 -> send_commands
+    name = mutant.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+    return name.rsplit("ǁ", 1)[1] if "ǁ" in name else name.removeprefix("x_")
+
+
+def summarise(work: Path, target: Target) -> dict[str, Any]:
+    """Counts per status for the module's figure, and the mutants not killed."""
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    listing = subprocess.run(
+        [mutmut, "results", "--all", "true"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts: Counter[str] = Counter()
+    left_out: Counter[str] = Counter()
+    alive: list[str] = []
+    for line in listing.splitlines():
+        mutant, _, status = line.strip().rpartition(": ")
+        if not mutant:
+            continue
+        if _function(mutant) in target.skip:
+            left_out[status] += 1
+            continue
+        counts[status] += 1
+        if status not in ("killed", "timeout"):
+            alive.append(f"{mutant}: {status}")
+    tested = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
+    killed = counts["killed"] + counts["timeout"]
+    return {
+        "score": round(100.0 * killed / tested, 1) if tested else 0.0,
+        "counts": dict(counts),
+        "left_out": dict(left_out),
+        "alive": alive,
+    }
+
+
+def table(names: list[str]) -> str:
+    """The last figures of ``names`` (from their summary.json) as a Markdown table."""
+    rows = [
+        "| module | mutated | tests | checked | killed | survived | no tests | figure | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        target = TARGETS[name]
+        path = SCRATCH / name / "summary.json"
+        mutated = ", ".join(s.removeprefix("src/orderflow/") for s in target.sources)
+        tests = ", ".join(t.removeprefix("tests/") for t in target.tests)
+        if not path.exists():
+            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | | |")
+            continue
+        summary = json.loads(path.read_text())
+        counts = summary["counts"]
+        total = sum(counts.values())
+        checked = total - counts.get("not checked", 0)
+        rows.append(
+            f"| {name} | {mutated} | {tests} | {checked} of {total}"
+            f" | {counts.get('killed', 0) + counts.get('timeout', 0)}"
+            f" | {counts.get('survived', 0)} | {counts.get('no tests', 0)}"
+            f" | **{summary['score']}%** | {summary['seconds']} s |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the named modules (all by default) and print one line per module."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("modules", nargs="*", help=f"any of {', '.join(TARGETS)}; all by default")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument(
+        "--table", action="store_true", help="print the last figures as Markdown and exit"
+    )
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.modules or list(TARGETS)))
+        return 0
+    unknown = [m for m in args.modules if m not in TARGETS]
+    if unknown:
+        parser.error(f"unknown module {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    failed = False
+    for name in args.modules or list(TARGETS):
+        work = prepare(name, TARGETS[name])
+        started = time.monotonic()
+        log = work / "run.log"
+        with log.open("w") as out:
+            run = subprocess.run(
+                [mutmut, "run", "--max-children", str(args.children)],
+                cwd=work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if run.returncode == 0:
+            # On a loaded machine a mutant can pass its tests by luck of timing (a
+            # deadline met, a retry fired late): survivors are tried once more, alone.
+            alive = [m.split(": ")[0] for m in summarise(work, TARGETS[name])["alive"]]
+            if alive:
+                with log.open("a") as out:
+                    run = subprocess.run(
+                        [mutmut, "run", "--max-children", "1", *alive],
+                        cwd=work,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        check=False,
+                    )
+        took = time.monotonic() - started
+        if run.returncode != 0:
+            print(f"{name}: mutmut exited {run.returncode}; see {log}", flush=True)
+            failed = True
+            continue
+        summary = summarise(work, TARGETS[name]) | {"seconds": round(took)}
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(
+            f"{name}: {summary['score']}% killed {summary['counts']} in {took:.0f}s"
+            + (f"; left out {summary['left_out']}" if summary["left_out"] else ""),
+            flush=True,
+        )
+        for mutant in summary["alive"]:
+            print(f"    {mutant}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
