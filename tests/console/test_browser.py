@@ -7,6 +7,7 @@ would and save a screenshot of each page to ``test-artifacts/console/``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -70,16 +71,16 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole system, as ``orderflow up`` runs it, with one email worker."""
-    data_dir = tmp_path_factory.mktemp("console-stack")
+@contextlib.contextmanager
+def running_up(data_dir: Path, **env: str) -> Iterator[Stack]:
+    """``orderflow up`` with one email worker in ``data_dir`` (``env`` added), until exit."""
     port = free_port()
-    env = clean_env(ORDERFLOW_DATA_DIR=str(data_dir), ORDERFLOW_REDIS_APPENDFSYNC="no")
+    environment = clean_env(ORDERFLOW_DATA_DIR=str(data_dir), ORDERFLOW_REDIS_APPENDFSYNC="no")
+    environment.update(env)
     log = open(data_dir / "up.log", "wb")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "orderflow", "up", "--port", str(port), "--workers", "1"],
-        env=env,
+        env=environment,
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -100,8 +101,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log.close()
 
 
-@pytest.fixture(scope="module")
-def browser(chromium: Path) -> Iterator[Browser]:
+@contextlib.contextmanager
+def launched_chromium(chromium: Path) -> Iterator[Browser]:
     """Headless Chromium with background networking off."""
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
@@ -109,6 +110,20 @@ def browser(chromium: Path) -> Iterator[Browser]:
         )
         yield launched
         launched.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole system, as ``orderflow up`` runs it, with one email worker."""
+    with running_up(tmp_path_factory.mktemp("console-stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Path) -> Iterator[Browser]:
+    """Headless Chromium with background networking off."""
+    with launched_chromium(chromium) as launched:
+        yield launched
 
 
 @pytest.fixture

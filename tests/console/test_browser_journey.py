@@ -9,9 +9,6 @@ order is retried then sent and another is dead-lettered. Screenshots go to
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -22,14 +19,13 @@ from typing import Any
 import orjson
 import pytest
 
-from orderflow.embedded.redis_server import free_port
 from orderflow.embedded.smtp_server import SmtpServer
-from tests.support import clean_env, order_id_of, poll_until
+from tests.support import order_id_of, poll_until
 
-from .test_browser import CHROMIUM_ARGS, Stack, _healthy, chromium, shot
+from .test_browser import Stack, chromium, launched_chromium, running_up, shot
 
 try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Page, expect
 except ImportError:  # pragma: no cover - test_browser skips the module the same way
     pytest.skip("playwright is not installed", allow_module_level=True)
 
@@ -84,46 +80,15 @@ def flaky_smtp() -> Iterator[str]:
 def stack(tmp_path_factory: pytest.TempPathFactory, flaky_smtp: str) -> Iterator[Stack]:
     """``orderflow up`` sending through the flaky server, retrying quickly."""
     data_dir = tmp_path_factory.mktemp("journey-stack")
-    port = free_port()
-    env = clean_env(
-        ORDERFLOW_DATA_DIR=str(data_dir),
-        ORDERFLOW_REDIS_APPENDFSYNC="no",
-        ORDERFLOW_SMTP_URL=flaky_smtp,
-        ORDERFLOW_RETRY_BASE_MS="100",
-    )
-    log = open(data_dir / "up.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orderflow", "up", "--port", str(port), "--workers", "1"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        poll_until(lambda: _healthy(url) or process.poll() is not None, 60, what="orderflow up")
-        if process.poll() is not None:
-            raise AssertionError((data_dir / "up.log").read_text())
-        yield Stack(url, data_dir, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with running_up(data_dir, ORDERFLOW_SMTP_URL=flaky_smtp, ORDERFLOW_RETRY_BASE_MS="100") as up:
+        yield up
 
 
 @pytest.fixture(scope="module")
 def browser(chromium: Path) -> Iterator[Browser]:
     """Headless Chromium with background networking off."""
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS
-        )
+    with launched_chromium(chromium) as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
