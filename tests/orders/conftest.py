@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +12,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from fastapi import FastAPI
 from pydantic import SecretStr
 
 from orderflow.config import Settings
 from orderflow.orders import create_app
+from orderflow.orders.database import MIGRATIONS_DIR, Database
 from orderflow.orders.runtime import OrderRuntime
 from orderflow.orders.schema import idempotency_keys, orders, outbox
 from tests.support import wait_until
@@ -114,3 +117,16 @@ async def stream_events(redis: aioredis.Redis, stream: str = "orders") -> list[d
 async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     """Await ``check()`` until it is True."""
     await wait_until(check, timeout)
+
+
+@contextmanager
+def migrated_to(db: Database, revision: str) -> Iterator[sa.Connection]:
+    """A transaction on ``db`` with the schema migrated only up to ``revision``: for rows
+    that predate the later migrations (``db.migrate()`` then takes it to the head)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    with db.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+        yield conn

@@ -12,15 +12,13 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from pydantic import ValidationError
 
 from orderflow.config import Settings
-from orderflow.orders.database import MIGRATIONS_DIR, Database
+from orderflow.orders.database import Database
 from orderflow.orders.repository import StoredOrder, lab_message, order_event
 
-from .conftest import Api, make_settings, running_api, stream_events
+from .conftest import Api, make_settings, migrated_to, running_api, stream_events
 
 V2_BODY: dict[str, Any] = {
     "customer": {"email": "Alice@EXAMPLE.com", "name": "Alice Liddell"},
@@ -152,12 +150,7 @@ def test_pubsub_gets_the_labs_flat_json_of_a_v2_event() -> None:
 async def test_migration_adds_customer_name_to_existing_orders(database_url: str) -> None:
     db = Database(database_url)
     try:
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        config.set_main_option("path_separator", "os")
-        with db.engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0001")
+        with migrated_to(db, "0001") as conn:
             conn.execute(
                 sa.text(
                     "INSERT INTO orders (id, email, total, currency, items, created_at,"

@@ -5,13 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 
 from orderflow.bus import Message
-from orderflow.orders.database import MIGRATIONS_DIR, Database
+from orderflow.orders.database import Database
 from orderflow.orders.outbox import Outbox
-from tests.orders.conftest import database_url
+from tests.orders.conftest import database_url, migrated_to
 
 __all__ = ["database_url"]
 
@@ -22,12 +20,7 @@ TRACE = {
 
 
 def _at_0001(db: Database) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("path_separator", "os")
-    with db.engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
+    with migrated_to(db, "0001") as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO outbox (stream, event_id, order_id, headers, data, created_at)"
