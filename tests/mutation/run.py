@@ -84,6 +84,9 @@ TARGETS: dict[str, Target] = {
             "tests/orders/test_store.py",
             "tests/orders/test_outbox_lease.py",
             "tests/orders/test_relay_failures.py",
+            # The relay against Redis answering XADD with an error reply (its own server).
+            "tests/orders/test_relay_errors.py",
+            "tests/orders/test_relay_lifecycle.py",
         ),
     ),
     "engine": Target(
@@ -109,7 +112,16 @@ TARGETS: dict[str, Target] = {
             "src/orderflow/bus/consume/partitioned.py",
             "src/orderflow/bus/consume/supervised.py",
         ),
-        ("tests/bus",),
+        # In-process tests only: tests/bus/test_poison.py and tests/cluster/test_ordered.py
+        # drive subprocesses or a cluster of their own (minutes), and the engine's own
+        # tests never build these classes.
+        (
+            "tests/bus/test_ordered.py",
+            "tests/bus/test_ordered_deleted.py",
+            "tests/bus/test_partitioned.py",
+            "tests/bus/test_supervised.py",
+            "tests/cluster/test_supervised_worker.py",
+        ),
     ),
 }
 

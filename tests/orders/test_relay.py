@@ -205,3 +205,61 @@ def _listening(db: Database) -> bool:
             {"listen": f"LISTEN {NOTIFY_CHANNEL}"},
         ).scalar_one()
     return bool(count)
+
+
+def _listener_pids(db: Database) -> list[int]:
+    """The server processes of the sessions LISTENing on the outbox channel."""
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query = :listen"
+            ),
+            {"listen": f"LISTEN {NOTIFY_CHANNEL}"},
+        ).all()
+    return [row.pid for row in rows]
+
+
+def _terminate(db: Database, pids: list[int]) -> None:
+    with db.read() as conn:
+        for pid in pids:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+@pytest.mark.postgres
+async def test_relay_listens_again_after_its_listen_connection_is_cut(
+    postgres_url: str, aredis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="orderflow.orders.relay")
+    relay_db, writer_db = Database(postgres_url), Database(postgres_url)
+    try:
+        await relay_db.run(relay_db.migrate)
+        await writer_db.run(_fill, writer_db, 1)
+        relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=IDLE_POLL)
+        task = asyncio.create_task(relay.run())
+        try:
+            # The first pass publishes the row already there; then the relay waits 60 s.
+            await wait_until(lambda: relay.stats.published == 1, what="the first row out")
+            first = await wait_until(
+                lambda: writer_db.run(_listener_pids, writer_db), what="the relay's LISTEN"
+            )
+            await writer_db.run(_terminate, writer_db, first)
+
+            async def listening_again() -> bool:
+                pids = await writer_db.run(_listener_pids, writer_db)
+                return bool(pids) and not set(pids) & set(first)
+
+            await wait_until(listening_again, what="a new LISTEN session")
+            failed = [
+                m for m in caplog.messages if m.startswith("relay LISTEN connection failed: ")
+            ]
+            assert len(failed) == 1
+            # Only a NOTIFY can wake the relay before its 60 s poll.
+            await writer_db.run(_fill, writer_db, 1)
+            await wait_until(lambda: _length_is(aredis, 2), what="a NOTIFY wake-up")
+        finally:
+            relay.stop()
+            await task
+    finally:
+        relay_db.close()
+        writer_db.close()

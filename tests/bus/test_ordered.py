@@ -1,0 +1,362 @@
+"""Ordered mode in one process on one Redis: leases, shares, stats and failures.
+
+The lease here is 300 ms (renewed every 100 ms) so that a rebalance takes a fraction of
+a second; nothing else is shortened. ``tests/cluster/test_ordered.py`` runs the same
+worker on a cluster, with the default timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig
+from orderflow.bus.consume.ordered import OrderedWorker, lease_key, members_key
+from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout
+from tests.support import wait_until
+
+GROUP = "email-service"
+LEASE_MS = 300
+LAYOUT = PartitionLayout("orders", 4)
+
+
+def _config(consumer: str, **options: Any) -> WorkerConfig:
+    options.setdefault("block_ms", 50)
+    return WorkerConfig(
+        stream=LAYOUT.names[0],
+        group=GROUP,
+        consumer=consumer,
+        claim_idle_ms=LEASE_MS,
+        **options,
+    )
+
+
+async def _ignore(delivery: Delivery) -> None:
+    pass
+
+
+@asynccontextmanager
+async def running(worker: OrderedWorker) -> AsyncIterator[asyncio.Task[Any]]:
+    """``worker`` running in a task, stopped (and its result awaited) on the way out."""
+    task = asyncio.create_task(worker.run())
+    try:
+        yield task
+    finally:
+        worker.stop()
+        await asyncio.wait_for(asyncio.shield(task), 15)
+
+
+async def _publish(redis: aioredis.Redis, keys: list[int]) -> None:
+    """One event per key, each to its key's partition, ``n`` numbering them in order."""
+    publisher = PartitionedPublisher(redis)
+    await publisher.publish_keyed(
+        LAYOUT,
+        [(key, Message.event("order.step", {"n": n}, source="test")) for n, key in enumerate(keys)],
+    )
+
+
+def _indexes(worker: OrderedWorker) -> list[int]:
+    return [LAYOUT.names.index(name) for name in worker.owned]
+
+
+async def _lease_holders(redis: aioredis.Redis) -> dict[str, bytes | None]:
+    return {name: await redis.get(lease_key(name, GROUP)) for name in LAYOUT.names}
+
+
+async def _members(redis: aioredis.Redis) -> list[bytes]:
+    members: list[bytes] = await redis.zrange(members_key(LAYOUT.stream, GROUP), 0, -1)  # type: ignore[assignment]
+    return members
+
+
+async def _members_are(redis: aioredis.Redis, names: list[bytes]) -> bool:
+    return sorted(await _members(redis)) == names
+
+
+def test_an_ordered_worker_reads_one_entry_at_a_time_within_a_third_of_the_lease(
+    aredis: aioredis.Redis,
+) -> None:
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1", concurrency=8, block_ms=1000), _ignore)
+    assert worker.config.stream == LAYOUT.names[0]
+    assert worker.config.concurrency == 1
+    assert worker.config.block_ms == LEASE_MS // 3
+    assert worker.lease_ms == LEASE_MS
+    assert worker.consumer == "w1"
+    assert worker.owned == []
+    # A short read stays as asked; a tiny lease still reads for 10 ms at least.
+    assert OrderedWorker(aredis, LAYOUT, _config("w1", block_ms=50), _ignore).config.block_ms == 50
+    tiny = WorkerConfig(stream="orders", group=GROUP, claim_idle_ms=15, block_ms=1000)
+    assert OrderedWorker(aredis, LAYOUT, tiny, _ignore).config.block_ms == 10
+
+
+async def test_an_ordered_worker_refuses_a_burst_run(aredis: aioredis.Redis) -> None:
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1"), _ignore)
+    with pytest.raises(ValueError, match="ordered mode has no burst run"):
+        await worker.run(burst=True)
+
+
+async def test_a_lone_worker_leases_every_partition_and_consumes_what_was_there_before(
+    aredis: aioredis.Redis,
+) -> None:
+    # Published before any group exists: the groups start at the stream's beginning.
+    await _publish(aredis, list(range(8)))
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.entry_id)
+
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1"), handler)
+    async with running(worker) as task:
+        await worker.wait_started()
+        await wait_until(lambda: worker.owned == LAYOUT.names, what="every partition owned")
+        assert await _lease_holders(aredis) == dict.fromkeys(LAYOUT.names, b"w1")
+        for name in LAYOUT.names:
+            assert 0 < await aredis.pttl(lease_key(name, GROUP)) <= LEASE_MS
+        assert await _members(aredis) == [b"w1"]
+        assert 0 < await aredis.pttl(members_key(LAYOUT.stream, GROUP)) <= LEASE_MS * 10
+        await wait_until(lambda: len(seen) == 8, what="the 8 entries handled")
+    stats = task.result()
+    assert stats.handled == 8
+    assert worker.stats.handled == 8
+    # Stopping gave every lease up and left the membership set.
+    assert await _lease_holders(aredis) == dict.fromkeys(LAYOUT.names)
+    assert await _members(aredis) == []
+
+
+async def test_two_workers_split_the_partitions_by_rank_and_the_survivor_takes_all_back(
+    aredis: aioredis.Redis,
+) -> None:
+    first = OrderedWorker(aredis, LAYOUT, _config("w1"), _ignore)
+    second = OrderedWorker(aredis, LAYOUT, _config("w2"), _ignore)
+    async with running(first):
+        await wait_until(lambda: first.owned == LAYOUT.names, what="w1 owning everything")
+        async with running(second):
+
+            def split() -> bool:
+                return len(first.owned) == len(second.owned) == 2
+
+            await wait_until(split, what="two partitions each")
+            assert sorted(first.owned + second.owned) == sorted(LAYOUT.names)
+            # Partition i belongs to the member i % 2: each keeps one parity.
+            assert len({i % 2 for i in _indexes(first)}) == 1
+            assert len({i % 2 for i in _indexes(second)}) == 1
+            holders = await _lease_holders(aredis)
+            assert {n for n, h in holders.items() if h == b"w1"} == set(first.owned)
+            assert {n for n, h in holders.items() if h == b"w2"} == set(second.owned)
+            await wait_until(lambda: _members_are(aredis, [b"w1", b"w2"]), what="2 members")
+        # w2 left the set on its way out, not a lease later (w1's entry lives on).
+        assert b"w2" not in await _members(aredis)
+        await wait_until(lambda: _members_are(aredis, [b"w1"]), what="w1 the only member")
+        await wait_until(lambda: first.owned == LAYOUT.names, what="w1 taking all back")
+
+
+async def test_each_partition_is_handled_in_order_one_entry_at_a_time(
+    aredis: aioredis.Redis,
+) -> None:
+    keys = [n % 4 for n in range(24)]
+    await _publish(aredis, keys)
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+    order: dict[str, list[int]] = {}
+
+    async def handler(delivery: Delivery) -> None:
+        stream = delivery.stream
+        in_flight[stream] = in_flight.get(stream, 0) + 1
+        most[stream] = max(most.get(stream, 0), in_flight[stream])
+        await asyncio.sleep(0.005)  # work, so that a second lane would overlap this one
+        order.setdefault(stream, []).append(delivery.message.data["n"])
+        in_flight[stream] -= 1
+
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1", concurrency=8), handler)
+    async with running(worker) as task:
+        await wait_until(lambda: sum(map(len, order.values())) == 24, what="24 entries")
+    assert task.result().handled == 24
+    assert set(most.values()) == {1}
+    for numbers in order.values():
+        assert numbers == sorted(numbers)
+
+
+async def test_the_stats_keep_what_partitions_given_up_did_and_held_counts_entries_in_hand(
+    aredis: aioredis.Redis,
+) -> None:
+    await _publish(aredis, [0, 1, 2, 3])
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.message.data["n"] >= 4:
+            await release.wait()
+        handled.append(delivery.entry_id)
+
+    first = OrderedWorker(aredis, LAYOUT, _config("w1"), handler)
+    second = OrderedWorker(aredis, LAYOUT, _config("w2"), handler)
+    async with running(first) as first_task:
+        await wait_until(lambda: first.stats.handled == 4, what="w1 handling 4")
+        async with running(second):
+            await wait_until(lambda: len(second.owned) == 2, what="w2 taking two partitions")
+            # Two partitions were given up: what their workers did still counts.
+            assert first.stats.handled == 4
+            assert first.held == second.held == 0
+            # One entry that waits for ``release`` in each partition.
+            publisher = StreamPublisher(aredis)
+            for name in LAYOUT.names:
+                await publisher.publish(name, Message.event("order.step", {"n": 4}, source="t"))
+            await wait_until(lambda: first.held + second.held == 4, what="4 entries in hand")
+            assert first.held == second.held == 2
+            release.set()
+            await wait_until(lambda: len(handled) == 8, what="every entry handled")
+        assert second.stats.handled == 2
+    assert first_task.result().handled == 6
+
+
+async def test_a_lease_lost_stops_its_partition_and_leaves_the_new_holder_alone(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.partition_workers")
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1"), _ignore)
+    stolen = LAYOUT.names[1]
+    async with running(worker):
+        await wait_until(lambda: worker.owned == LAYOUT.names, what="every partition owned")
+        await aredis.set(lease_key(stolen, GROUP), "intruder", px=60_000)
+        await wait_until(lambda: stolen not in worker.owned, what="the lost partition stopped")
+        assert f"lease of partition {stolen} lost; stopping it" in caplog.messages
+        await wait_until(
+            lambda: f"worker w1 gave partition {stolen} up" in caplog.messages,
+            what="its worker stopped",
+        )
+        assert f"worker w1 took partition {stolen}" in caplog.messages
+        # The rebalances after it cannot take it back while the other holder's lease runs.
+        renewals = await aredis.pttl(lease_key(LAYOUT.names[0], GROUP))
+        await wait_until(
+            lambda: _renewed_since(aredis, LAYOUT.names[0], renewals), what="a later renewal"
+        )
+        assert stolen not in worker.owned
+    assert await aredis.get(lease_key(stolen, GROUP)) == b"intruder"
+
+
+async def _renewed_since(redis: aioredis.Redis, name: str, pttl: int) -> bool:
+    return bool(await redis.pttl(lease_key(name, GROUP)) > pttl)
+
+
+class FailingScripts(aioredis.Redis):
+    """A client whose Lua scripts (the membership and the leases) fail while ``failing``."""
+
+    failing = False
+    calls = 0
+
+    async def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            self.calls += 1
+            raise RedisConnectionError("Connection refused (planted)")
+        return await super().evalsha(*args, **kwargs)
+
+
+async def test_rebalance_failures_are_waited_out_and_logged_first_and_every_20th_in_a_row(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = FailingScripts.from_url(redis_url)
+    assert isinstance(client, FailingScripts)
+    client.failing = True
+    worker = OrderedWorker(client, LAYOUT, _config("w1"), _ignore)
+
+    def logged() -> int:
+        return caplog.messages.count(
+            "ordered worker cannot rebalance: Connection refused (planted)"
+        )
+
+    try:
+        async with running(worker):
+            # A worker that could not rebalance yet has still started.
+            await asyncio.wait_for(worker.wait_started(), 10)
+            await wait_until(lambda: client.calls >= 21, what="21 failed rebalances")
+            assert logged() == 2  # the 1st and the 20th
+            assert worker.owned == []
+            client.failing = False
+            await wait_until(lambda: worker.owned == LAYOUT.names, what="partitions taken")
+            # A good rebalance starts the count again: the next failure is a 1st.
+            client.calls = 0
+            client.failing = True
+            await wait_until(lambda: client.calls >= 1, what="a failure after the good ones")
+            await wait_until(lambda: logged() == 3, what="that failure logged")
+        # Stopping while Redis fails still ends the run.
+    finally:
+        await client.aclose()
+
+
+class FailingGroups(aioredis.Redis):
+    """A client whose XGROUP CREATE fails ``failures`` times (or always, with -1)."""
+
+    failures = 0
+    calls = 0
+
+    async def xgroup_create(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise RedisConnectionError("Connection refused (planted)")
+        return await super().xgroup_create(*args, **kwargs)
+
+
+async def test_creating_the_groups_is_retried_until_redis_answers(redis_url: str) -> None:
+    client = FailingGroups.from_url(redis_url)
+    assert isinstance(client, FailingGroups)
+    client.failures = 2
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.entry_id)
+
+    try:
+        worker = OrderedWorker(client, LAYOUT, _config("w1"), handler)
+        async with running(worker):
+            await wait_until(lambda: worker.owned == LAYOUT.names, what="every partition owned")
+            await _publish(client, [0, 1, 2, 3])
+            await wait_until(lambda: len(seen) == 4, what="4 entries handled")
+        assert client.failures == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_worker_stopped_while_it_cannot_create_its_groups_raises_the_error(
+    redis_url: str,
+) -> None:
+    client = FailingGroups.from_url(redis_url)
+    assert isinstance(client, FailingGroups)
+    client.failures = -1
+    try:
+        worker = OrderedWorker(client, LAYOUT, _config("w1"), _ignore)
+        task = asyncio.create_task(worker.run())
+        await wait_until(lambda: client.calls >= 2, what="a retry")
+        worker.stop()
+        with pytest.raises(RedisConnectionError, match="planted"):
+            await asyncio.wait_for(task, 10)
+    finally:
+        await client.aclose()
+
+
+async def test_a_partition_whose_handler_hangs_past_the_shutdown_timeout_is_cancelled(
+    aredis: aioredis.Redis,
+) -> None:
+    await _publish(aredis, [0])
+    started = asyncio.Event()
+
+    async def hang(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1", shutdown_timeout_s=0.1), hang)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+    finally:
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    assert stats.handled == 0
+    assert worker.owned == []
+    assert await _lease_holders(aredis) == dict.fromkeys(LAYOUT.names)

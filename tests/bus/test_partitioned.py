@@ -1,0 +1,91 @@
+"""PartitionedWorker on one Redis: a competing consumer on every partition of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig
+from orderflow.bus.consume import PartitionedWorker
+from orderflow.bus.partitions import PartitionLayout
+from tests.support import wait_until
+
+LAYOUT = PartitionLayout("orders", 4)
+
+
+def _config(concurrency: int = 64) -> WorkerConfig:
+    return WorkerConfig(
+        stream="orders", group="g", consumer="c1", block_ms=50, concurrency=concurrency
+    )
+
+
+async def _ignore(delivery: Delivery) -> None:
+    pass
+
+
+async def _one_per_partition(redis: aioredis.Redis, layout: PartitionLayout) -> None:
+    publisher = StreamPublisher(redis)
+    for name in layout.names:
+        await publisher.publish(name, Message.event("order.step", {}, source="test"))
+
+
+def test_the_concurrency_is_shared_out_over_the_partitions_at_least_4_each(
+    aredis: aioredis.Redis,
+) -> None:
+    worker = PartitionedWorker(aredis, LAYOUT, _config(20), _ignore)
+    assert worker.config.stream == LAYOUT.names[0]
+    assert worker.config.concurrency == 5
+    assert worker.consumer == "c1"
+    assert [w.config.stream for w in worker.workers] == LAYOUT.names
+    assert {w.config.concurrency for w in worker.workers} == {5}
+    assert {w.consumer for w in worker.workers} == {"c1"}
+    # Rounded up, and never below 4.
+    assert (
+        PartitionedWorker(
+            aredis, PartitionLayout("orders", 3), _config(13), _ignore
+        ).config.concurrency
+        == 5
+    )
+    assert PartitionedWorker(aredis, LAYOUT, _config(10), _ignore).config.concurrency == 4
+
+
+async def test_a_burst_run_drains_every_partition_and_adds_their_stats_up(
+    aredis: aioredis.Redis,
+) -> None:
+    await _one_per_partition(aredis, LAYOUT)
+    await _one_per_partition(aredis, LAYOUT)
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.stream)
+
+    worker = PartitionedWorker(aredis, LAYOUT, _config(), handler)
+    stats = await asyncio.wait_for(worker.run(burst=True), 10)
+    assert stats.handled == 8
+    assert worker.stats.handled == 8
+    assert sorted(seen) == sorted(LAYOUT.names * 2)
+
+
+async def test_entries_in_hand_are_counted_over_every_partition_until_stop(
+    aredis: aioredis.Redis,
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        await release.wait()
+
+    worker = PartitionedWorker(aredis, LAYOUT, _config(), handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.wait_started(), 10)
+        await _one_per_partition(aredis, LAYOUT)
+        await wait_until(lambda: worker.held == 4, what="an entry in hand per partition")
+        release.set()
+        await wait_until(lambda: worker.stats.handled == 4, what="the 4 handled")
+    finally:
+        release.set()
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    assert stats.handled == 4
+    assert worker.held == 0

@@ -1,0 +1,195 @@
+"""The relay's settings, its idle back-off between passes, giving the SQLite lease up on
+close, and the PRODUCER spans it records (each test kills mutants the end-to-end relay
+tests let live: see docs/MUTATION.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from orderflow import tracing
+from orderflow.bus import tracing as bus_tracing
+from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+from orderflow.orders import relay as relay_module
+from tests.support import order_body
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    yield db
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"batch_size": 0}, "RelayConfig.batch_size must be at least 1, got 0"),
+        ({"min_poll_s": 0.0}, "RelayConfig needs 0 < min_poll_s <= max_poll_s"),
+        ({"min_poll_s": 0.6, "max_poll_s": 0.5}, "RelayConfig needs 0 < min_poll_s <= max_poll_s"),
+        ({"lease_ttl_s": 1.0}, "RelayConfig.lease_ttl_s must exceed twice max_poll_s"),
+        ({"retry_max_s": 0.0}, "RelayConfig.retry_max_s must be positive"),
+    ],
+)
+def test_a_relay_config_out_of_bounds_is_refused_naming_the_setting(
+    options: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(error)}$"):
+        RelayConfig(**options)
+
+
+def test_a_relay_config_at_its_bounds_is_accepted() -> None:
+    config = RelayConfig(batch_size=1, min_poll_s=0.5, max_poll_s=0.5, lease_ttl_s=1.01)
+    assert (config.batch_size, config.min_poll_s, config.max_poll_s) == (1, 0.5, 0.5)
+    assert RelayConfig(retry_max_s=0.01).retry_max_s == 0.01
+
+
+class _Waits:
+    """``asyncio`` for the relay module, except that ``wait_for`` returns at once (as if
+    its timeout passed) and records that timeout: the relay's idle waits, without time."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> None:
+        awaitable.close()
+        self.timeouts.append(timeout)
+        raise TimeoutError
+
+
+async def test_an_idle_relay_doubles_its_wait_up_to_max_poll_and_resets_after_work(
+    database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = OutboxRelay(
+        OrderStore(database, stream="orders"),
+        aredis,
+        config=RelayConfig(min_poll_s=0.02, max_poll_s=0.5),
+    )
+    # What each pass published: six idle passes, one with work, two idle ones.
+    outcomes = [0, 0, 0, 0, 0, 0, 3, 0, 0]
+
+    async def publish_pending() -> int:
+        published = outcomes.pop(0)
+        if not outcomes:
+            relay.stop()
+        return published
+
+    waits = _Waits()
+    monkeypatch.setattr(relay, "publish_pending", publish_pending)
+    monkeypatch.setattr(relay_module, "asyncio", waits)
+    await relay.run()
+    assert waits.timeouts == pytest.approx([0.04, 0.08, 0.16, 0.32, 0.5, 0.5, 0.02, 0.04, 0.08])
+
+
+def _counting_releases(store: OrderStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    released: list[str] = []
+    release = store.release_lease
+
+    def counting(holder: str) -> None:
+        released.append(holder)
+        release(holder)
+
+    monkeypatch.setattr(store, "release_lease", counting)
+    return released
+
+
+async def test_close_gives_the_sqlite_lease_up_once_and_only_when_held(
+    database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = OrderStore(database, stream="orders")
+    released = _counting_releases(store, monkeypatch)
+    relay = OutboxRelay(store, aredis, name="a")
+    await relay.close()  # never held: nothing to give up
+    assert released == []
+    assert await relay.publish_pending() == 0  # takes the lease
+    assert relay.is_leader
+    await relay.close()
+    await relay.close()
+    assert released == ["a"]
+    assert not relay.is_leader
+    assert store.acquire_lease("b", 15.0)  # free at once, not after the TTL
+
+
+async def test_close_shrugs_off_a_database_error_while_giving_the_lease_up(
+    database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = OrderStore(database, stream="orders")
+    relay = OutboxRelay(store, aredis, name="a")
+    assert await relay.publish_pending() == 0
+
+    def broken(holder: str) -> None:
+        raise sa.exc.OperationalError("UPDATE relay_lease", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(store, "release_lease", broken)
+    await relay.close()
+    assert not relay.is_leader
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """Tracing on in this process, into memory (a provider of the test's own)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(bus_tracing, "enabled", bus_tracing.enabled)
+    monkeypatch.setattr(bus_tracing, "_tracer", None)
+    monkeypatch.setattr(tracing, "enabled", True)
+    bus_tracing.activate(provider.get_tracer("test"))
+    return exporter
+
+
+def _fill(db: Database, count: int) -> None:
+    store = OrderStore(db, stream="orders")
+    for n in range(count):
+        store.create(OrderRequest.model_validate(order_body(n)))
+
+
+async def test_each_event_is_published_with_its_own_ended_producer_span(
+    database: Database, aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    await database.run(_fill, database, 2)
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    assert await relay.publish_pending() == 2
+    finished = spans.get_finished_spans()
+    assert [(s.name, s.kind) for s in finished] == [("send orders", SpanKind.PRODUCER)] * 2
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await aredis.xrange("orders")  # type: ignore[assignment]
+    parents = [fields[b"traceparent"].decode() for _, fields in entries]
+    # Each entry carries its own span's context (and the fields it had before).
+    assert parents == [
+        f"00-{s.context.trace_id:032x}-{s.context.span_id:016x}-{s.context.trace_flags:02x}"
+        for s in finished
+    ]
+    assert all(b"data" in fields and b"ce_id" in fields for _, fields in entries)
+
+
+async def test_a_failed_publish_ends_every_span_with_the_error(
+    database: Database, aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    await database.run(_fill, database, 2)
+    await aredis.set("orders", "not a stream")  # XADD answers WRONGTYPE
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await relay.publish_pending()
+    finished = spans.get_finished_spans()
+    assert len(finished) == 2
+    for span in finished:
+        (event,) = span.events
+        assert event.name == "exception"
+        assert event.attributes is not None
+        assert "WRONGTYPE" in str(event.attributes["exception.message"])
+    assert await database.run(OrderStore(database, stream="orders").backlog) == 2
