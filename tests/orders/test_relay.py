@@ -207,6 +207,17 @@ def _listening(db: Database) -> bool:
     return bool(count)
 
 
+async def _run_then_look(relay: OutboxRelay) -> list[asyncio.Task[Any]]:
+    """Run ``relay``; then, before anything else runs, its listener tasks still going."""
+    await relay.run()
+    return _listener_tasks()
+
+
+def _listener_tasks() -> list[asyncio.Task[Any]]:
+    """The relay's LISTEN tasks not finished yet."""
+    return [t for t in asyncio.all_tasks() if t.get_name() == "orderflow-relay-listen"]
+
+
 def _listener_pids(db: Database) -> list[int]:
     """The server processes of the sessions LISTENing on the outbox channel."""
     with db.read() as conn:
@@ -236,7 +247,7 @@ async def test_relay_listens_again_after_its_listen_connection_is_cut(
         await relay_db.run(relay_db.migrate)
         await writer_db.run(_fill, writer_db, 1)
         relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=IDLE_POLL)
-        task = asyncio.create_task(relay.run())
+        task = asyncio.create_task(_run_then_look(relay))
         try:
             # The first pass publishes the row already there; then the relay waits 60 s.
             await wait_until(lambda: relay.stats.published == 1, what="the first row out")
@@ -257,9 +268,13 @@ async def test_relay_listens_again_after_its_listen_connection_is_cut(
             # Only a NOTIFY can wake the relay before its 60 s poll.
             await writer_db.run(_fill, writer_db, 1)
             await wait_until(lambda: _length_is(aredis, 2), what="a NOTIFY wake-up")
+            # The listener runs as a task of its own, named for task dumps ...
+            assert len(_listener_tasks()) == 1
         finally:
             relay.stop()
-            await task
+            left = await task
+        # ... and is over (not merely cancelled) when run() returns.
+        assert left == []
     finally:
         relay_db.close()
         writer_db.close()
