@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -154,6 +154,57 @@ async def test_two_workers_split_the_partitions_by_rank_and_the_survivor_takes_a
         assert b"w2" not in await _members(aredis)
         await wait_until(lambda: _members_are(aredis, [b"w1"]), what="w1 the only member")
         await wait_until(lambda: first.owned == LAYOUT.names, what="w1 taking all back")
+
+
+async def test_an_uneven_split_gives_the_first_by_name_one_more_and_leaves_none_unowned(
+    aredis: aioredis.Redis,
+) -> None:
+    layout = PartitionLayout("orders", 3)
+
+    def worker(name: str) -> OrderedWorker:
+        config = WorkerConfig(
+            stream=layout.names[0], group=GROUP, consumer=name, claim_idle_ms=LEASE_MS, block_ms=50
+        )
+        return OrderedWorker(aredis, layout, config, _ignore)
+
+    # Started in the reverse of name order: rank is by name, not by who came first.
+    second, first = worker("w2"), worker("w1")
+    async with running(second):
+        await wait_until(lambda: second.owned == layout.names, what="w2 owning everything")
+        async with running(first):
+
+            def settled() -> bool:
+                return first.owned == [layout.names[0], layout.names[2]] and second.owned == [
+                    layout.names[1]
+                ]
+
+            # Partition i belongs to member i % 2; w1 (rank 0) takes 3 // 2 + 1.
+            await _settles(aredis, settled, layout, "w1 owning partitions 0 and 2, w2 partition 1")
+
+
+async def test_three_workers_on_four_partitions_own_them_all(aredis: aioredis.Redis) -> None:
+    workers = [OrderedWorker(aredis, LAYOUT, _config(f"w{i}"), _ignore) for i in range(3)]
+    async with running(workers[0]), running(workers[1]), running(workers[2]):
+
+        def settled() -> bool:
+            owned = [n for w in workers for n in w.owned]
+            shares = [len(w.owned) for w in workers]
+            return shares == [2, 1, 1] and sorted(owned) == sorted(LAYOUT.names)
+
+        await _settles(aredis, settled, LAYOUT, "2, 1 and 1 partitions, by rank")
+
+
+async def _settles(
+    redis: aioredis.Redis, check: Callable[[], bool], layout: PartitionLayout, what: str
+) -> None:
+    """Wait for ``check``, then see it still hold after every lease was renewed twice
+    (an ownership that only passes through the state does not count)."""
+    await wait_until(check, what=what)
+    for _ in range(2):
+        ttls = [await redis.pttl(lease_key(name, GROUP)) for name in layout.names]
+        for name, ttl in zip(layout.names, ttls, strict=True):
+            await wait_until(lambda n=name, t=ttl: _renewed_since(redis, n, t), what="a renewal")
+    assert check(), what
 
 
 async def test_each_partition_is_handled_in_order_one_entry_at_a_time(

@@ -39,7 +39,7 @@ _REDIS_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, RedisError)
 
 
 # Registers a member until ARGV[2] ms from now (Redis's clock), forgets expired ones,
-# and returns the live members in name order. One key: one slot on a cluster.
+# and returns the live members (by expiry). One key: one slot on a cluster.
 _MEMBERS_SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -204,13 +204,16 @@ class OrderedWorker:
 
     async def _rebalance(self) -> None:
         cfg = self.config
-        members = [
+        # Ranked by name: the set is scored by expiry, and a worker that just renewed
+        # would otherwise always rank itself last (and two workers could both take
+        # the smaller share, leaving a partition without an owner).
+        members = sorted(
             text(m)
             for m in await self._members(
                 keys=[members_key(self.layout.stream, cfg.group)],
                 args=[self.consumer, self.lease_ms, 1],
             )
-        ]
+        )
         # Renew what is held; a lease lost (expired while paused) stops its consumer.
         for name in list(self._owned):
             renewed = await self._renew(
