@@ -163,7 +163,10 @@ async def test_each_event_is_published_with_its_own_ended_producer_span(
     database: Database, aredis: aioredis.Redis, spans: InMemorySpanExporter
 ) -> None:
     await database.run(_fill, database, 2)
-    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis)
+    store = OrderStore(database, stream="orders")
+    pending = await database.run(store.claim, 10)
+    store.abandon(pending)
+    relay = OutboxRelay(store, aredis)
     assert await relay.publish_pending() == 2
     finished = spans.get_finished_spans()
     assert [(s.name, s.kind) for s in finished] == [("send orders", SpanKind.PRODUCER)] * 2
@@ -174,7 +177,11 @@ async def test_each_event_is_published_with_its_own_ended_producer_span(
         f"00-{s.context.trace_id:032x}-{s.context.span_id:016x}-{s.context.trace_flags:02x}"
         for s in finished
     ]
-    assert all(b"data" in fields and b"ce_id" in fields for _, fields in entries)
+    # ... and the message it had: its id and data.
+    assert [fields[b"ce_id"].decode() for _, fields in entries] == [
+        row.message.id for row in pending.rows
+    ]
+    assert all(b"data" in fields for _, fields in entries)
 
 
 async def test_a_failed_publish_ends_every_span_with_the_error(
