@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from orderflow.bus.message import Message
 from orderflow.config import Settings
 from orderflow.embedded.redis_server import RedisServer
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+from orderflow.orders import relay as relay_module
 from orderflow.orders.outbox import NOTIFY_CHANNEL
 from tests.support import order_body, wait_until
 
@@ -275,6 +277,102 @@ async def test_relay_listens_again_after_its_listen_connection_is_cut(
             left = await task
         # ... and is over (not merely cancelled) when run() returns.
         assert left == []
+    finally:
+        relay_db.close()
+        writer_db.close()
+
+
+class _ListenBackoff:
+    """``asyncio`` for the relay module, in which the LISTEN loop's back-off waits (on
+    the relay's stop event) are recorded and skipped instead of slept; once ``hold_after``
+    of them were recorded, the last one waits for ``resume`` first. Other waits are
+    asyncio's own."""
+
+    def __init__(self, relay: OutboxRelay, hold_after: int) -> None:
+        self.timeouts: list[float] = []
+        self.held = asyncio.Event()
+        self.resume = asyncio.Event()
+        self._stopping = relay._stopping
+        self._hold_after = hold_after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> Any:
+        frame = getattr(awaitable, "cr_frame", None)
+        if frame is None or frame.f_locals.get("self") is not self._stopping:
+            return await asyncio.wait_for(awaitable, timeout)
+        awaitable.close()
+        self.timeouts.append(timeout)
+        if len(self.timeouts) == self._hold_after:
+            self.held.set()
+            await self.resume.wait()
+        raise TimeoutError
+
+
+def _allow_connections(admin_url: str, url: str, allow: bool) -> None:
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            name = url.rsplit("/", 1)[1]
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allow}'))
+    finally:
+        admin.dispose()
+
+
+def _warm(db: Database, connections: int) -> None:
+    """Open ``connections`` pooled connections and give them back (kept by the pool)."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(connections):
+            stack.enter_context(db.read())
+
+
+@pytest.mark.postgres
+async def test_relay_retries_listen_doubling_to_5_s_and_starts_again_after_a_success(
+    postgres_admin_url: str,
+    postgres_url: str,
+    aredis: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG", logger="orderflow.orders.relay")
+    relay_db, writer_db = Database(postgres_url), Database(postgres_url)
+    try:
+        await relay_db.run(relay_db.migrate)
+        await writer_db.run(_fill, writer_db, 1)
+        # The relay's queries use pooled connections; a new one (LISTEN's) is refused.
+        _warm(relay_db, 3)
+        _warm(writer_db, 2)
+        _allow_connections(postgres_admin_url, postgres_url, False)
+        relay = OutboxRelay(OrderStore(relay_db, stream="orders"), aredis, config=IDLE_POLL)
+        waits = _ListenBackoff(relay, hold_after=8)
+        monkeypatch.setattr(relay_module, "asyncio", waits)
+        task = asyncio.create_task(relay.run())
+        try:
+            await wait_until(lambda: relay.stats.published == 1, what="the first row out")
+            await asyncio.wait_for(waits.held.wait(), 10)
+            _allow_connections(postgres_admin_url, postgres_url, True)
+            waits.resume.set()
+            first = await wait_until(
+                lambda: writer_db.run(_listener_pids, writer_db), what="the relay's LISTEN"
+            )
+            # A success starts the count again: the next failure waits the shortest.
+            await writer_db.run(_terminate, writer_db, first)
+            await wait_until(lambda: len(waits.timeouts) == 9, what="the failure after it")
+            assert waits.timeouts == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 0.2])
+            failed = [m for m in caplog.messages if m.startswith("relay LISTEN connection failed")]
+            assert len(failed) == 9
+            assert all("is not currently accepting connections" in m for m in failed[:8])
+            assert "server closed the connection" in failed[8]
+            await wait_until(
+                lambda: writer_db.run(_listener_pids, writer_db), what="LISTEN once more"
+            )
+            await writer_db.run(_fill, writer_db, 1)
+            await wait_until(lambda: _length_is(aredis, 2), what="a NOTIFY wake-up")
+        finally:
+            relay.stop()
+            await task
+            _allow_connections(postgres_admin_url, postgres_url, True)
     finally:
         relay_db.close()
         writer_db.close()
