@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from orderflow import tracing
+from orderflow.bus import Message
 from orderflow.bus import tracing as bus_tracing
+from orderflow.bus.partitions import PartitionLayout
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
 from orderflow.orders import relay as relay_module
 from tests.support import order_body
@@ -200,3 +203,22 @@ async def test_a_failed_publish_ends_every_span_with_the_error(
         assert event.attributes is not None
         assert "WRONGTYPE" in str(event.attributes["exception.message"])
     assert await database.run(OrderStore(database, stream="orders").backlog) == 2
+
+
+async def test_a_traced_event_without_an_order_goes_to_its_own_ids_partition(
+    database: Database, aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    store = OrderStore(database, stream="orders")
+    events = [Message.event("order.note", {"n": n}, source="test") for n in range(4)]
+
+    def enqueue() -> None:
+        with database.write() as conn:
+            store.outbox.enqueue(conn, [(None, event) for event in events], datetime.now(UTC))
+
+    await database.run(enqueue)
+    relay = OutboxRelay(store, aredis, partitions=4)
+    assert await relay.publish_pending() == 4
+    layout = PartitionLayout("orders", 4)
+    for event in events:
+        entries = await aredis.xrange(layout.for_key(event.id))
+        assert event.id.encode() in [fields[b"ce_id"] for _, fields in entries]
