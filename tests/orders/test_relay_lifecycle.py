@@ -222,3 +222,83 @@ async def test_a_traced_event_without_an_order_goes_to_its_own_ids_partition(
     for event in events:
         entries = await aredis.xrange(layout.for_key(event.id))
         assert event.id.encode() in [fields[b"ce_id"] for _, fields in entries]
+
+
+async def test_a_producer_span_continues_its_requests_trace_and_names_the_message(
+    database: Database, aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    store = OrderStore(database, stream="orders")
+    event = Message.event("order.note", {}, source="test")
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    request = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+
+    def enqueue() -> None:
+        with database.write() as conn:
+            store.outbox.enqueue(conn, [(None, event)], datetime.now(UTC), [request])
+
+    await database.run(enqueue)
+    assert await OutboxRelay(store, aredis).publish_pending() == 1
+    (span,) = spans.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == parent_id
+    assert span.attributes is not None
+    assert span.attributes["messaging.message.id"] == event.id
+
+
+def _orders(db: Database) -> list[tuple[int, bool, int]]:
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.text("SELECT id, last_published_at, publish_count FROM orders ORDER BY id")
+        ).all()
+    return [(row.id, row.last_published_at is not None, row.publish_count) for row in rows]
+
+
+async def test_publishing_stamps_each_order_once_with_its_publish_time(
+    database_url: str, aredis: aioredis.Redis
+) -> None:
+    db = Database(database_url)
+    try:
+        await db.run(db.migrate)
+        await db.run(_fill, db, 3)
+        assert [stamped for _, stamped, _ in await db.run(_orders, db)] == [False] * 3
+        store = OrderStore(db, stream="orders")
+        assert await OutboxRelay(store, aredis).publish_pending() == 3
+        assert [(stamped, count) for _, stamped, count in await db.run(_orders, db)] == [
+            (True, 1)
+        ] * 3
+    finally:
+        db.close()
+
+
+async def test_completing_a_batch_twice_changes_nothing_the_second_time(
+    database_url: str,
+) -> None:
+    db = Database(database_url)
+    try:
+        await db.run(db.migrate)
+        await db.run(_fill, db, 2)
+        store = OrderStore(db, stream="orders")
+        batch = await db.run(store.claim, 10)
+        await db.run(store.complete, batch)
+        await db.run(store.complete, batch)
+        store.abandon(batch)
+        assert [count for _, _, count in await db.run(_orders, db)] == [1, 1]
+        assert await db.run(store.backlog) == 0
+    finally:
+        db.close()
+
+
+async def test_a_failed_completion_is_raised_and_leaves_the_batch_pending(
+    database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await database.run(_fill, database, 1)
+    store = OrderStore(database, stream="orders")
+
+    def broken(batch: Any) -> None:
+        raise sa.exc.OperationalError("DELETE FROM outbox", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(store, "complete", broken)
+    with pytest.raises(sa.exc.OperationalError, match="disk I/O error"):
+        await OutboxRelay(store, aredis).publish_pending()
+    assert await database.run(store.backlog) == 1
