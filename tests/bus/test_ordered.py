@@ -1,8 +1,9 @@
 """Ordered mode in one process on one Redis: leases, shares, stats and failures.
 
-The lease here is 300 ms (renewed every 100 ms) so that a rebalance takes a fraction of
-a second; nothing else is shortened. ``tests/cluster/test_ordered.py`` runs the same
-worker on a cluster, with the default timings.
+The lease here is 1 s (renewed every 333 ms, not the default minute) so that a rebalance
+takes a fraction of a second and a lease still outlives a renewal delayed by a loaded
+machine or a coverage-traced run; nothing else is shortened.
+``tests/cluster/test_ordered.py`` runs the same worker on a cluster, default timings.
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout
 from tests.support import wait_until
 
 GROUP = "email-service"
-LEASE_MS = 300
+LEASE_MS = 1000
 LAYOUT = PartitionLayout("orders", 4)
 
 
 def _config(consumer: str, **options: Any) -> WorkerConfig:
     options.setdefault("block_ms", 50)
-    return WorkerConfig(
-        stream=LAYOUT.names[0],
-        group=GROUP,
-        consumer=consumer,
-        claim_idle_ms=LEASE_MS,
-        **options,
-    )
+    options.setdefault("claim_idle_ms", LEASE_MS)
+    return WorkerConfig(stream=LAYOUT.names[0], group=GROUP, consumer=consumer, **options)
 
 
 async def _ignore(delivery: Delivery) -> None:
@@ -199,7 +195,7 @@ async def _settles(
 ) -> None:
     """Wait for ``check``, then see it still hold after every lease was renewed twice
     (an ownership that only passes through the state does not count)."""
-    await wait_until(check, what=what)
+    await wait_until(check, timeout=20, what=what)
     for _ in range(2):
         ttls = [await redis.pttl(lease_key(name, GROUP)) for name in layout.names]
         for name, ttl in zip(layout.names, ttls, strict=True):
@@ -314,7 +310,8 @@ async def test_rebalance_failures_are_waited_out_and_logged_first_and_every_20th
     client = FailingScripts.from_url(redis_url)
     assert isinstance(client, FailingScripts)
     client.failing = True
-    worker = OrderedWorker(client, LAYOUT, _config("w1"), _ignore)
+    # No lease is held while the scripts fail: a short one only makes the rounds quicker.
+    worker = OrderedWorker(client, LAYOUT, _config("w1", claim_idle_ms=150), _ignore)
 
     def logged() -> int:
         return caplog.messages.count(
