@@ -119,8 +119,9 @@ TARGETS: dict[str, Target] = {
             "tests/bus/test_ordered.py",
             "tests/bus/test_ordered_deleted.py",
             "tests/bus/test_partitioned.py",
+            # Not tests/cluster/test_supervised_worker.py: its planted failure is counted on
+            # the class, so it fails only in the first of mutmut's runs in one process.
             "tests/bus/test_supervised.py",
-            "tests/cluster/test_supervised_worker.py",
         ),
     ),
 }
