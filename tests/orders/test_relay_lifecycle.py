@@ -9,8 +9,10 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
@@ -22,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from orderflow import tracing
 from orderflow.bus import Message
 from orderflow.bus import tracing as bus_tracing
-from orderflow.bus.partitions import PartitionLayout
+from orderflow.bus.partitions import PartitionLayout, resolve_layout
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
 from orderflow.orders import relay as relay_module
 from tests.support import order_body
@@ -302,3 +304,93 @@ async def test_a_failed_completion_is_raised_and_leaves_the_batch_pending(
     with pytest.raises(sa.exc.OperationalError, match="disk I/O error"):
         await OutboxRelay(store, aredis).publish_pending()
     assert await database.run(store.backlog) == 1
+
+
+async def test_each_orders_events_go_to_its_order_ids_partition_in_batches(
+    database: Database, aredis: aioredis.Redis
+) -> None:
+    ids = await database.run(_fill_ids, database, 5)
+    relay = OutboxRelay(
+        OrderStore(database, stream="orders"),
+        aredis,
+        config=RelayConfig(batch_size=2),
+        partitions=4,
+    )
+    assert await relay.publish_pending() == 5
+    assert (relay.stats.published, relay.stats.batches) == (5, 3)
+    layout = PartitionLayout("orders", 4)
+    for order_id in ids:
+        entries = await aredis.xrange(layout.for_key(order_id))
+        assert order_id in [orjson.loads(fields[b"data"])["id"] for _, fields in entries]
+
+
+async def test_rows_of_different_streams_each_go_to_their_own_stream_in_order(
+    database: Database, aredis: aioredis.Redis
+) -> None:
+    orders, other = OrderStore(database, stream="orders"), OrderStore(database, stream="other")
+    events = [Message.event("order.note", {"n": n}, source="test") for n in range(4)]
+
+    def enqueue() -> None:
+        with database.write() as conn:
+            for n, event in enumerate(events):
+                store = orders if n in (0, 1, 3) else other
+                store.outbox.enqueue(conn, [(None, event)], datetime.now(UTC))
+
+    await database.run(enqueue)
+    assert await OutboxRelay(orders, aredis).publish_pending() == 4
+
+    async def ids(stream: str) -> list[str]:
+        return [f[b"ce_id"].decode() for _, f in await aredis.xrange(stream)]
+
+    assert await ids("orders") == [events[0].id, events[1].id, events[3].id]
+    assert await ids("other") == [events[2].id]
+
+
+async def test_the_partition_count_is_read_from_redis_at_most_once_a_second(
+    database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(relay_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    asked: list[tuple[str, int | None]] = []
+    resolve = resolve_layout
+
+    async def counting(redis: Any, stream: str, requested: int | None = None) -> Any:
+        asked.append((stream, requested))
+        return await resolve(redis, stream, requested)
+
+    monkeypatch.setattr(relay_module, "resolve_layout", counting)
+    relay = OutboxRelay(OrderStore(database, stream="orders"), aredis, partitions=2)
+    layout = await relay._layout("orders")
+    assert layout.names == PartitionLayout("orders", 2).names
+    clock[0] = 1000.999
+    assert await relay._layout("orders") is layout
+    assert await relay._layout("other") is not None
+    clock[0] = 1001.0  # a second later: read again
+    await relay._layout("orders")
+    assert asked == [("orders", 2), ("other", 2), ("orders", 2)]
+
+
+@pytest.mark.postgres
+async def test_a_second_relay_on_postgres_skips_the_rows_another_holds_without_waiting(
+    postgres_url: str,
+) -> None:
+    db = Database(postgres_url)
+    try:
+        await db.run(db.migrate)
+        await db.run(_fill, db, 2)
+        store = OrderStore(db, stream="orders")
+        first = await db.run(store.claim, 1)
+        try:
+            second = await asyncio.wait_for(db.run(store.claim, 1), 5)
+            assert [r.id for r in second.rows] != [r.id for r in first.rows]
+            assert len(second.rows) == 1
+            store.abandon(second)
+        finally:
+            store.abandon(first)
+    finally:
+        db.close()
+
+
+def _fill_ids(db: Database, count: int) -> list[int]:
+    store = OrderStore(db, stream="orders")
+    return [store.create(OrderRequest.model_validate(order_body(n))).order.id for n in range(count)]
