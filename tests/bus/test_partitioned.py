@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -34,6 +35,7 @@ def test_the_concurrency_is_shared_out_over_the_partitions_at_least_4_each(
     aredis: aioredis.Redis,
 ) -> None:
     worker = PartitionedWorker(aredis, LAYOUT, _config(20), _ignore)
+    assert worker.layout is LAYOUT
     assert worker.config.stream == LAYOUT.names[0]
     assert worker.config.concurrency == 5
     assert worker.consumer == "c1"
@@ -89,3 +91,31 @@ async def test_entries_in_hand_are_counted_over_every_partition_until_stop(
         stats = await asyncio.wait_for(task, 10)
     assert stats.handled == 4
     assert worker.held == 0
+
+
+class FailingClaims(aioredis.Redis):
+    """A client whose first XAUTOCLAIM (a claim loop's) fails."""
+
+    failed = 0
+
+    async def xautoclaim(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed += 1
+            raise AttributeError("planted")
+        return await super().xautoclaim(*args, **kwargs)
+
+
+async def test_a_failed_partition_worker_starts_again_after_the_restart_delay_given(
+    redis_url: str,
+) -> None:
+    client = FailingClaims.from_url(redis_url)
+    assert isinstance(client, FailingClaims)
+    config = WorkerConfig(stream="orders", group="g", block_ms=50, claim_interval_ms=10)
+    worker = PartitionedWorker(client, LAYOUT, config, _ignore, restart_delay_s=0.05)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: sum(w.restarts for w in worker.workers) == 1, what="a restart")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
