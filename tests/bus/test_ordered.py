@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -178,6 +179,34 @@ async def test_an_uneven_split_gives_the_first_by_name_one_more_and_leaves_none_
             await _settles(aredis, settled, layout, "w1 owning partitions 0 and 2, w2 partition 1")
 
 
+@pytest.mark.parametrize(
+    ("others", "consumer", "expected"),
+    [
+        # Rank 1 of 3 on 3 partitions: a share of 1, partition 1 (1 % 3 == rank).
+        (["a", "c"], "b", [1]),
+        # Rank 0 of 2 on 3 partitions: a share of 2, partitions 0 and 2 (i % 2 == 0).
+        (["z"], "b", [0, 2]),
+    ],
+)
+async def test_a_worker_takes_its_share_of_its_own_partitions_and_leaves_the_rest_free(
+    aredis: aioredis.Redis, others: list[str], consumer: str, expected: list[int]
+) -> None:
+    layout = PartitionLayout("orders", 3)
+    # Members that hold nothing (as if just started), registered for a minute.
+    now_ms = int(time.time() * 1000)
+    await aredis.zadd(members_key(layout.stream, GROUP), dict.fromkeys(others, now_ms + 60000))
+    config = WorkerConfig(
+        stream=layout.names[0], group=GROUP, consumer=consumer, claim_idle_ms=LEASE_MS, block_ms=50
+    )
+    worker = OrderedWorker(aredis, layout, config, _ignore)
+    async with running(worker):
+        mine = [layout.names[i] for i in expected]
+        await _settles(aredis, lambda: worker.owned == mine, layout, f"{consumer} owning {mine}")
+        assert [await aredis.get(lease_key(n, GROUP)) for n in layout.names] == [
+            consumer.encode() if n in mine else None for n in layout.names
+        ]
+
+
 async def test_three_workers_on_four_partitions_own_them_all(aredis: aioredis.Redis) -> None:
     workers = [OrderedWorker(aredis, LAYOUT, _config(f"w{i}"), _ignore) for i in range(3)]
     async with running(workers[0]), running(workers[1]), running(workers[2]):
@@ -193,12 +222,13 @@ async def test_three_workers_on_four_partitions_own_them_all(aredis: aioredis.Re
 async def _settles(
     redis: aioredis.Redis, check: Callable[[], bool], layout: PartitionLayout, what: str
 ) -> None:
-    """Wait for ``check``, then see it still hold after every lease was renewed twice
+    """Wait for ``check``, then see it still hold after every lease held was renewed twice
     (an ownership that only passes through the state does not count)."""
     await wait_until(check, timeout=20, what=what)
     for _ in range(2):
-        ttls = [await redis.pttl(lease_key(name, GROUP)) for name in layout.names]
-        for name, ttl in zip(layout.names, ttls, strict=True):
+        held = [n for n in layout.names if await redis.exists(lease_key(n, GROUP))]
+        ttls = [await redis.pttl(lease_key(name, GROUP)) for name in held]
+        for name, ttl in zip(held, ttls, strict=True):
             await wait_until(lambda n=name, t=ttl: _renewed_since(redis, n, t), what="a renewal")
     assert check(), what
 
