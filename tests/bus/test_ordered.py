@@ -438,3 +438,41 @@ async def test_a_partition_whose_handler_hangs_past_the_shutdown_timeout_is_canc
     assert stats.handled == 0
     assert worker.owned == []
     assert await _lease_holders(aredis) == dict.fromkeys(LAYOUT.names)
+
+
+async def test_a_partition_worker_that_does_not_stop_in_time_is_cancelled_and_awaited(
+    aredis: aioredis.Redis,
+) -> None:
+    await _publish(aredis, [0])
+    started = asyncio.Event()
+
+    async def stubborn(delivery: Delivery) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # Ignores the engine's own cancel at its shutdown deadline: the engine then
+            # waits for it, and only the ordered worker's timeout ends the partition.
+            await asyncio.Event().wait()
+
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1", shutdown_timeout_s=0.1), stubborn)
+
+    async def run_then_look() -> list[str]:
+        await worker.run()
+        return [
+            t.get_name()
+            for t in asyncio.all_tasks()
+            if t.get_name().startswith("orderflow-ordered-")
+        ]
+
+    task = asyncio.create_task(run_then_look())
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        assert {f"orderflow-ordered-{name}" for name in LAYOUT.names} <= names
+    finally:
+        worker.stop()
+        left = await asyncio.wait_for(task, 15)
+    # Every partition's task is over (the stubborn one cancelled) when run() returns.
+    assert left == []
+    assert worker.owned == []
