@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from orderflow import tracing
-from orderflow.bus import Message
+from orderflow.bus import Message, Retention
 from orderflow.bus import tracing as bus_tracing
 from orderflow.bus.partitions import PartitionLayout, resolve_layout
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
@@ -394,3 +394,19 @@ async def test_a_second_relay_on_postgres_skips_the_rows_another_holds_without_w
 def _fill_ids(db: Database, count: int) -> list[int]:
     store = OrderStore(db, stream="orders")
     return [store.create(OrderRequest.model_validate(order_body(n))).order.id for n in range(count)]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_the_relay_trims_what_it_publishes_to_its_retention(
+    database: Database, aredis: aioredis.Redis, partitions: int
+) -> None:
+    await database.run(_fill, database, 30)
+    retention = Retention(maxlen=5, trim_every=1, approximate=False)
+    relay = OutboxRelay(
+        OrderStore(database, stream="orders"), aredis, retention=retention, partitions=partitions
+    )
+    assert await relay.publish_pending() == 30
+    layout = PartitionLayout("orders", partitions)
+    streams = ["orders"] if partitions == 1 else layout.names
+    # No group reads them: nothing holds the trim back, each stream keeps its newest 5.
+    assert [await aredis.xlen(s) for s in streams] == [5] * len(streams)
