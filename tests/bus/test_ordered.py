@@ -176,7 +176,13 @@ async def test_an_uneven_split_gives_the_first_by_name_one_more_and_leaves_none_
                 ]
 
             # Partition i belongs to member i % 2; w1 (rank 0) takes 3 // 2 + 1.
-            await _settles(aredis, settled, layout, "w1 owning partitions 0 and 2, w2 partition 1")
+            await _settles(
+                aredis,
+                settled,
+                layout,
+                "w1 owning partitions 0 and 2, w2 partition 1",
+                ["w1", "w2"],
+            )
 
 
 @pytest.mark.parametrize(
@@ -201,7 +207,9 @@ async def test_a_worker_takes_its_share_of_its_own_partitions_and_leaves_the_res
     worker = OrderedWorker(aredis, layout, config, _ignore)
     async with running(worker):
         mine = [layout.names[i] for i in expected]
-        await _settles(aredis, lambda: worker.owned == mine, layout, f"{consumer} owning {mine}")
+        await _settles(
+            aredis, lambda: worker.owned == mine, layout, f"{consumer} owning {mine}", [consumer]
+        )
         assert [await aredis.get(lease_key(n, GROUP)) for n in layout.names] == [
             consumer.encode() if n in mine else None for n in layout.names
         ]
@@ -216,21 +224,36 @@ async def test_three_workers_on_four_partitions_own_them_all(aredis: aioredis.Re
             shares = [len(w.owned) for w in workers]
             return shares == [2, 1, 1] and sorted(owned) == sorted(LAYOUT.names)
 
-        await _settles(aredis, settled, LAYOUT, "2, 1 and 1 partitions, by rank")
+        await _settles(
+            aredis, settled, LAYOUT, "2, 1 and 1 partitions, by rank", ["w0", "w1", "w2"]
+        )
 
 
 async def _settles(
-    redis: aioredis.Redis, check: Callable[[], bool], layout: PartitionLayout, what: str
+    redis: aioredis.Redis,
+    check: Callable[[], bool],
+    layout: PartitionLayout,
+    what: str,
+    consumers: list[str],
 ) -> None:
-    """Wait for ``check``, then see it still hold after every lease held was renewed twice
-    (an ownership that only passes through the state does not count)."""
+    """Wait for ``check``, then see it still hold after each of ``consumers`` rebalanced
+    twice more (an ownership that only passes through the state does not count)."""
     await wait_until(check, timeout=20, what=what)
+    key = members_key(layout.stream, GROUP)
     for _ in range(2):
-        held = [n for n in layout.names if await redis.exists(lease_key(n, GROUP))]
-        ttls = [await redis.pttl(lease_key(name, GROUP)) for name in held]
-        for name, ttl in zip(held, ttls, strict=True):
-            await wait_until(lambda n=name, t=ttl: _renewed_since(redis, n, t), what="a renewal")
+        for consumer in consumers:
+            # Each rebalance registers the worker again, until a later time: a higher score.
+            before = await redis.zscore(key, consumer)
+            await wait_until(
+                lambda c=consumer, b=before: _registered_after(redis, key, c, b),
+                what=f"a rebalance of {consumer}",
+            )
     assert check(), what
+
+
+async def _registered_after(redis: aioredis.Redis, key: str, consumer: str, score: Any) -> bool:
+    now = await redis.zscore(key, consumer)
+    return now is not None and (score is None or now > score)
 
 
 async def test_each_partition_is_handled_in_order_one_entry_at_a_time(
@@ -309,16 +332,11 @@ async def test_a_lease_lost_stops_its_partition_and_leaves_the_new_holder_alone(
         )
         assert f"worker w1 took partition {stolen}" in caplog.messages
         # The rebalances after it cannot take it back while the other holder's lease runs.
-        renewals = await aredis.pttl(lease_key(LAYOUT.names[0], GROUP))
-        await wait_until(
-            lambda: _renewed_since(aredis, LAYOUT.names[0], renewals), what="a later renewal"
-        )
+        key = members_key(LAYOUT.stream, GROUP)
+        before = await aredis.zscore(key, "w1")
+        await wait_until(lambda: _registered_after(aredis, key, "w1", before), what="a rebalance")
         assert stolen not in worker.owned
     assert await aredis.get(lease_key(stolen, GROUP)) == b"intruder"
-
-
-async def _renewed_since(redis: aioredis.Redis, name: str, pttl: int) -> bool:
-    return bool(await redis.pttl(lease_key(name, GROUP)) > pttl)
 
 
 class FailingScripts(aioredis.Redis):
