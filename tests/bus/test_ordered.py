@@ -94,7 +94,7 @@ def test_an_ordered_worker_reads_one_entry_at_a_time_within_a_third_of_the_lease
 
 async def test_an_ordered_worker_refuses_a_burst_run(aredis: aioredis.Redis) -> None:
     worker = OrderedWorker(aredis, LAYOUT, _config("w1"), _ignore)
-    with pytest.raises(ValueError, match="ordered mode has no burst run"):
+    with pytest.raises(ValueError, match=r"^ordered mode has no burst run: partitions are leased$"):
         await worker.run(burst=True)
 
 
@@ -352,36 +352,48 @@ class FailingScripts(aioredis.Redis):
         return await super().evalsha(*args, **kwargs)
 
 
+class _LoggedAt(logging.Handler):
+    """Records ``client.calls`` (failures so far) at each "cannot rebalance" warning."""
+
+    def __init__(self, client: FailingScripts) -> None:
+        super().__init__()
+        self.client = client
+        self.at: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "ordered worker cannot rebalance: Connection refused (planted)":
+            self.at.append(self.client.calls)
+
+
 async def test_rebalance_failures_are_waited_out_and_logged_first_and_every_20th_in_a_row(
-    redis_url: str, caplog: pytest.LogCaptureFixture
+    redis_url: str,
 ) -> None:
     client = FailingScripts.from_url(redis_url)
     assert isinstance(client, FailingScripts)
     client.failing = True
     # No lease is held while the scripts fail: a short one only makes the rounds quicker.
     worker = OrderedWorker(client, LAYOUT, _config("w1", claim_idle_ms=150), _ignore)
-
-    def logged() -> int:
-        return caplog.messages.count(
-            "ordered worker cannot rebalance: Connection refused (planted)"
-        )
-
+    logged = _LoggedAt(client)
+    logger = logging.getLogger("orderflow.bus.partition_workers")
+    logger.addHandler(logged)
     try:
         async with running(worker):
             # A worker that could not rebalance yet has still started.
             await asyncio.wait_for(worker.wait_started(), 10)
-            await wait_until(lambda: client.calls >= 21, what="21 failed rebalances")
-            assert logged() == 2  # the 1st and the 20th
+            await wait_until(lambda: client.calls >= 41, what="41 failed rebalances")
+            assert logged.at[:3] == [1, 20, 40]
             assert worker.owned == []
             client.failing = False
             await wait_until(lambda: worker.owned == LAYOUT.names, what="partitions taken")
             # A good rebalance starts the count again: the next failure is a 1st.
             client.calls = 0
+            logged.at.clear()
             client.failing = True
             await wait_until(lambda: client.calls >= 1, what="a failure after the good ones")
-            await wait_until(lambda: logged() == 3, what="that failure logged")
+            assert logged.at == [1]
         # Stopping while Redis fails still ends the run.
     finally:
+        logger.removeHandler(logged)
         await client.aclose()
 
 

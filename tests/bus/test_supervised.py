@@ -68,12 +68,14 @@ async def test_a_restarted_worker_counts_what_every_run_did_and_reports_the_fail
         second = (await aredis.xadd("orders", {"data": "{}"})).decode()
         await wait_until(lambda: handled == [first, second], what="the second entry")
         assert worker.stats.handled == 2
+        client.fail_next = True
+        await wait_until(lambda: worker.restarts == 2, what="a second restart")
     finally:
         worker.stop()
         stats = await asyncio.wait_for(task, 10)
         await client.aclose()
     assert stats.handled == 2
-    assert worker.restarts == 1
+    assert worker.restarts == 2
 
 
 async def test_a_stop_during_the_restart_delay_is_for_good(
