@@ -101,14 +101,15 @@ TARGETS: dict[str, Target] = {
             "tests/bus/test_config.py",
             "tests/bus/test_transports.py",
             "tests/bus/test_deadletter.py",
+            "tests/bus/test_engine_mutants.py",
             # Kills and restarts its own Redis under a worker in this process: the only
             # in-process test of the engine's Redis-down path (_redis_down). The file's
             # other test drives consumer subprocesses only.
             "tests/bus/test_crashes.py::test_redis_killed_and_restarted_mid_run_loses_nothing",
         ),
-        # Every engine test takes a second or two: a mutant that hangs one (a stop that
-        # never comes, a lane that never ends) is a kill after 15 s, not a minute.
-        timeout_s=15,
+        # Every engine test takes three seconds at most, alone: a mutant that hangs one (a
+        # stop that never comes, a lane that never ends) is a kill after 10 s, not a minute.
+        timeout_s=10,
     ),
     "ordered": Target(
         (
@@ -145,7 +146,9 @@ def prepare(name: str, target: Target) -> Path:
         'source_paths = ["src"]\n'
         f"only_mutate = {_toml_list(list(target.sources))}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
-        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "--timeout={target.timeout_s}"]\n'
+        # Fastest tests first: a mutant stops at its first failing test.
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fast_first",'
+        f' "--timeout={target.timeout_s}"]\n'
         "use_git_change_detection = false\n"
     )
     (work / "pyproject.toml").write_text(pyproject)
