@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from typing import Any
@@ -414,7 +415,10 @@ async def _pending_is_empty(redis: aioredis.Redis) -> bool:
     return await pending_count(redis) == 0
 
 
-async def test_idle_consumers_with_nothing_pending_are_removed(aredis: aioredis.Redis) -> None:
+async def test_idle_consumers_with_nothing_pending_are_removed(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.worker")
     await ensure_group(aredis, STREAM, GROUP)
     await publish(aredis, 1)
     await aredis.xreadgroup(GROUP, "idle-with-pending", {STREAM: ">"}, count=1)
@@ -442,6 +446,7 @@ async def test_idle_consumers_with_nothing_pending_are_removed(aredis: aioredis.
     worker.stop()
     await task
     assert "idle-with-pending" in await names()
+    assert "removed idle consumers ['idle-empty']" in caplog.text  # named as Redis has them
     assert handled == []  # the one entry stays the idle consumer's: nothing to claim
 
 
