@@ -496,7 +496,7 @@ async def test_an_entry_delivered_too_often_already_is_dead_lettered_without_its
     assert record[b"dlq_deliveries"] == b"4"
     assert record[b"dlq_source_id"] == ids[0].encode()
     assert record[b"data"] == b'{"n":0}'
-    assert f"dead-lettered entry {ids[0]} of orders: {reason}" in caplog.text
+    assert f"dead-lettered entry {ids[0]} of orders: {reason}" in _messages(caplog)
     assert (stats.dead_lettered, stats.failed, stats.handled) == (1, 0, 1)
     assert int((await aredis.xpending(STREAM, GROUP))["pending"]) == 0
 
@@ -599,6 +599,33 @@ async def test_a_burst_run_waits_for_its_retries_and_dead_letters_whole_entries(
     assert record[b"source"] == b"test"
     assert record[b"data"] == b'{"n":0}'
     reason = "RuntimeError: SMTP said 451"
-    assert f"dead-lettered entry {entry} of orders: {reason}" in caplog.text
+    assert f"dead-lettered entry {entry} of orders: {reason}" in _messages(caplog)
     # Nothing went wrong in the event loop's callbacks along the way.
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+async def test_a_retry_that_comes_due_while_the_worker_stops_is_left_pending(
+    aredis: aioredis.Redis,
+) -> None:
+    attempts: list[int] = []
+    failed = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        failed.set()
+        raise RuntimeError("down")
+
+    # The stop waits for the reader's BLOCK (one second) to end; the retry comes due
+    # within it (at most 200 ms after the failure) and must not run.
+    cfg = config(block_ms=1000, retry_base_ms=200, retry_max_ms=200, max_deliveries=5)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    await worker.wait_started()
+    [entry] = await publish(aredis, 1)
+    await failed.wait()
+    worker.stop()
+    stats = await asyncio.wait_for(task, 10)
+    assert attempts == [1]
+    assert (stats.retried, stats.failed, stats.handled) == (1, 1, 0)
+    rows = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
