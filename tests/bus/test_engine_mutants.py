@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
+from redis.exceptions import ResponseError
 
 from orderflow.bus import (
     Delivery,
@@ -629,3 +630,43 @@ async def test_a_retry_that_comes_due_while_the_worker_stops_is_left_pending(
     assert (stats.retried, stats.failed, stats.handled) == (1, 1, 0)
     rows = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+
+
+async def test_an_entry_without_an_event_id_is_handed_over_under_its_entry_id(
+    aredis: aioredis.Redis,
+) -> None:
+    # A plain XADD (another producer): no ce_id, so the entry id is the message id.
+    entry = (await aredis.xadd(STREAM, {"data": b'{"n":1}'})).decode()
+    seen: list[tuple[str, str]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append((delivery.message.id, delivery.entry_id))
+
+    await StreamWorker(aredis, config(), handler).run(burst=True)
+    assert seen == [(entry, entry)]
+
+
+async def test_a_worker_loop_that_fails_stops_the_worker_and_run_raises_its_error(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append(delivery.message.data["n"])
+
+    worker = StreamWorker(aredis, config(), handler)
+    task = asyncio.create_task(worker.run())
+    await publish(aredis, 1)
+    await wait_until(lambda: handled == [0], what="the first entry")
+    # The stream's key now holds a string: an error no retry can mend.
+    await aredis.delete(STREAM)
+    await aredis.set(STREAM, "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await asyncio.wait_for(task, 10)
+    failed = [r for r in caplog.records if "failed; stopping" in r.getMessage()]
+    assert len(failed) == 1, caplog.text  # one failure reported, the rest only stop
+    assert re.fullmatch(
+        r"worker loop orderflow-(read|claim) failed; stopping", failed[0].getMessage()
+    )
+    assert failed[0].levelno == logging.ERROR
+    assert failed[0].exc_info is not None  # with its traceback
