@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -104,6 +105,10 @@ async def test_a_worker_started_without_redis_keeps_trying_logs_sparingly_and_st
     errors_before = _redis_errors()
     # A short reconnect ceiling, so forty failures in a row take a second at most.
     worker = StreamWorker(client, config(reconnect_max_s=0.02), _never_called)
+    # At which failure each line is written (the worker counts a failure, then logs it).
+    logged_at: list[int] = []
+    at_failure = _Tap(lambda: logged_at.append(worker.stats.redis_errors))
+    logging.getLogger("orderflow.bus.worker").addHandler(at_failure)
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: worker.stats.redis_errors >= 41, what="41 failed attempts")
@@ -112,15 +117,29 @@ async def test_a_worker_started_without_redis_keeps_trying_logs_sparingly_and_st
         await asyncio.wait_for(task, 5)
     finally:
         task.cancel()
+        logging.getLogger("orderflow.bus.worker").removeHandler(at_failure)
         await client.aclose()
     failures = worker.stats.redis_errors
     lines = [r.getMessage() for r in caplog.records if "Redis unavailable" in r.getMessage()]
     # Logged at the first failure and every 20th: 1, 20, 40, ...
-    assert len(lines) == 1 + failures // 20, (failures, lines)
+    assert logged_at == [1, *range(20, failures + 1, 20)], (failures, lines)
+    assert len(lines) == len(logged_at)
     assert lines[0].startswith("Redis unavailable (group: Error 111 connecting to")
     assert "; retrying in 0.0" in lines[0]
     assert _redis_errors() - errors_before == failures  # each failure counted in Prometheus
     assert worker.stats.handled == 0
+
+
+class _Tap(logging.Handler):
+    """Calls ``on_record`` for each "Redis unavailable" line, as it is written."""
+
+    def __init__(self, on_record: Callable[[], object]) -> None:
+        super().__init__(logging.WARNING)
+        self._on_record = on_record
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Redis unavailable"):
+            self._on_record()
 
 
 async def _never_called(delivery: Delivery) -> None:
