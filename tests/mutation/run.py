@@ -39,6 +39,10 @@ class Target:
     #: of which is equivalent (docs/MUTATION.md says which and why). Each such mutant
     #: would survive by running every test that reaches its function.
     do_not_mutate: tuple[str, ...] = ()
+    #: mutmut's wall-clock limit per mutant is (its tests' recorded time + 1 s) times
+    #: this (mutmut's default: 15). A mutant that hangs outside what pytest-timeout can
+    #: interrupt (an event loop that never finishes tearing down) waits all of it.
+    timeout_multiplier: float = 15.0
 
 
 #: module -> (files mutated, tests run). Tests that only drive subprocesses are left
@@ -117,6 +121,9 @@ TARGETS: dict[str, Target] = {
         # The names of the engine's asyncio tasks (`name="orderflow-acks"` ...): for
         # debugging only, nothing reads them.
         do_not_mutate=(r'name="orderflow-[a-z]+"\)',),
+        # Its tests took 18 s at most per function when recorded (under load): a mutant
+        # still running after 5 times that (95 s) hangs.
+        timeout_multiplier=5.0,
     ),
     "ordered": Target(
         (
@@ -158,6 +165,7 @@ def prepare(name: str, target: Target) -> Path:
         f' "--timeout={target.timeout_s}"]\n'
         "use_git_change_detection = false\n"
         f"do_not_mutate_patterns = {_toml_list(list(target.do_not_mutate))}\n"
+        f"timeout_multiplier = {target.timeout_multiplier}\n"
     )
     (work / "pyproject.toml").write_text(pyproject)
     return work
