@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from typing import Any
@@ -414,7 +415,10 @@ async def _pending_is_empty(redis: aioredis.Redis) -> bool:
     return await pending_count(redis) == 0
 
 
-async def test_idle_consumers_with_nothing_pending_are_removed(aredis: aioredis.Redis) -> None:
+async def test_idle_consumers_with_nothing_pending_are_removed(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.worker")
     await ensure_group(aredis, STREAM, GROUP)
     await publish(aredis, 1)
     await aredis.xreadgroup(GROUP, "idle-with-pending", {STREAM: ">"}, count=1)
@@ -442,6 +446,8 @@ async def test_idle_consumers_with_nothing_pending_are_removed(aredis: aioredis.
     worker.stop()
     await task
     assert "idle-with-pending" in await names()
+    # The whole line, naming the consumer as Redis has it.
+    assert "removed idle consumers ['idle-empty']" in [r.getMessage() for r in caplog.records]
     assert handled == []  # the one entry stays the idle consumer's: nothing to claim
 
 
@@ -461,8 +467,16 @@ async def _lacks(names: object, name: str) -> bool:
         ({"prune_idle_ms": 10, "claim_idle_ms": 1000}, "prune_idle_ms must be at least"),
         (
             {"retry_base_ms": 500, "retry_max_ms": 100},
-            r"retry_max_ms \(100\) must be at least retry_base_ms \(500\)",
+            r"retry_max_ms \(100\) must be at least retry_base_ms \(500\): the longest "
+            "retry delay cannot be shorter than the first",
         ),
+        ({"batch_size": 0}, r"WorkerConfig\.batch_size must be a positive integer, got 0"),
+        ({"block_ms": 0}, r"WorkerConfig\.block_ms must be a positive integer"),
+        ({"claim_idle_ms": 0}, r"WorkerConfig\.claim_idle_ms must be a positive integer"),
+        ({"retry_base_ms": 0}, r"WorkerConfig\.retry_base_ms must be a positive integer"),
+        ({"retry_max_ms": 0}, r"WorkerConfig\.retry_max_ms must be a positive integer"),
+        ({"dlq_maxlen": 0}, r"WorkerConfig\.dlq_maxlen must be a positive integer"),
+        ({"claim_interval_ms": 0}, r"^WorkerConfig\.claim_interval_ms must be positive$"),
     ],
 )
 def test_bad_worker_configuration_is_refused_by_name(
@@ -470,6 +484,24 @@ def test_bad_worker_configuration_is_refused_by_name(
 ) -> None:
     with pytest.raises(ValueError, match=error):
         config(**overrides)
+
+
+def test_the_smallest_settings_are_accepted() -> None:
+    # One of each, the smallest allowed: the bounds above are "at least 1", not more.
+    cfg = config(
+        concurrency=1,
+        batch_size=1,
+        block_ms=1,
+        claim_idle_ms=1,
+        claim_interval_ms=1,
+        retry_base_ms=1,
+        retry_max_ms=1,
+        dlq_maxlen=1,
+        max_deliveries=1,
+        shutdown_timeout_s=0,
+        prune_idle_ms=1,
+    )
+    assert cfg.claim_interval_s == 0.001
 
 
 async def test_consumer_names_are_unique() -> None:

@@ -32,6 +32,17 @@ class Target:
     #: Functions of those files left out of the figure (docs/MUTATION.md says why);
     #: mutmut still mutates them, their results are listed apart.
     skip: tuple[str, ...] = ()
+    #: pytest-timeout per test, seconds: a mutant that hangs a test counts as killed once
+    #: it runs out, so a target whose tests each take a second or two can set it lower.
+    timeout_s: int = 60
+    #: Regular expressions of source lines mutmut leaves alone: only lines every mutant
+    #: of which is equivalent (docs/MUTATION.md says which and why). Each such mutant
+    #: would survive by running every test that reaches its function.
+    do_not_mutate: tuple[str, ...] = ()
+    #: mutmut's wall-clock limit per mutant is (its tests' recorded time + 1 s) times
+    #: this (mutmut's default: 15). A mutant that hangs outside what pytest-timeout can
+    #: interrupt (an event loop that never finishes tearing down) waits all of it.
+    timeout_multiplier: float = 15.0
 
 
 #: module -> (files mutated, tests run). Tests that only drive subprocesses are left
@@ -101,10 +112,21 @@ TARGETS: dict[str, Target] = {
             "tests/bus/test_config.py",
             "tests/bus/test_transports.py",
             "tests/bus/test_deadletter.py",
+            "tests/bus/test_engine_mutants.py",
             # Kills and restarts its own Redis under a worker in this process: the only
-            # in-process test of the engine's Redis-down path (_redis_down).
-            "tests/bus/test_crashes.py",
+            # in-process test of the engine's Redis-down path (_redis_down). The file's
+            # other test drives consumer subprocesses only.
+            "tests/bus/test_crashes.py::test_redis_killed_and_restarted_mid_run_loses_nothing",
         ),
+        # Every engine test takes three seconds at most, alone: a mutant that hangs one (a
+        # stop that never comes, a lane that never ends) is a kill after 10 s, not a minute.
+        timeout_s=10,
+        # The names of the engine's asyncio tasks (`name="orderflow-acks"` ...): for
+        # debugging only, nothing reads them.
+        do_not_mutate=(r'name="orderflow-[a-z]+"\)',),
+        # Its tests took 18 s at most per function when recorded (under load): a mutant
+        # still running after 5 times that (95 s) hangs.
+        timeout_multiplier=5.0,
     ),
     "ordered": Target(
         (
@@ -144,15 +166,19 @@ def prepare(name: str, target: Target) -> Path:
             copy_function=shutil.copy2,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
-    tests = [t for t in target.tests if (ROOT / t).exists()]
+    tests = [t for t in target.tests if (ROOT / t.split("::")[0]).exists()]
     pyproject = (ROOT / "pyproject.toml").read_text()
     pyproject += (
         "\n[tool.mutmut]\n"
         'source_paths = ["src"]\n'
         f"only_mutate = {_toml_list(list(target.sources))}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "--timeout=60"]\n'
+        # Fastest tests first: a mutant stops at its first failing test.
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fast_first",'
+        f' "--timeout={target.timeout_s}"]\n'
         "use_git_change_detection = false\n"
+        f"do_not_mutate_patterns = {_toml_list(list(target.do_not_mutate))}\n"
+        f"timeout_multiplier = {target.timeout_multiplier}\n"
     )
     (work / "pyproject.toml").write_text(pyproject)
     return work
