@@ -24,6 +24,13 @@ children inherit the whole machine.
    matched to the order by its ``Message-ID: <order-{id}@…>``. p50, p99, p99.9, max,
    and a breakdown: POST → 201, 201 → XADD (the entry id's ms), XADD → Maildir.
 
+3. The peers (:mod:`bench.peers`), after orderflow, one at a time: the same flow built
+   with FastStream as its documentation teaches, and as the cheapest correct code, each
+   started as processes (its own Redis, the same sink) with as many consumer processes
+   as orderflow's most workers, 32 emails in flight each. Each is saturated as above,
+   then measured at half its own saturation rate; the backlog its saturation left is
+   skipped (``XGROUP SETID … $``), not drained (FastStream's would take minutes).
+
 The generator is a small asyncio HTTP/1.1 client (no httpx: httpx's own CPU per request
 would be a large part of what we measure on two cores): keep-alive connections, one
 write per request. Its CPU is reported, per order too (about 25-30 µs, a few % of a

@@ -152,14 +152,14 @@ async def start(peer: str, data_dir: Path, *, consumers: int) -> PeerStack:
     )
     stack = PeerStack(peer, data_dir, f"http://127.0.0.1:{api_port}", redis, processes)
     try:
-        # The sink first (the consumers connect to it), the API last: FastStream creates
-        # the group at "$", so it must exist before the first order is published.
+        # The sink first (the consumers connect to it at start), then the rest at once;
+        # ready once the API answers and the group exists (FastStream creates it at "$":
+        # an order published before would never be read).
         await processes[0].start(env)
         await _wait_port(sink_port, processes[0])
-        for process in processes[1:-1]:
+        for process in processes[1:]:
             await process.start(env)
         await _wait_group(redis.url, processes[1:-1])
-        await processes[-1].start(env)
         await _wait_healthy(stack.api_url, processes[-1])
     except BaseException:
         await stack.stop()
