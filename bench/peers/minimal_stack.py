@@ -215,8 +215,9 @@ class MinimalApi:
         try:
             await self.xadds.xadd(body)
         except Exception:
-            # No outbox: the order is stored, its event is not. Say so.
-            await _answer(send, 503, b'{"detail":"stored, but its event was not published"}')
+            # No outbox: the order is stored, its event perhaps not (the pipeline failed,
+            # maybe after this entry). Say so.
+            await _answer(send, 503, b'{"detail":"stored; its event may not be published"}')
             return
         await _answer(send, 201, orjson.dumps({"id": order["id"], "status": "accepted"}))
 
