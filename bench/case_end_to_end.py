@@ -24,6 +24,13 @@ children inherit the whole machine.
    matched to the order by its ``Message-ID: <order-{id}@…>``. p50, p99, p99.9, max,
    and a breakdown: POST → 201, 201 → XADD (the entry id's ms), XADD → Maildir.
 
+3. The peers (:mod:`bench.peers`), after orderflow, one at a time: the same flow built
+   with FastStream as its documentation teaches, and as the cheapest correct code, each
+   started as processes (its own Redis, the same sink) with as many consumer processes
+   as orderflow's most workers, 32 emails in flight each. Each is saturated as above,
+   then measured at half its own saturation rate; the backlog its saturation left is
+   skipped (``XGROUP SETID … $``), not drained (FastStream's would take minutes).
+
 The generator is a small asyncio HTTP/1.1 client (no httpx: httpx's own CPU per request
 would be a large part of what we measure on two cores): keep-alive connections, one
 write per request. Its CPU is reported, per order too (about 25-30 µs, a few % of a
@@ -35,20 +42,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
+import math
 import multiprocessing
 import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from bench.common import Figure, percentile
+from bench.peers import stack as peers_stack
+from bench.peers.stack import PeerStack
 from orderflow.bus import connect
 from orderflow.bus.message import DecodeError, decode
 from orderflow.cli.up import Stack, start_stack
@@ -63,8 +75,18 @@ SETTLE = 0.3
 #: Contender names, shared with the report.
 SATURATION = "orderflow up, {n} email worker{s}"
 LATENCY = "order → email at half saturation"
+#: The peers, by the name :mod:`bench.peers.stack` starts them by, with their label.
+PEERS = {"minimal": "minimal stack", "faststream": "FastStream stack"}
+PEER_NAMES = tuple(PEERS)
+PEER_SATURATION = "{peer}, {n} consumer processes"
+PEER_LATENCY = "{peer}: order → email at half saturation"
 #: ``Figure.extra`` keys.
 API_RATE = "API orders/s"
+#: Email worker (or consumer) processes.
+WORKERS = "workers"
+#: One process's CPU per order, in µs, by process name: the API's per order taken,
+#: the others' per email delivered.
+CPU_PER_ORDER_PREFIX = "CPU µs per order "
 CPU_PREFIX = "CPU % "
 #: The stack's CPU per order, in µs: the API's per order taken, the rest per email.
 CPU_PER_EMAIL = "CPU µs per order"
@@ -88,9 +110,14 @@ class Saturation:
 
 
 async def run(
-    *, seconds: float, latency_seconds: float, worker_counts: tuple[int, ...] = (2, 1)
+    *,
+    seconds: float,
+    latency_seconds: float,
+    worker_counts: tuple[int, ...] = (2, 1),
+    peers: tuple[str, ...] = PEER_NAMES,
 ) -> list[Figure]:
-    """Saturate one stack with each worker count, then measure latency at half the best.
+    """Saturate one stack with each worker count, then measure latency at half the best;
+    then each peer, with as many consumer processes as the most workers.
 
     One stack serves every phase (starting one costs seconds): it starts with the most
     workers, and the extra ones are paused for the smaller counts. The saturation phases
@@ -105,7 +132,9 @@ async def run(
         for phase, workers in enumerate(counts, start=1):
             for n in range(workers + 1, counts[0] + 1):
                 await stack.supervisor.pause(f"email-worker-{n}")
-            result = await _saturate(stack, workers, seconds, first_id=phase * 10_000_000)
+            result = await _saturate(
+                stack, _pids(stack), workers, seconds, first_id=phase * 10_000_000
+            )
             results.append(result)
             figures.append(_saturation_figure(result))
         best = max(results, key=lambda r: r.emails_per_s)
@@ -113,13 +142,38 @@ async def run(
             await stack.supervisor.resume(f"email-worker-{n}")
         await _drain(stack)
         rate = max(1.0, best.emails_per_s / 2)
-        figures.append(await _latency(stack, best.workers, rate, latency_seconds))
+        appended = functools.partial(_appended, stack)
+        figures.append(
+            await _latency(stack, LATENCY, best.workers, rate, latency_seconds, appended)
+        )
+    for peer in peers:
+        figures += await _peer(peer, counts[0], seconds, latency_seconds)
     return figures
 
 
-def _saturation_figure(result: Saturation) -> Figure:
+async def _peer(peer: str, consumers: int, seconds: float, latency_seconds: float) -> list[Figure]:
+    """A peer's saturation and its latency at half its own saturation rate."""
+    label = PEERS[peer]
+    name = PEER_SATURATION.format(peer=label, n=consumers)
+    if peer == "faststream" and importlib.util.find_spec("faststream") is None:
+        note = "FastStream not installed: pip install -e '.[bench]'"
+        return [Figure(CASE, name, math.nan, "emails/s", note)]
+    async with _peer_stack(peer, consumers) as stack:
+        await _warm_up(stack)
+        result = await _saturate(stack, stack.pids(), consumers, seconds, first_id=10_000_000)
+        figure = _saturation_figure(result, name)
+        # The backlog left is skipped, not drained: FastStream's would take minutes.
+        await stack.skip_backlog()
+        await _drain(stack)
+        rate = max(1.0, result.emails_per_s / 2)
+        title = PEER_LATENCY.format(peer=label)
+        latency = await _latency(stack, title, consumers, rate, latency_seconds, None)
+    return [figure, latency]
+
+
+def _saturation_figure(result: Saturation, name: str | None = None) -> Figure:
     n = result.workers
-    extra = {API_RATE: result.api_per_s}
+    extra = {API_RATE: result.api_per_s, WORKERS: float(n)}
     extra |= {CPU_PREFIX + name: pct for name, pct in result.cpu_pct.items()}
     if result.emails_per_s > 0 and result.api_per_s > 0:
         # Each process per what it handled: the API takes orders faster than they are
@@ -127,13 +181,17 @@ def _saturation_figure(result: Saturation) -> Figure:
         api_s = result.cpu_pct.get("api", 0.0) / 100 / result.api_per_s
         rest = [pct for name, pct in result.cpu_pct.items() if name not in ("api", "generator")]
         extra[CPU_PER_EMAIL] = (api_s + sum(rest) / 100 / result.emails_per_s) * 1e6
+        extra[CPU_PER_ORDER_PREFIX + "api"] = api_s * 1e6
+        for process, pct in result.cpu_pct.items():
+            if process not in ("api", "generator"):
+                extra[CPU_PER_ORDER_PREFIX + process] = pct / 100 / result.emails_per_s * 1e6
     if result.api_per_s > 0:
         generator_pct = result.cpu_pct["generator"]
         extra[GENERATOR_CPU_PER_ORDER] = generator_pct / 100 / result.api_per_s * 1e6
     note = f"{result.errors} failed requests" if result.errors else ""
     return Figure(
         CASE,
-        SATURATION.format(n=n, s="" if n == 1 else "s"),
+        name or SATURATION.format(n=n, s="" if n == 1 else "s"),
         result.emails_per_s,
         "emails/s",
         note,
@@ -148,6 +206,18 @@ async def _stack(workers: int) -> AsyncIterator[Stack]:
         settings = Settings(data_dir=Path(tmp), redis_url=None, database_url=None, smtp_url=None)
         with _all_cores():
             stack = await start_stack(settings, port=free_port(), host="127.0.0.1", workers=workers)
+        try:
+            yield stack
+        finally:
+            await stack.stop()
+
+
+@contextlib.asynccontextmanager
+async def _peer_stack(peer: str, consumers: int) -> AsyncIterator[PeerStack]:
+    """A fresh peer stack in a temporary data dir, on every core."""
+    with tempfile.TemporaryDirectory(prefix=f"orderflow-peer-{peer}-") as tmp:
+        with _all_cores():
+            stack = await peers_stack.start(peer, Path(tmp), consumers=consumers)
         try:
             yield stack
         finally:
@@ -186,15 +256,26 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def _mail_count(stack: Stack) -> int:
+class _Running(Protocol):
+    """What the phases need of a running stack, orderflow's or a peer's."""
+
+    @property
+    def api_url(self) -> str: ...
+
+    @property
+    def mail_dir(self) -> Path: ...
+
+
+def _mail_count(stack: _Running) -> int:
     try:
         return sum(1 for _ in os.scandir(stack.mail_dir / "new"))
     except FileNotFoundError:
         return 0
 
 
-async def _saturate(stack: Stack, workers: int, seconds: float, *, first_id: int) -> Saturation:
-    pids = _pids(stack)
+async def _saturate(
+    stack: _Running, pids: dict[str, int], workers: int, seconds: float, *, first_id: int
+) -> Saturation:
     generator = _Generator.start(
         stack.api_url, {"mode": "closed", "seconds": seconds, "first_id": first_id}
     )
@@ -221,7 +302,7 @@ async def _saturate(stack: Stack, workers: int, seconds: float, *, first_id: int
     )
 
 
-async def _warm_up(stack: Stack, count: int = 100) -> None:
+async def _warm_up(stack: _Running, count: int = 100) -> None:
     """A few orders through every process, so imports and connections are done."""
     before = _mail_count(stack)
     generator = _Generator.start(
@@ -235,7 +316,7 @@ async def _warm_up(stack: Stack, count: int = 100) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _drain(stack: Stack, within_s: float = 30.0) -> None:
+async def _drain(stack: _Running, within_s: float = 30.0) -> None:
     """Wait until the Maildir stops growing: the saturation backlog is out."""
     deadline = time.monotonic() + within_s
     last, still_since = _mail_count(stack), time.monotonic()
@@ -248,7 +329,14 @@ async def _drain(stack: Stack, within_s: float = 30.0) -> None:
             return
 
 
-async def _latency(stack: Stack, workers: int, rate: float, seconds: float) -> Figure:
+async def _latency(
+    stack: _Running,
+    name: str,
+    workers: int,
+    rate: float,
+    seconds: float,
+    appended_by: Callable[[set[int]], Awaitable[dict[int, int]]] | None,
+) -> Figure:
     before = {entry.name for entry in os.scandir(stack.mail_dir / "new")}
     generator = _Generator.start(
         stack.api_url, {"mode": "open", "rate": rate, "seconds": seconds, "first_id": 1}
@@ -261,7 +349,8 @@ async def _latency(stack: Stack, workers: int, rate: float, seconds: float) -> F
     while _mail_count(stack) - len(before) < len(sent) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     arrivals = _arrivals(stack.mail_dir / "new", before)
-    appended = await _appended(stack, set(sent))
+    # Where the relay's XADD sits (orderflow); the peers XADD before answering 201.
+    appended = await appended_by(set(sent)) if appended_by is not None else {}
     # Leave out the first half second: the generator opening its connections.
     skip = int(rate / 2)
     measured = [(k, sent[k]) for k in sorted(sent)[skip:] if k in arrivals]
@@ -293,7 +382,10 @@ async def _latency(stack: Stack, workers: int, rate: float, seconds: float) -> F
     )
     if missing or result["errors"]:
         note += f"; {missing} emails missing, {result['errors']} failed requests"
-    return Figure(CASE, LATENCY, extra["p99"], "ms", note, extra)
+    if not appended:
+        for part in ("201→XADD", "XADD→Maildir"):
+            del extra[part + " p50"], extra[part + " p99"]
+    return Figure(CASE, name, extra["p99"], "ms", note, extra)
 
 
 async def _appended(stack: Stack, order_ids: set[int]) -> dict[int, int]:
