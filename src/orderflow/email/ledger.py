@@ -284,8 +284,7 @@ class EmailLedger:
         return _claim_of(reply)
 
     async def _claim_batch(self, requests: list[_ClaimRequest]) -> list[Claim | Exception]:
-        if len(requests) == 1:
-            return [await self._claim_one(*requests[0])]
+        # A batch of one too: packed by hiredis, cheaper than redis-py's EVALSHA.
         keys = [ledger_key(order_id) for order_id, _ in requests]
         command = ("EVAL", _CLAIM_MANY, len(keys), *keys, self.lease_ms)
         try:
@@ -355,7 +354,7 @@ class EmailLedger:
         self, requests: list[_MarkRequest]
     ) -> list[tuple[bool, str | None] | Exception]:
         streams = {request[4] for request in requests}
-        if len(requests) == 1 or len(streams) > 1:
+        if len(streams) > 1:
             return await _one_by_one(requests, self._mark_one)
         keys = [ledger_key(request[0]) for request in requests]
         args: list[Any] = [self.sent_ttl_ms]

@@ -118,6 +118,8 @@ class EmailService:
             settings, stream=settings.stream, group=settings.group, **options
         )
         self._redis = redis
+        #: Keys in different slots: the ledger's record and the event in two steps.
+        self._cluster = is_cluster(redis)
         self._worker_config = config
         self.worker: StreamWorker | PartitionedWorker | OrderedWorker = StreamWorker(
             redis, config, self.handle
@@ -291,7 +293,7 @@ class EmailService:
             await self._release(order, token)
             raise
         at = _now()
-        if is_cluster(self._redis):
+        if self._cluster:
             # The ledger key and the events stream live in different slots: two steps,
             # the ledger first (and replicated) so the event never precedes the record.
             await self._mark_sent(order, token, message_id, at)
@@ -336,7 +338,7 @@ class EmailService:
         the master dies first, WAIT fails and the delivery is retried (nothing sent
         yet, or the send is repeated: the unavoidable window of async replication).
         """
-        if not is_cluster(self._redis):
+        if not self._cluster:
             return
         cluster: Any = self._redis
         node = cluster.get_node_from_key(ledger_key(order_id))
