@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -131,6 +132,10 @@ class EmailService:
         #: Cluster nodes found without a replica, not waited for until then.
         self._no_replica_until: dict[str, float] = {}
         self._stop_requested = False
+        # Lease tokens: unique per delivery attempt, across processes (64 random bits per
+        # service) and within one (a counter), without a uuid4 (a getrandom call) each.
+        self._token_salt = secrets.token_hex(8)
+        self._tokens = itertools.count()
 
     @property
     def consumer(self) -> str:
@@ -260,7 +265,7 @@ class EmailService:
         """Claim, send, record; returns the outcome (sent or duplicate) and Message-ID.
         Raises SmtpUnreachable (nothing sent, the lease given back) for the gate to
         hold the delivery until SMTP answers."""
-        token = f"{self.consumer}:{uuid.uuid4().hex}"
+        token = f"{self.consumer}:{self._token_salt}{next(self._tokens):x}"
         with tracing.span("email.ledger claim"):
             claim, leased_at = await self._claim(order, token)
         if claim.state is ClaimState.SENT:
