@@ -13,7 +13,15 @@ from prometheus_client import REGISTRY
 
 from orderflow.bus import Delivery, Message
 from orderflow.config import Settings
-from orderflow.email import Claim, ClaimState, EmailLedger, EmailService, ledger_key
+from orderflow.email import (
+    Claim,
+    ClaimState,
+    EmailLedger,
+    EmailSent,
+    EmailService,
+    ledger_key,
+    parse_order,
+)
 from tests.support import wait_until
 
 from .conftest import (
@@ -546,3 +554,13 @@ async def test_the_event_never_exists_without_the_ledger_record(
             402, "t", "<m>", "now", stream="email-events", fields=["data", "{}"]
         )
     assert await aredis.xlen("email-events") == 1
+
+
+def test_the_email_sent_payload_is_the_models() -> None:
+    # Built without the model on the hot path: it must stay what the model gives.
+    order = parse_order({"id": 7, "email": "Alice@Example.com", "total": 1})
+    data = EmailService._sent_data(order, "<order-7@x>", "2026-12-02T10:00:01.250+00:00")
+    model = EmailSent(order_id=7, email=order.email, message_id="<order-7@x>", at=data["at"])
+    assert data == model.data()
+    assert list(data) == list(model.data())
+    assert EmailService._sent_data(order, "<m>", None)["at"].endswith("+00:00")
