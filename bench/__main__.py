@@ -67,8 +67,8 @@ FULL = Sizes(
     e2e_latency_seconds=6.0,
     e2e_workers=(2, 1),
     cluster_count=50_000,
-    email_count=15_000,
-    email_seconds=4.0,
+    email_count=10_000,
+    email_seconds=3.0,
     email_repeats=2,
 )
 QUICK = Sizes(
