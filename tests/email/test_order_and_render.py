@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -248,6 +249,22 @@ def test_date_header_is_the_given_time_to_the_second() -> None:
         (first.replace(second=4), "Fri, 27 Nov 2026 01:02:04 +0000"),
     ]:
         assert renderer.render(order, now=now).parsed()["Date"] == expected
+
+
+def test_date_header_from_the_clock_follows_it_second_by_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renderer = Renderer("orderflow <orders@orderflow.localhost>")
+    order = parse_order(BASE)
+    start = datetime(2026, 11, 27, 1, 2, 3, tzinfo=UTC).timestamp()
+    for offset, expected in [
+        (0.4, "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (0.9, "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (1.0, "Fri, 27 Nov 2026 01:02:04 +0000"),
+        (61.5, "Fri, 27 Nov 2026 01:03:04 +0000"),
+    ]:
+        monkeypatch.setattr(time, "time", lambda offset=offset: start + offset)
+        assert renderer.render(order).parsed()["Date"] == expected
 
 
 _TEXT = st.text(

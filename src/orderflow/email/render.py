@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import functools
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -70,7 +71,9 @@ class OutgoingEmail:
         return message
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
+# and the views are made per email, read by the templates and dropped.
+@dataclass(slots=True)
 class _LineView:
     """What the templates read of an order line: its text, converted once."""
 
@@ -81,7 +84,7 @@ class _LineView:
     line_total: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _OrderView:
     """What the templates read of an order (``order.*``), computed once for both
     templates: plain attributes, amounts as their text, so neither template pays for a
@@ -135,6 +138,8 @@ class Renderer:
         # Message-IDs must be ASCII: an internationalised domain goes in as IDNA.
         self.domain = sender.domain.encode("idna").decode("ascii")
         self._from = format_address(sender.display_name or None, sender.addr_spec)
+        #: The Date header of the current second, and that second.
+        self._second, self._second_text = -1, ""
         loader = jinja2.PackageLoader("orderflow.email", "templates")
         self._html = _without_globals(
             jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
@@ -148,6 +153,17 @@ class Renderer:
                 keep_trailing_newline=True,
             )
         ).get_template("confirmation.txt.j2")
+
+    def _date(self, now: datetime | None) -> str:
+        """The Date header of an email rendered ``now`` (the clock when None); the
+        clock's is formatted once per second."""
+        if now is not None:
+            return _date_header(now)
+        second = int(time.time())
+        if second != self._second:
+            self._second_text = _date_header(datetime.fromtimestamp(second, UTC))
+            self._second = second
+        return self._second_text
 
     def message_id(self, order_id: int) -> str:
         """The Message-ID this renderer gives order ``order_id``."""
@@ -164,7 +180,7 @@ class Renderer:
             ("From", self._from),
             ("To", format_address(order.name, order.envelope_recipient)),
             ("Subject", self.subject(order)),
-            ("Date", _date_header(now or datetime.now(UTC))),
+            ("Date", self._date(now)),
             ("Message-ID", message_id),
             ("X-Orderflow-Order-Id", str(order.id)),
         ]

@@ -128,6 +128,8 @@ class EmailService:
         # On a cluster the events stream is hash-tagged, so it and its dead letters
         # share a slot (a consumer's dead-lettering is one transaction).
         self.events_stream = single_stream(redis, settings.email_events_stream)
+        # Looked up once: labels() per email takes the metric's lock.
+        self._published = bus_metrics.PUBLISHED.labels(self.events_stream)
         self._chosen = asyncio.Event()
         #: Cluster nodes found without a replica, not waited for until then.
         self._no_replica_until: dict[str, float] = {}
@@ -458,7 +460,7 @@ class EmailService:
 
         held = await self._recorded(order, mark_and_append)
         if appended[-1] is not None:
-            bus_metrics.PUBLISHED.labels(self.events_stream).inc()
+            self._published.inc()
             # The publisher's retention (a trim check every so many entries) still applies.
             await self.publisher.appended(self.events_stream, 1)
         if not held:
