@@ -316,3 +316,33 @@ def test_the_templates_read_the_same_order_as_the_event_gives_it(
         assert part is not None
         expected = environment.get_template(template).render(order=order)
         assert part.get_content().replace("\r\n", "\n") == expected.replace("\r\n", "\n")
+
+
+def _checked_amount(text: str) -> Decimal | None:
+    """Every check of an amount given as text, none skipped (None: refused)."""
+    try:
+        amount = Decimal(text.strip())
+    except ArithmeticError:
+        return None
+    exponent = amount.as_tuple().exponent
+    if not amount.is_finite() or not isinstance(exponent, int):
+        return None
+    if exponent < -order_module.MAX_DECIMALS or abs(amount) >= order_module.MAX_TOTAL:
+        return None
+    return amount
+
+
+@given(
+    st.text(alphabet="0123456789.-+eE _", max_size=20)
+    | st.from_regex(r" ?-?[0-9]{1,4}(\.[0-9]{1,6})? ?", fullmatch=True)
+    | st.from_regex(r"-?[0-9]{11,13}(\.[0-9]{1,5})?", fullmatch=True)
+)
+def test_an_amount_in_its_usual_shape_is_checked_as_any_other(text: str) -> None:
+    try:
+        amount: Decimal | None = order_module._amount(text)
+    except ValueError:
+        amount = None
+    expected = _checked_amount(text)
+    assert amount == expected
+    if expected is not None:
+        assert str(amount) == str(expected)
