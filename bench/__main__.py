@@ -68,7 +68,7 @@ FULL = Sizes(
     e2e_workers=(2, 1),
     cluster_count=50_000,
     email_count=10_000,
-    email_seconds=3.0,
+    email_seconds=2.5,
     email_repeats=2,
 )
 QUICK = Sizes(
