@@ -17,6 +17,7 @@ from bench import (
     case_cluster,
     case_compat,
     case_consume,
+    case_email_worker,
     case_end_to_end,
     case_latency,
     case_memory,
@@ -27,7 +28,7 @@ from bench.common import Figure, PinnedRedisServer, can_pin, pin_client
 from bench.report import RunInfo
 
 HERE = Path(__file__).resolve().parent
-CASES = ("publish", "consume", "end-to-end", "latency", "memory", "cluster")
+CASES = ("publish", "consume", "end-to-end", "latency", "memory", "cluster", "email-worker")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Sizes:
     e2e_workers: tuple[int, ...]
     #: Case 6: entries published and consumed per setup.
     cluster_count: int
+    #: Case 7: events preloaded per run, seconds measured per run, runs per contender.
+    email_count: int
+    email_seconds: float
+    email_repeats: int
 
 
 FULL = Sizes(
@@ -62,6 +67,9 @@ FULL = Sizes(
     e2e_latency_seconds=6.0,
     e2e_workers=(2, 1),
     cluster_count=50_000,
+    email_count=10_000,
+    email_seconds=2.5,
+    email_repeats=2,
 )
 QUICK = Sizes(
     publish_count=10_000,
@@ -75,6 +83,9 @@ QUICK = Sizes(
     e2e_latency_seconds=1.5,
     e2e_workers=(2,),
     cluster_count=5_000,
+    email_count=3_000,
+    email_seconds=1.0,
+    email_repeats=1,
 )
 
 
@@ -129,6 +140,10 @@ async def run_cases(url: str, port: int, sizes: Sizes, only: set[str]) -> list[F
         ),
         # Case 6 starts its own servers too: one, then a 3-master cluster.
         "cluster": lambda: case_cluster.run(count=sizes.cluster_count),
+        # Case 7 runs each worker in a process of its own, against Postfix's smtp-sink.
+        "email-worker": lambda: case_email_worker.run(
+            url, count=sizes.email_count, seconds=sizes.email_seconds, repeats=sizes.email_repeats
+        ),
     }
     figures: list[Figure] = []
     for case in CASES:

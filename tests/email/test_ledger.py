@@ -3,6 +3,7 @@ the service tests: see docs/MUTATION.md)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -80,3 +81,124 @@ async def test_the_ledger_works_on_a_client_that_decodes_replies(
     assert "-" in entry
     sent = await ledger.claim(4, "other")
     assert (sent.state, sent.message_id, sent.at) == (ClaimState.SENT, "<m@x>", "now")
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+async def test_claims_asked_in_one_turn_go_in_one_script_call(aredis: aioredis.Redis) -> None:
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    assert ledger.batched
+    await ledger.claim(21, "earlier")
+    await ledger.mark_sent_and_append(
+        21, "earlier", "<m21>", "then", stream="email-events", fields=["data", "{}"]
+    )
+    await ledger.claim(22, "someone")
+    await aredis.config_resetstat()
+    claims = await asyncio.gather(*(ledger.claim(order, f"t{order}") for order in range(20, 30)))
+
+    assert await _script_calls(aredis) == 1
+    states = [claim.state for claim in claims]
+    assert (
+        states == [ClaimState.CLAIMED, ClaimState.SENT, ClaimState.BUSY] + [ClaimState.CLAIMED] * 7
+    )
+    assert (claims[1].message_id, claims[1].at) == ("<m21>", "then")
+    assert 0 < claims[2].lease_left_ms <= 5000
+    for order in (20, *range(23, 30)):
+        assert await aredis.hmget(ledger_key(order), "state", "token") == [
+            b"sending",
+            f"t{order}".encode(),
+        ]
+        assert 0 < await aredis.pttl(ledger_key(order)) <= 5000
+
+
+async def test_marks_asked_in_one_turn_go_in_one_script_call_each_after_its_record(
+    aredis: aioredis.Redis,
+) -> None:
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    orders = range(30, 40)
+    await asyncio.gather(*(ledger.claim(order, f"t{order}") for order in orders))
+
+    async def mark(order: int, token: str) -> tuple[bool, str | None]:
+        return await ledger.mark_sent_and_append(
+            order, token, f"<m{order}>", "now", stream="email-events", fields=["order", str(order)]
+        )
+
+    await aredis.config_resetstat()
+    # The last one's lease was lost to another sender: still marked, reported not held.
+    marks = await asyncio.gather(
+        *(mark(order, f"t{order}") for order in orders[:-1]), mark(39, "x")
+    )
+
+    assert await _script_calls(aredis) == 1
+    assert [held for held, _ in marks] == [True] * 9 + [False]
+    entries = await aredis.xrange("email-events")
+    assert [entry_id.decode() for entry_id, _ in entries] == [entry for _, entry in marks]
+    assert [fields[b"order"] for _, fields in entries] == [str(o).encode() for o in orders]
+    for order in orders:
+        record = await aredis.hgetall(ledger_key(order))
+        assert record[b"state"] == b"sent"
+        assert record[b"message_id"] == f"<m{order}>".encode()
+        assert record[b"token"] == (f"t{order}".encode() if order != 39 else b"")
+        assert await aredis.ttl(ledger_key(order)) > 29 * 24 * 3600
+    # Retried after a lost reply: held, nothing appended again.
+    again = await asyncio.gather(*(mark(order, f"t{order}") for order in orders[:-1]))
+    assert again == [(True, None)] * 9
+    assert await aredis.xlen("email-events") == 10
+
+
+async def test_a_claim_retried_with_its_own_token_is_still_the_callers(
+    aredis: aioredis.Redis,
+) -> None:
+    # A retry after a lost reply (or of a batch that failed part way) finds its own
+    # lease: still claimed, renewed, never "busy" until the lease runs out.
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    assert (await ledger.claim(41, "me")).state is ClaimState.CLAIMED
+    await aredis.pexpire(ledger_key(41), 100)
+    assert (await ledger.claim(41, "me")).state is ClaimState.CLAIMED
+    assert await aredis.pttl(ledger_key(41)) > 100
+    assert (await ledger.claim(41, "other")).state is ClaimState.BUSY
+
+
+async def test_a_bad_key_in_a_batch_fails_only_its_own_order(aredis: aioredis.Redis) -> None:
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    await aredis.set(ledger_key(53), "not a hash")
+    claims = await asyncio.gather(
+        *(ledger.claim(order, f"t{order}") for order in range(50, 56)), return_exceptions=True
+    )
+    # The batch's script stopped at order 53, after claiming 50 to 52: those are claimed
+    # again, one by one, with the same tokens.
+    assert isinstance(claims[3], Exception)
+    assert "WRONGTYPE" in str(claims[3])
+    assert [c.state for n, c in enumerate(claims) if n != 3] == [ClaimState.CLAIMED] * 5
+
+    async def mark(order: int) -> tuple[bool, str | None]:
+        return await ledger.mark_sent_and_append(
+            order, f"t{order}", f"<m{order}>", "now", stream="email-events", fields=["o", "x"]
+        )
+
+    marks = await asyncio.gather(*(mark(order) for order in range(50, 56)), return_exceptions=True)
+    assert isinstance(marks[3], Exception)
+    assert [m[0] for n, m in enumerate(marks) if n != 3] == [True] * 5
+    # Each order's event once: those marked (and appended) by the batch before the error
+    # find their own mark and append nothing again (their entry ids went with the error).
+    assert await aredis.xlen("email-events") == 5
+    assert [m[1] is None for m in marks[:3]] == [True] * 3
+    assert [m[1] is not None for m in marks[4:]] == [True] * 2
+
+
+async def test_a_claim_cancelled_before_its_batch_is_sent_is_left_out(
+    aredis: aioredis.Redis,
+) -> None:
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    gone = asyncio.create_task(ledger.claim(61, "gone"))
+    kept = asyncio.create_task(ledger.claim(62, "kept"))
+    await asyncio.sleep(0)  # both asked; their batch is not sent yet
+    gone.cancel()
+    assert (await kept).state is ClaimState.CLAIMED
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    # Otherwise the order would stay leased to nobody until the lease ran out.
+    assert not await aredis.exists(ledger_key(61))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import jinja2
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import given
@@ -247,3 +249,100 @@ def test_date_header_is_the_given_time_to_the_second() -> None:
         (first.replace(second=4), "Fri, 27 Nov 2026 01:02:04 +0000"),
     ]:
         assert renderer.render(order, now=now).parsed()["Date"] == expected
+
+
+def test_date_header_from_the_clock_follows_it_second_by_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renderer = Renderer("orderflow <orders@orderflow.localhost>")
+    order = parse_order(BASE)
+    start = datetime(2026, 11, 27, 1, 2, 3, tzinfo=UTC).timestamp()
+    for offset, expected in [
+        (0.4, "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (0.9, "Fri, 27 Nov 2026 01:02:03 +0000"),
+        (1.0, "Fri, 27 Nov 2026 01:02:04 +0000"),
+        (61.5, "Fri, 27 Nov 2026 01:03:04 +0000"),
+    ]:
+        monkeypatch.setattr(time, "time", lambda offset=offset: start + offset)
+        assert renderer.render(order).parsed()["Date"] == expected
+
+
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12
+).filter(str.strip)
+_PRICE = st.decimals(min_value=0, max_value=10_000, places=2, allow_nan=False)
+
+
+@given(
+    name=st.none() | _TEXT,
+    lines=st.lists(
+        st.fixed_dictionaries(
+            {"name": _TEXT, "quantity": st.integers(1, 50)},
+            optional={"sku": _TEXT, "unit_price": _PRICE.map(str)},
+        ),
+        max_size=4,
+    ),
+    total=_PRICE.filter(lambda d: d > 0).map(str),
+)
+def test_the_templates_read_the_same_order_as_the_event_gives_it(
+    name: str | None, lines: list[dict[str, Any]], total: str
+) -> None:
+    # The renderer hands the templates a view of the order, converted once; what they
+    # show must be what they would show of the order event itself (Jinja's defaults).
+    customer = {"email": "alice@example.com"} | ({"name": name} if name else {})
+    priced = [line for line in lines if "unit_price" in line]
+    if lines and len(priced) == len(lines):
+        # v2 checks a priced order's total against its lines.
+        total = str(sum((Decimal(ln["unit_price"]) * ln["quantity"] for ln in lines), Decimal(0)))
+        if Decimal(total) <= 0:
+            return
+    order = parse_order(
+        {"id": 7, "customer": customer, "currency": "EUR", "lines": lines, "total": total}, 2
+    )
+    message = Renderer("orderflow <orders@orderflow.localhost>").render(order).parsed()
+    loader = jinja2.PackageLoader("orderflow.email", "templates")
+    html = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+    text = jinja2.Environment(
+        loader=loader,
+        autoescape=False,  # noqa: S701 (plain text, as the renderer's)
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    for subtype, environment, template in (
+        ("plain", text, "confirmation.txt.j2"),
+        ("html", html, "confirmation.html.j2"),
+    ):
+        part = message.get_body((subtype,))
+        assert part is not None
+        expected = environment.get_template(template).render(order=order)
+        assert part.get_content().replace("\r\n", "\n") == expected.replace("\r\n", "\n")
+
+
+def _checked_amount(text: str) -> Decimal | None:
+    """Every check of an amount given as text, none skipped (None: refused)."""
+    try:
+        amount = Decimal(text.strip())
+    except ArithmeticError:
+        return None
+    exponent = amount.as_tuple().exponent
+    if not amount.is_finite() or not isinstance(exponent, int):
+        return None
+    if exponent < -order_module.MAX_DECIMALS or abs(amount) >= order_module.MAX_TOTAL:
+        return None
+    return amount
+
+
+@given(
+    st.text(alphabet="0123456789.-+eE _", max_size=20)
+    | st.from_regex(r" ?-?[0-9]{1,4}(\.[0-9]{1,6})? ?", fullmatch=True)
+    | st.from_regex(r"-?[0-9]{11,13}(\.[0-9]{1,5})?", fullmatch=True)
+)
+def test_an_amount_in_its_usual_shape_is_checked_as_any_other(text: str) -> None:
+    try:
+        amount: Decimal | None = order_module._amount(text)
+    except ValueError:
+        amount = None
+    expected = _checked_amount(text)
+    assert amount == expected
+    if expected is not None:
+        assert str(amount) == str(expected)

@@ -60,10 +60,7 @@ async def pipelined_transaction(
             raise ValueError("Command arg contains a prohibited control character")
     params = "".join(" " + option for option in options)
     commands = f"MAIL FROM:<{sender}>{params}\r\nRCPT TO:<{recipient}>\r\nDATA\r\n"
-    content = _LINE_END.sub(b"\r\n", data)
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    content = _LEADING_DOT.sub(b"..", content) + b".\r\n"
+    content = wire_content(data)
     replies = _Replies(smtp)
     transport.set_protocol(replies)
     try:
@@ -84,6 +81,24 @@ async def pipelined_transaction(
     finally:
         if not transport.is_closing():
             transport.set_protocol(smtp)
+
+
+def wire_content(data: bytes) -> bytes:
+    """A message as DATA sends it: CRLF line ends, a leading dot doubled (RFC 5321
+    4.5.2), then the ending ``.`` line.
+
+    The regular expressions run only when needed: a rendered email has CRLF line ends
+    and no line starting with a dot, and running them over it anyway cost ~5% of a
+    worker's CPU per email. Counting (in C) tells.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = _LINE_END.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data + b".\r\n"
 
 
 class _Replies(asyncio.Protocol):

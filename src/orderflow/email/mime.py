@@ -73,7 +73,7 @@ def format_address(display_name: str | None, addr_spec: str) -> str:
 def _body_part(subtype: str, text: str) -> list[str]:
     """The lines of one text/* part, CRLF line ends, 7bit if it can be, else base64."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if text.isascii() and all(len(line) <= MAX_LINE for line in lines):
+    if text.isascii() and max(map(len, lines)) <= MAX_LINE:
         return [
             f"Content-Type: text/{subtype}; charset=utf-8",
             "Content-Transfer-Encoding: 7bit",

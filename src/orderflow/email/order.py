@@ -70,6 +70,12 @@ def _order_id(value: object) -> object:
     return value
 
 
+#: An amount every check of _amount passes: at most 12 integer digits (below
+#: MAX_TOTAL) and MAX_DECIMALS decimals. Matched first, it spares the checks (a
+#: third of an order's validation: three amounts per order).
+_PLAIN_AMOUNT = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,4})?")
+
+
 def _amount(value: object) -> Decimal:
     # JSON numbers arrive as int or float (orjson); repr() of a float is its shortest
     # round-tripping text, so 100.1 becomes Decimal("100.1"), never 100.0999999….
@@ -80,8 +86,12 @@ def _amount(value: object) -> Decimal:
     elif isinstance(value, float):
         amount = Decimal(repr(value))
     elif isinstance(value, str):
+        text = value.strip()
+        if _PLAIN_AMOUNT.fullmatch(text):
+            # The usual shape ("49.90"): finite, within bounds, at most 4 decimals.
+            return Decimal(text)
         try:
-            amount = Decimal(value.strip())
+            amount = Decimal(text)
         except InvalidOperation:
             raise ValueError(f"{value[:40]!r} is not a decimal amount") from None
     elif isinstance(value, Decimal):
