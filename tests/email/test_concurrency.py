@@ -370,3 +370,14 @@ async def test_permits_report_round_trips_and_failures() -> None:
     async with limiter.permit() as third:
         with pytest.raises(RuntimeError, match="before start"):
             third.succeeded()
+
+
+async def test_a_permit_released_twice_counts_once() -> None:
+    limiter = ConcurrencyLimiter(SetLimit(2))
+    first = await limiter.acquire()
+    second = await limiter.acquire()
+    first.release()
+    first.release()
+    assert limiter.in_flight == 1
+    second.release()
+    assert limiter.in_flight == 0

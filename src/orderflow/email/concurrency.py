@@ -272,9 +272,8 @@ class ConcurrencyLimiter:
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
 
-    @asynccontextmanager
-    async def permit(self) -> AsyncIterator[Permit]:
-        """Wait for room, hold it for the transaction, give it back (whatever happens)."""
+    async def acquire(self) -> Permit:
+        """Wait for room and take it; the caller must :meth:`Permit.release` it."""
         if self._lag_interval_s is not None and (self._lag_task is None or self._lag_task.done()):
             self._lag_task = asyncio.create_task(self._measure_lag(self._lag_interval_s))
         if self.in_flight + self._woken >= self.limit or self._waiters:
@@ -292,12 +291,20 @@ class ConcurrencyLimiter:
                 raise
             self._woken -= 1
         self.in_flight += 1
-        permit = Permit(self, self.in_flight)
+        return Permit(self, self.in_flight)
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[Permit]:
+        """:meth:`acquire`, released at the end of the block whatever happens."""
+        permit = await self.acquire()
         try:
             yield permit
         finally:
-            self.in_flight -= 1
-            self._wake()
+            permit.release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
 
     def _wake(self) -> None:
         # A woken waiter runs later: its place is reserved (``_woken``) meanwhile, so
@@ -340,6 +347,13 @@ class Permit:
         #: Transactions in flight when this one got its place (itself included).
         self.in_flight = in_flight
         self._started: float | None = None
+        self.released = False
+
+    def release(self) -> None:
+        """Give the place back (again: nothing)."""
+        if not self.released:
+            self.released = True
+            self._limiter._release()
 
     def start(self) -> None:
         """The transaction's first byte is about to be written: the round trip starts."""

@@ -13,7 +13,8 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -76,6 +77,9 @@ class PermanentSendError(SendError):
 #: A last check before the SMTP transaction (the Email Service's "do I still own it?").
 Guard = Callable[[], Awaitable[None]]
 
+#: The permits a ``holding`` block keeps until it ends (None: outside any such block).
+_HELD: ContextVar[list[Permit] | None] = ContextVar("orderflow_smtp_held", default=None)
+
 
 class Sender(Protocol):
     """The port through which the Email Service sends: one message, one recipient."""
@@ -86,6 +90,12 @@ class Sender(Protocol):
         ``before_transaction`` is awaited once the connection is ready, just before the
         SMTP transaction starts; whatever it raises aborts the send, unchanged.
         """
+        ...
+
+    def holding(self) -> contextlib.AbstractContextManager[None]:
+        """A block (the caller's send and its record of it) until whose end each send
+        inside it keeps its place in the sender's concurrency limit: a message
+        transmitted and not yet recorded is what a crash would send twice."""
         ...
 
     async def close(self) -> None:
@@ -254,41 +264,71 @@ class SmtpSender:
         with tracing.span("smtp send", attributes):
             await self._send(email, before_transaction)
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Sends inside this block keep their place in the concurrency limit until it
+        ends (see :class:`Sender`); outside one, a send gives it back on its 250."""
+        held: list[Permit] = []
+        token = _HELD.set(held)
+        try:
+            yield
+        finally:
+            _HELD.reset(token)
+            for permit in held:
+                permit.release()
+
     async def _send(self, email: OutgoingEmail, before_transaction: Guard | None) -> None:
         # The permit first: a send waiting for one holds no connection and has
         # transmitted nothing, so a crash meanwhile cannot duplicate its email.
-        async with self.limiter.permit() as permit, self._slots:
-            client, reused = await self._acquire()
-            if before_transaction is not None:
-                try:
-                    await before_transaction()
-                except BaseException:
-                    self._idle.append((client, asyncio.get_running_loop().time()))
-                    raise
+        permit = await self.limiter.acquire()
+        try:
+            async with self._slots:
+                await self._send_on(email, before_transaction, permit)
+        except BaseException:
+            # Nothing sent (or nothing the caller will record): the place is free.
+            permit.release()
+            raise
+        held = _HELD.get()
+        if held is None:
+            permit.release()
+        else:
+            # Sent, not yet recorded: the place is kept until the caller's block ends.
+            held.append(permit)
+
+    async def _send_on(
+        self, email: OutgoingEmail, before_transaction: Guard | None, permit: Permit
+    ) -> None:
+        client, reused = await self._acquire()
+        if before_transaction is not None:
+            try:
+                await before_transaction()
+            except BaseException:
+                self._idle.append((client, asyncio.get_running_loop().time()))
+                raise
+        try:
+            await self._timed(client, email, permit)
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
+            if not (reused and _is_connection_error(exc)):
+                _feedback(permit, exc)
+                raise classify(exc) from exc
+            # The server dropped a pooled connection while it was idle; a
+            # fresh one is what a retry would do anyway, so do it now.
+            log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
+            client = await self._connect()
             try:
                 await self._timed(client, email, permit)
             except asyncio.CancelledError:
                 client.close()
                 raise
-            except Exception as exc:
+            except Exception as exc2:
                 client.close()
-                if not (reused and _is_connection_error(exc)):
-                    _feedback(permit, exc)
-                    raise classify(exc) from exc
-                # The server dropped a pooled connection while it was idle; a
-                # fresh one is what a retry would do anyway, so do it now.
-                log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
-                client = await self._connect()
-                try:
-                    await self._timed(client, email, permit)
-                except asyncio.CancelledError:
-                    client.close()
-                    raise
-                except Exception as exc2:
-                    client.close()
-                    _feedback(permit, exc2)
-                    raise classify(exc2) from exc2
-            self._idle.append((client, asyncio.get_running_loop().time()))
+                _feedback(permit, exc2)
+                raise classify(exc2) from exc2
+        self._idle.append((client, asyncio.get_running_loop().time()))
 
     async def _timed(self, client: aiosmtplib.SMTP, email: OutgoingEmail, permit: Permit) -> None:
         """The transaction, its round trip reported to the limiter when the server
