@@ -97,7 +97,7 @@ async def test_the_limit_is_a_gauge_per_destination_and_grows_against_a_fast_ser
         assert sender.destination == f"{sender.config.host}:{sender.config.port}"
         assert gauge(sender) == 1
         # Enough concurrent sends to use the limit, window after window.
-        for batch in range(20):
+        for batch in range(60):
             await asyncio.gather(*(send(sender, 100 * batch + n + 1) for n in range(8)))
             if sender.limiter.limit == 4:
                 break
