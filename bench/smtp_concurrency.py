@@ -140,7 +140,12 @@ def main() -> None:
         for mode in MODES if n % 2 == 0 else MODES[::-1]:
             rate, limits = one_run(mode, args.count, args.slow)
             rates[mode].append(rate)
-            seen = f"limit median {statistics.median(limits)}, min {min(limits)}" if limits else ""
+            seen = (
+                f"limit: mean {statistics.mean(limits):.1f}, at the maximum "
+                f"{sum(1 for x in limits if x == max(limits)) / len(limits):.0%} of the time"
+                if limits
+                else ""
+            )
             print(f"round {n + 1} {mode:8} {rate:7.0f} emails/s  {seen}", flush=True)
     adaptive, fixed = (statistics.median(rates[mode]) for mode in MODES)
     sink = "aiosmtpd parsing each message" if args.slow else "smtp-sink"
