@@ -69,7 +69,7 @@ async def _kill_every(stack: Stack, every_s: float, kills: int, log: list[Kill])
 async def test_a_worker_sigkill_duplicates_at_most_one_email_on_average_with_a_slow_server(
     make_stack: Callable[..., Awaitable[Stack]], reliability: Record
 ) -> None:
-    count = size(600, 3000)
+    count = size(600, 5000)
     kills = size(4, 20)
     mode = os.environ.get("ORDERFLOW_CHAOS_SMTP_CONCURRENCY", "adaptive")
     reliability.scenario = "Duplicates per worker SIGKILL, slow SMTP server"
