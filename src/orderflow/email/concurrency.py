@@ -4,7 +4,9 @@ A message whose content the server has taken, but whose ``250`` the worker has n
 recorded, is sent a second time if the worker dies (the one window the ledger cannot
 close). Everything a worker has in flight at a server beyond what the server needs to
 stay busy is only waiting in the server's queue, and widens that window for nothing.
-So the number of transactions in flight follows the server instead of a fixed pool:
+So the number of transactions in flight follows the server instead of a fixed pool
+(a send takes its place before it transmits anything and, in the Email Service, keeps
+it until the send is recorded: see ``SmtpSender.holding``):
 
 * **Delay feedback** (TCP Vegas, as Netflix's concurrency-limits applies it; Envoy's
   adaptive concurrency): a transaction's round trip grows with the queue in front of
@@ -46,9 +48,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
-
-#: What ``ORDERFLOW_SMTP_CONCURRENCY`` accepts.
-MODES = ("adaptive", "fixed")
 
 
 class Limit(Protocol):
