@@ -77,6 +77,19 @@ async def test_a_send_keeps_its_place_until_the_holding_block_ends(smtp: SmtpFix
         await sender.close()
 
 
+async def test_the_fixed_limit_gives_a_place_back_on_the_250_even_when_held(
+    smtp: SmtpFixture,
+) -> None:
+    """``fixed`` is the behaviour before the adaptive limit, for comparisons."""
+    sender = SmtpSender(smtp.url, pool_size=4, adaptive=False)
+    try:
+        with sender.holding():
+            await send(sender, 1)
+            assert sender.limiter.in_flight == 0
+    finally:
+        await sender.close()
+
+
 async def test_a_failed_send_gives_its_place_back_at_once(smtp: SmtpFixture) -> None:
     smtp.handler.data_replies.append("451 try later")
     sender = SmtpSender(smtp.url, pool_size=4)

@@ -232,6 +232,7 @@ class SmtpSender:
         self.config = SmtpConfig.from_url(url)
         self.url = redact_url(url)
         self.pool_size = pool_size
+        self.adaptive = adaptive
         #: The destination as the limit's gauge and logs name it.
         self.destination = f"{self.config.host}:{self.config.port}"
         self._gauge = metrics.SMTP_CONCURRENCY_LIMIT.labels(self.destination)
@@ -267,7 +268,11 @@ class SmtpSender:
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
         """Sends inside this block keep their place in the concurrency limit until it
-        ends (see :class:`Sender`); outside one, a send gives it back on its 250."""
+        ends (see :class:`Sender`); outside one, a send gives it back on its 250. With
+        the fixed limit (``adaptive=False``) nothing is held: the pool as it always was."""
+        if not self.adaptive:
+            yield
+            return
         held: list[Permit] = []
         token = _HELD.set(held)
         try:
