@@ -8,8 +8,9 @@ limit (``orderflow.email.concurrency``) keeps in flight what the server needs, s
 kill finds about one message transmitted and unrecorded, not a pool's worth.
 
 ``ORDERFLOW_CHAOS_SMTP_CONCURRENCY=fixed`` runs the same scenario without the limit
-(the pool of connections always in use): it fails the per-kill bound, which is how
-the bound was seen to test the limit.
+(the pool of connections always in use, as before it): it fails the per-kill bound
+(7 to 22 duplicates in 4 kills when this was written, against 0 to 4 with the limit),
+which is how the bound was seen to test the limit.
 """
 
 from __future__ import annotations
