@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     retry_base_ms: int = Field(default=1000, ge=1, description="First retry delay.")
     retry_max_ms: int = Field(default=60_000, ge=1, description="Longest retry delay.")
 
+    smtp_concurrency: str = Field(
+        default="adaptive",
+        description="SMTP transactions an email worker keeps in flight at its server: "
+        "adaptive (follows the server's replies, up to its pool of connections) or fixed "
+        "(always the pool).",
+    )
+
     @field_validator("stream", "group", "email_events_stream", "orders_group", "channel")
     @classmethod
     def _no_whitespace(cls, value: str) -> str:
@@ -83,6 +90,13 @@ class Settings(BaseSettings):
                 f"ORDERFLOW_ORDER_EVENT_VERSION must be 1 or 2 (the order.created versions "
                 f"the Order Service publishes), got {value}"
             )
+        return value
+
+    @field_validator("smtp_concurrency")
+    @classmethod
+    def _known_smtp_concurrency(cls, value: str) -> str:
+        if value not in ("adaptive", "fixed"):
+            raise ValueError(f"ORDERFLOW_SMTP_CONCURRENCY must be adaptive or fixed, got {value!r}")
         return value
 
     @property

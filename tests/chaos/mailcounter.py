@@ -4,11 +4,20 @@ Plugged into ``SmtpServer`` (aiosmtpd) in the test's event loop. It answers 250 
 every message and records, for the accounting (``accounting.py``): each message with
 its order (by ``Message-ID``), time and connection; each connection with its client
 port, when it opened and closed, and whether the client said ``QUIT``.
+
+With ``parse`` it behaves like a slow mail server: each message whose content has
+arrived is queued, then parsed with the stdlib ``email`` package (a few ms each) and
+delivered one at a time, in order of arrival, and only then answered ``250``. Like
+a real MTA, and unlike aiosmtpd alone (which drops a session's work when its client
+disconnects), it delivers every message it has received, whether or not its client
+is still there to read the ``250``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,9 +34,14 @@ class CountingHandler:
     mails: list[Mail] = field(default_factory=list)
     by_order: Counter[int] = field(default_factory=Counter)
     delay_s: float = 0.0
+    #: A slow server: messages queued, parsed and delivered one at a time (see above).
+    parse: bool = False
     #: Every connection that said anything, by number (in order of its first command).
     connections: dict[int, Connection] = field(default_factory=dict)
     _numbers: dict[SMTP, int] = field(default_factory=dict)
+    _one_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Deliveries under way (referenced here: the event loop keeps only weak ones).
+    _deliveries: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _connection(self, server: SMTP, session: Session) -> Connection:
         number = self._numbers.get(server)
@@ -71,18 +85,35 @@ class CountingHandler:
             await asyncio.sleep(self.delay_s)
         connection = self._connection(server, session)
         raw = envelope.original_content or b""
+        rcpt_tos = list(envelope.rcpt_tos)
+        if self.parse:
+            # Its own task, shielded: a session cancelled by its client's end leaves
+            # the received message in the queue, delivered all the same.
+            delivery = asyncio.ensure_future(self._deliver(raw, rcpt_tos, connection))
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._deliveries.discard)
+            await asyncio.shield(delivery)
+        else:
+            self._record(raw, rcpt_tos, connection)
+        return "250 OK"
+
+    async def _deliver(self, raw: bytes, rcpt_tos: list[str], connection: Connection) -> None:
+        async with self._one_at_a_time:
+            _parse(raw)
+            self._record(raw, rcpt_tos, connection)
+
+    def _record(self, raw: bytes, rcpt_tos: list[str], connection: Connection) -> None:
         try:
             order_id: int | None = order_id_of(raw)
             problem = ""
         except UnparsableMessage as exc:
             order_id, problem = None, str(exc)
-        mail = Mail(order_id, list(envelope.rcpt_tos), raw, time.monotonic())
+        mail = Mail(order_id, rcpt_tos, raw, time.monotonic())
         mail.connection = connection.number
         mail.problem = problem
         self.mails.append(mail)
         if order_id is not None:
             self.by_order[order_id] += 1
-        return "250 OK"
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Note a clean end of the connection."""
@@ -101,3 +132,12 @@ class CountingHandler:
 def _closed(connection: Connection) -> None:
     if connection.closed_at is None:
         connection.closed_at = time.monotonic()
+
+
+def _parse(raw: bytes) -> None:
+    """What a server that reads its mail does: every header, every part's content."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    dict(message.items())
+    for part in message.walk():
+        if not part.is_multipart():
+            part.get_content()

@@ -81,7 +81,11 @@ async def worker_command(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         serve_metrics(args.metrics_port)
     smtp_url = resolve_smtp_url(settings)
-    sender = SmtpSender(smtp_url, pool_size=min(args.concurrency, MAX_SMTP_POOL))
+    sender = SmtpSender(
+        smtp_url,
+        pool_size=min(args.concurrency, MAX_SMTP_POOL),
+        adaptive=settings.smtp_concurrency == "adaptive",
+    )
     stop = asyncio.Event()
     stop_on_signals(stop)
     try:

@@ -27,3 +27,8 @@ SMTP_REACHABLE = Gauge(
     "1 while the SMTP server answers; 0 while sends are held (consumption paused) until it does.",
 )
 SMTP_REACHABLE.set(1)
+SMTP_CONCURRENCY_LIMIT = Gauge(
+    "orderflow_email_smtp_concurrency_limit",
+    "SMTP transactions this worker allows in flight at once at the destination (adaptive).",
+    ["destination"],
+)

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -23,6 +25,14 @@ from orderflow import tracing
 from orderflow._compat.aiosmtplib import PIPELINING, pipelined_transaction
 from orderflow.bus import redact_url
 from orderflow.config import ConfigError
+from orderflow.email import metrics
+from orderflow.email.concurrency import (
+    AdaptiveLimit,
+    ConcurrencyLimiter,
+    FixedLimit,
+    LimitChange,
+    Permit,
+)
 from orderflow.email.render import OutgoingEmail
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,9 @@ DEFAULT_TIMEOUT_S = 30.0
 #: Idle pooled connections older than this are closed rather than reused, since
 #: servers drop idle clients (RFC 5321 allows 5 minutes) and a dead one costs a retry.
 MAX_IDLE_S = 60.0
+#: At most one log line per this many seconds about the concurrency limit's changes
+#: (the gauge ``orderflow_email_smtp_concurrency_limit`` always has the current one).
+LIMIT_LOG_EVERY_S = 5.0
 
 
 class SendError(Exception):
@@ -64,6 +77,9 @@ class PermanentSendError(SendError):
 #: A last check before the SMTP transaction (the Email Service's "do I still own it?").
 Guard = Callable[[], Awaitable[None]]
 
+#: The permits a ``holding`` block keeps until it ends (None: outside any such block).
+_HELD: ContextVar[list[Permit] | None] = ContextVar("orderflow_smtp_held", default=None)
+
 
 class Sender(Protocol):
     """The port through which the Email Service sends: one message, one recipient."""
@@ -74,6 +90,12 @@ class Sender(Protocol):
         ``before_transaction`` is awaited once the connection is ready, just before the
         SMTP transaction starts; whatever it raises aborts the send, unchanged.
         """
+        ...
+
+    def holding(self) -> contextlib.AbstractContextManager[None]:
+        """A block (the caller's send and its record of it) until whose end each send
+        inside it keeps its place in the sender's concurrency limit: a message
+        transmitted and not yet recorded is what a crash would send twice."""
         ...
 
     async def close(self) -> None:
@@ -185,19 +207,44 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
 
 
+def _feedback(permit: Permit, exc: BaseException) -> None:
+    """A timeout or a lost connection tells the limiter the server is overwhelmed
+    (Postfix's negative feedback); other failures say nothing of its load."""
+    if isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError) or _is_connection_error(exc):
+        permit.dropped()
+
+
 class SmtpSender:
     """The SMTP adapter: a pool of at most ``pool_size`` reused aiosmtplib connections.
 
     A send takes an idle connection (or opens one), and gives it back on success; a
     connection that failed is closed and replaced on the next send.
+
+    How many transactions are in flight at the server at once is ``limiter.limit``:
+    with ``adaptive`` (the default) it follows the server's replies, from 1 up to
+    ``pool_size`` (see :mod:`orderflow.email.concurrency`); otherwise it is
+    ``pool_size``. A send waiting for its turn has sent nothing of its message.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, pool_size: int = 8, adaptive: bool = True) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be positive, got {pool_size}")
         self.config = SmtpConfig.from_url(url)
         self.url = redact_url(url)
         self.pool_size = pool_size
+        self.adaptive = adaptive
+        #: The destination as the limit's gauge and logs name it.
+        self.destination = f"{self.config.host}:{self.config.port}"
+        self._gauge = metrics.SMTP_CONCURRENCY_LIMIT.labels(self.destination)
+        self._limit_logged_at: float | None = None
+        self._limit_changes = 0
+        algorithm = (
+            AdaptiveLimit(pool_size, on_change=self._limit_changed)
+            if adaptive
+            else FixedLimit(pool_size)
+        )
+        self.limiter = ConcurrencyLimiter(algorithm)
+        self._gauge.set(self.limiter.limit)
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         #: Connections opened so far, for tests and metrics.
@@ -218,37 +265,107 @@ class SmtpSender:
         with tracing.span("smtp send", attributes):
             await self._send(email, before_transaction)
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Sends inside this block keep their place in the concurrency limit until it
+        ends (see :class:`Sender`); outside one, a send gives it back on its 250. With
+        the fixed limit (``adaptive=False``) nothing is held: the pool as it always was."""
+        if not self.adaptive:
+            yield
+            return
+        held: list[Permit] = []
+        token = _HELD.set(held)
+        try:
+            yield
+        finally:
+            _HELD.reset(token)
+            for permit in held:
+                permit.release()
+
     async def _send(self, email: OutgoingEmail, before_transaction: Guard | None) -> None:
-        async with self._slots:
-            client, reused = await self._acquire()
-            if before_transaction is not None:
-                try:
-                    await before_transaction()
-                except BaseException:
-                    self._idle.append((client, asyncio.get_running_loop().time()))
-                    raise
+        # The permit first: a send waiting for one holds no connection and has
+        # transmitted nothing, so a crash meanwhile cannot duplicate its email.
+        permit = await self.limiter.acquire()
+        try:
+            async with self._slots:
+                await self._send_on(email, before_transaction, permit)
+        except BaseException:
+            # Nothing sent (or nothing the caller will record): the place is free.
+            permit.release()
+            raise
+        held = _HELD.get()
+        if held is None:
+            permit.release()
+        else:
+            # Sent, not yet recorded: the place is kept until the caller's block ends.
+            held.append(permit)
+
+    async def _send_on(
+        self, email: OutgoingEmail, before_transaction: Guard | None, permit: Permit
+    ) -> None:
+        client, reused = await self._acquire()
+        if before_transaction is not None:
             try:
-                await self._transaction(client, email)
+                await before_transaction()
+            except BaseException:
+                self._idle.append((client, asyncio.get_running_loop().time()))
+                raise
+        try:
+            await self._timed(client, email, permit)
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
+            if not (reused and _is_connection_error(exc)):
+                _feedback(permit, exc)
+                raise classify(exc) from exc
+            # The server dropped a pooled connection while it was idle; a
+            # fresh one is what a retry would do anyway, so do it now.
+            log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
+            client = await self._connect()
+            try:
+                await self._timed(client, email, permit)
             except asyncio.CancelledError:
                 client.close()
                 raise
-            except Exception as exc:
+            except Exception as exc2:
                 client.close()
-                if not (reused and _is_connection_error(exc)):
-                    raise classify(exc) from exc
-                # The server dropped a pooled connection while it was idle; a
-                # fresh one is what a retry would do anyway, so do it now.
-                log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
-                client = await self._connect()
-                try:
-                    await self._transaction(client, email)
-                except asyncio.CancelledError:
-                    client.close()
-                    raise
-                except Exception as exc2:
-                    client.close()
-                    raise classify(exc2) from exc2
-            self._idle.append((client, asyncio.get_running_loop().time()))
+                _feedback(permit, exc2)
+                raise classify(exc2) from exc2
+        self._idle.append((client, asyncio.get_running_loop().time()))
+
+    async def _timed(self, client: aiosmtplib.SMTP, email: OutgoingEmail, permit: Permit) -> None:
+        """The transaction, its round trip reported to the limiter when the server
+        answered (whatever it answered: a reply is a measure of its queue)."""
+        permit.start()
+        try:
+            await self._transaction(client, email)
+        except aiosmtplib.SMTPResponseException:
+            permit.succeeded()
+            raise
+        permit.succeeded()
+
+    def _limit_changed(self, change: LimitChange) -> None:
+        self._gauge.set(change.new)
+        self._limit_changes += 1
+        now = time.monotonic()
+        if self._limit_logged_at is not None and now - self._limit_logged_at < LIMIT_LOG_EVERY_S:
+            return
+        log.info(
+            "SMTP %s: %d transaction(s) in flight at most, was %d (%s; round trip %.1f ms, "
+            "baseline %.1f ms, event loop lag %.1f ms; %d change(s) since the last report)",
+            self.destination,
+            change.new,
+            change.old,
+            change.reason,
+            change.rtt_s * 1000,
+            change.baseline_s * 1000,
+            change.lag_s * 1000,
+            self._limit_changes,
+        )
+        self._limit_logged_at = now
+        self._limit_changes = 0
 
     async def _transaction(self, client: aiosmtplib.SMTP, email: OutgoingEmail) -> None:
         # MAIL, RCPT and DATA directly rather than sendmail(): the addresses were
@@ -318,6 +435,7 @@ class SmtpSender:
 
     async def close(self) -> None:
         """Say QUIT on idle connections and close them."""
+        await self.limiter.close()
         idle, self._idle = self._idle, []
         for client, _ in idle:
             with contextlib.suppress(Exception):

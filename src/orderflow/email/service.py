@@ -225,7 +225,8 @@ class EmailService:
                 self._step(delivery, exc.order_id, DEAD_LETTERED, exc.reason)
             raise PermanentError(exc.reason) from None
         tracing.attribute(tracing.ORDER_ID, order.id)
-        with logs.order_context(order.id):
+        # The sender's place for this order's send is kept until it is recorded sent.
+        with logs.order_context(order.id), self.sender.holding():
             try:
                 outcome, message_id = await self.gate.run(
                     functools.partial(self._deliver, order, delivery)
