@@ -34,10 +34,13 @@ from .processes import Proc
 
 
 async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
 ) -> Any:
     """``tests.support.wait_until`` with the patience a scenario with real processes needs."""
-    return await support.wait_until(predicate, timeout, interval)
+    return await support.wait_until(predicate, timeout, interval, what)
 
 
 @dataclass
