@@ -215,7 +215,7 @@ def test_demo_tells_the_labs_story_and_exits_0(tmp_path: Path) -> None:
 def test_demo_exits_non_zero_when_an_outcome_is_wrong(tmp_path: Path) -> None:
     # A From address that no email can carry: every send fails, so no order is emailed.
     result = subprocess.run(
-        [sys.executable, "-m", "orderflow", "demo", "--timeout", "5"],
+        [sys.executable, "-m", "orderflow", "demo", "--timeout", "1"],
         cwd=tmp_path,
         env=clean_env(ORDERFLOW_MAIL_FROM="not an address"),
         capture_output=True,
