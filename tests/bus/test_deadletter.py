@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from orderflow.bus import (
     Delivery,
@@ -72,14 +73,73 @@ async def _pending_entry(redis: aioredis.Redis, consumer: str = "c") -> str:
     return entry_id
 
 
-async def test_the_move_is_one_transaction_that_acks(aredis: aioredis.Redis) -> None:
+async def test_the_move_is_one_script_that_adds_then_acks(aredis: aioredis.Redis) -> None:
     entry_id = await _pending_entry(aredis)
     await aredis.config_resetstat()
-    await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {"data": "{}"}, maxlen=10)
+    record = {"data": "{}", "dlq_reason": "why"}
+    await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, record, maxlen=10)
     calls = await _commands(aredis)
-    assert (calls.get("multi"), calls.get("exec")) == (1, 1)
+    # Inside the script (EVALSHA; the first time on a server also NOSCRIPT, SCRIPT LOAD).
+    assert calls.get("evalsha", 0) + calls.get("eval", 0) >= 1
+    assert (calls.get("xadd"), calls.get("xack"), calls.get("multi")) == (1, 1, None)
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 0
+    [(_, fields)] = await aredis.xrange(f"{STREAM}:dlq")
+    assert fields == {b"data": b"{}", b"dlq_reason": b"why"}
+
+
+async def test_a_refused_dead_letter_leaves_the_entry_pending(aredis: aioredis.Redis) -> None:
+    """An error reply to the XADD (here WRONGTYPE; OOM the same) must not be followed
+    by the XACK: in a MULTI it was, and the entry was acknowledged with no dead letter."""
+    entry_id = await _pending_entry(aredis)
+    await aredis.set(f"{STREAM}:dlq", "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {"data": "{}"}, maxlen=10)
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 1
+    # Once Redis takes it, the same move goes through.
+    await aredis.delete(f"{STREAM}:dlq")
+    await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {"data": "{}"}, maxlen=10)
     assert (await aredis.xpending(STREAM, GROUP))["pending"] == 0
     assert await aredis.xlen(f"{STREAM}:dlq") == 1
+
+
+async def test_a_dead_letter_with_no_fields_is_refused_by_name(aredis: aioredis.Redis) -> None:
+    entry_id = await _pending_entry(aredis)
+    with pytest.raises(ValueError, match=f"dead letter of {entry_id} has no fields"):
+        await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, {}, maxlen=10)
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 1
+
+
+async def test_a_worker_whose_dead_letter_is_refused_keeps_the_entry_for_a_later_claim(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the engine: a permanent failure whose dead letter Redis refuses is logged
+    and stays pending; once Redis takes dead letters again, a claim moves it."""
+    (entry_id,) = await StreamPublisher(aredis).publish_many(STREAM, [Message(data={})])
+    await ensure_group(aredis, STREAM, GROUP)
+    await aredis.set(f"{STREAM}:dlq", "not a stream")
+
+    async def handler(delivery: Delivery) -> None:
+        raise PermanentError("bad order")
+
+    first = WorkerConfig(stream=STREAM, group=GROUP, consumer="c1", block_ms=50)
+    with caplog.at_level(logging.ERROR, logger="orderflow.bus.worker"):
+        stats = await StreamWorker(aredis, first, handler).run(burst=True)
+    assert (stats.failed, stats.dead_lettered) == (1, 0)
+    assert any(f"processing entry {entry_id}" in m for m in caplog.messages), caplog.messages
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 1
+
+    await aredis.delete(f"{STREAM}:dlq")
+    second = WorkerConfig(stream=STREAM, group=GROUP, consumer="c2", block_ms=50, claim_idle_ms=100)
+    worker = StreamWorker(aredis, second, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: aredis.xlen(f"{STREAM}:dlq"), what="the dead letter")
+    finally:
+        worker.stop()
+        await task
+    assert (await aredis.xpending(STREAM, GROUP))["pending"] == 0
+    [(_, fields)] = await aredis.xrange(f"{STREAM}:dlq")
+    assert fields[b"dlq_source_id"] == entry_id.encode()
 
 
 async def test_the_dead_letters_are_capped_in_whole_nodes(aredis: aioredis.Redis) -> None:

@@ -2,15 +2,18 @@
 
 A dead letter keeps the entry's own fields and adds ``dlq_*`` fields saying why,
 where from and after how many deliveries. It goes to ``<stream>:dlq`` (for a
-partition ``{orders:3}``: ``{orders:3}:dlq``, in the partition's cluster slot), in one
-MULTI with the XACK, so an entry is never both dead-lettered and pending, nor lost.
+partition ``{orders:3}``: ``{orders:3}:dlq``, in the partition's cluster slot), and the
+entry is acknowledged in the same atomic script, only once the dead letter is in: an
+entry is never both dead-lettered and pending, nor lost. (A MULTI would not do: Redis
+runs every command of a transaction even when one gets an error reply, so an XADD
+refused with OOM or WRONGTYPE would still be followed by the XACK, losing the entry.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -21,6 +24,15 @@ __all__ = ["REASON_LIMIT", "dead_letter_record", "move_to_dead_letters"]
 
 #: Longest reason kept, in characters (an exception text can be long).
 REASON_LIMIT = 1000
+
+# KEYS: the stream, its dead letters; ARGV: the group, the entry id, the cap, then the
+# record's fields and values. redis.call raises on an error reply, which ends the
+# script before the XACK: a refused XADD leaves the entry pending, to be tried again.
+_MOVE_SCRIPT = """
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return id
+"""
 
 
 def dead_letter_record(
@@ -59,9 +71,13 @@ async def move_to_dead_letters(
     *,
     maxlen: int,
 ) -> None:
-    """Add ``record`` to the stream's dead letters and acknowledge the entry, in one
-    transaction (the two keys share a slot, so also on a cluster)."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.xadd(StreamKeys(stream).dlq, cast(Any, record), maxlen=maxlen, approximate=True)
-    pipe.xack(stream, group, entry_id)
-    await pipe.execute()
+    """Add ``record`` to the stream's dead letters, then acknowledge the entry, in one
+    script (the two keys share a slot, so also on a cluster). If Redis refuses the
+    dead letter (an error reply such as OOM), this raises and the entry stays pending."""
+    if not record:
+        raise ValueError(f"dead letter of {entry_id} has no fields")
+    move: Any = redis.register_script(_MOVE_SCRIPT)
+    args: list[bytes | str | int] = [group, entry_id, maxlen]
+    for name, value in record.items():
+        args += (name, value)
+    await move(keys=[stream, StreamKeys(stream).dlq], args=args)
