@@ -76,7 +76,7 @@ async def _pending_entry(redis: aioredis.Redis, consumer: str = "c") -> str:
 async def test_the_move_is_one_script_that_adds_then_acks(aredis: aioredis.Redis) -> None:
     entry_id = await _pending_entry(aredis)
     await aredis.config_resetstat()
-    record = {"data": "{}", "dlq_reason": "why"}
+    record: dict[bytes | str, bytes | str] = {"data": "{}", "dlq_reason": "why"}
     await move_to_dead_letters(aredis, STREAM, GROUP, entry_id, record, maxlen=10)
     calls = await _commands(aredis)
     # Inside the script (EVALSHA; the first time on a server also NOSCRIPT, SCRIPT LOAD).

@@ -248,6 +248,14 @@ class Engine:
         failures = 0
         while not self._stopping.is_set():
             try:
+                # Refresh first what this worker holds: after a stall that kept the
+                # heartbeat from running, its own entries are idle too, and claiming
+                # them would count deliveries that never happened (and run a retry
+                # before its backoff).
+                try:
+                    await self._refresh_held()
+                except ResponseError as exc:
+                    log.debug("refresh before claiming failed: %s", exc)
                 await self._claim(cfg.claim_idle_ms, wait=False)
                 failures = 0
             except ResponseError as exc:
@@ -280,7 +288,10 @@ class Engine:
                 # entry deleted while pending with nil and keeps it pending: acknowledge it.
                 await ack_deleted_pending(self._redis, cfg.stream, cfg.group, cfg.consumer, start)
             start = text(reply[0])
-            claimed = [(i, f) for i, f in claimed if i not in self._inflight]
+            # Not what this worker holds: in flight, or waiting for its retry (idle only
+            # because the heartbeat lagged; the retry takes it back after its backoff).
+            inflight, retrying = self._inflight, self._retrying
+            claimed = [(i, f) for i, f in claimed if i not in inflight and i not in retrying]
             if claimed:
                 counts = await self._delivery_counts(i for i, _ in claimed)
                 self.stats.claimed += len(claimed)
@@ -627,23 +638,25 @@ class Engine:
             self._acked.inc(len(ids))
 
     async def _heartbeat_loop(self) -> None:
-        cfg = self.config
         while True:
-            await asyncio.sleep(cfg.heartbeat_interval_s)
-            held = list(self._inflight) + list(self._retrying)
-            if not held:
-                continue
+            await asyncio.sleep(self.config.heartbeat_interval_s)
             try:
-                lost = await self._heartbeat.refresh(held)
+                await self._refresh_held()
             except _HEARTBEAT_ERRORS as exc:
                 log.debug("heartbeat failed: %s", exc)
-                continue
-            for entry_id in lost:
-                handle = self._retrying.pop(entry_id, None)
-                if handle is not None:
-                    # Another consumer owns it now; its retry is theirs to do.
-                    handle.cancel()
-                    self._capacity.set()
+
+    async def _refresh_held(self) -> None:
+        """Reset the idle time of what this worker holds; drop the retries of entries
+        another consumer owns now."""
+        held = list(self._inflight) + list(self._retrying)
+        if not held:
+            return
+        for entry_id in await self._heartbeat.refresh(held):
+            handle = self._retrying.pop(entry_id, None)
+            if handle is not None:
+                # Another consumer owns it now; its retry is theirs to do.
+                handle.cancel()
+                self._capacity.set()
 
     async def _prune_loop(self) -> None:
         cfg = self.config
