@@ -202,3 +202,21 @@ async def test_a_claim_cancelled_before_its_batch_is_sent_is_left_out(
         await gone
     # Otherwise the order would stay leased to nobody until the lease ran out.
     assert not await aredis.exists(ledger_key(61))
+
+
+async def test_one_call_per_order_where_batches_cannot_go(aredis: aioredis.Redis) -> None:
+    # A cluster's orders live in different slots: each claim and mark is a call of its
+    # own, with the same records and answers as a batch's.
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    ledger.batched = False
+    assert (await ledger.claim(71, "me")).state is ClaimState.CLAIMED
+    assert await aredis.hget(ledger_key(71), "token") == b"me"
+    assert (await ledger.claim(71, "other")).state is ClaimState.BUSY
+    held, entry_id = await ledger.mark_sent_and_append(
+        71, "me", "<m71>", "now", stream="email-events", fields=["order", "71"]
+    )
+    assert held
+    assert entry_id is not None
+    assert await aredis.xrange("email-events") == [(entry_id.encode(), {b"order": b"71"})]
+    sent = await ledger.claim(71, "later")
+    assert (sent.state, sent.message_id, sent.at) == (ClaimState.SENT, "<m71>", "now")

@@ -383,3 +383,67 @@ async def test_a_pipelined_connection_dropped_while_idle_is_replaced() -> None:
         await sender.close()
     assert sender.connections_opened == 2
     assert len(server.messages) == 2
+
+
+class _DroppingServer:
+    """Takes transactions until ``dropping`` is set; from then on closes each connection,
+    old or new, at its next MAIL (as a server restarting under its clients would)."""
+
+    def __init__(self) -> None:
+        self.dropping = False
+        self.connections = 0
+        self.messages = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"smtp://127.0.0.1:{self.server.sockets[0].getsockname()[1]}?timeout=2"
+
+    async def __aenter__(self) -> _DroppingServer:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 dropping ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-dropping\r\n250 PIPELINING\r\n")
+        # One reply per command as it comes: right for a pipelining client and for one
+        # that waits for each reply.
+        while (line := await reader.readline()) and not line.upper().startswith(b"QUIT"):
+            if self.dropping:
+                writer.close()
+                return
+            writer.write(b"250 OK\r\n")  # MAIL
+            await reader.readline()
+            writer.write(b"250 OK\r\n")  # RCPT
+            await reader.readline()
+            writer.write(b"354 go ahead\r\n")  # DATA
+            while await reader.readline() not in (b".\r\n", b""):
+                pass
+            self.messages += 1
+            writer.write(b"250 accepted\r\n")
+        writer.close()
+
+
+async def test_a_dropped_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
+    async with _DroppingServer() as server:
+        sender = SmtpSender(server.url, pool_size=1, adaptive=False)
+        await send(sender, 1)
+        # The pooled connection looks alive, and is dropped at MAIL: the send goes on a
+        # fresh connection, which is dropped too: that failure is the send's (no third).
+        server.dropping = True
+        async with asyncio.timeout(10):
+            with pytest.raises(TransientSendError, match="connection"):
+                await send(sender, 2)
+        assert (sender.connections_opened, server.connections) == (2, 2)
+        # The server is back: the next send opens a connection and goes through.
+        server.dropping = False
+        await send(sender, 3)
+        await sender.close()
+    assert (sender.connections_opened, server.messages) == (3, 2)

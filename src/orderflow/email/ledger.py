@@ -275,11 +275,13 @@ class EmailLedger:
     async def claim(self, order_id: int, token: str) -> Claim:
         """Take the order's lease if nobody sent or is sending it (the caller's own
         lease, a claim retried with its token, is still the caller's: renewed)."""
+        request = (order_id, token)
         if self.batched:
-            return await self._claims.submit((order_id, token))
-        return await self._claim_one(order_id, token)
+            return await self._claims.submit(request)
+        return await self._claim_one(request)
 
-    async def _claim_one(self, order_id: int, token: str) -> Claim:
+    async def _claim_one(self, request: _ClaimRequest) -> Claim:
+        order_id, token = request
         reply: Any = await self._claim(keys=[ledger_key(order_id)], args=[token, self.lease_ms])
         return _claim_of(reply)
 
@@ -333,17 +335,10 @@ class EmailLedger:
         request = (order_id, token, message_id, at, stream, fields)
         if self.batched:
             return await self._marks.submit(request)
-        return await self._mark_one(*request)
+        return await self._mark_one(request)
 
-    async def _mark_one(
-        self,
-        order_id: int,
-        token: str,
-        message_id: str,
-        at: str,
-        stream: str,
-        fields: Sequence[bytes | str],
-    ) -> tuple[bool, str | None]:
+    async def _mark_one(self, request: _MarkRequest) -> tuple[bool, str | None]:
+        order_id, token, message_id, at, stream, fields = request
         reply: Any = await self._mark_sent_append(
             keys=[ledger_key(order_id), stream],
             args=[token, message_id, at, self.sent_ttl_ms, *fields],
@@ -392,13 +387,13 @@ def _marked(reply: Any) -> tuple[bool, str | None]:
 
 
 async def _one_by_one(
-    requests: Sequence[tuple[Any, ...]], call: Callable[..., Awaitable[_Reply]]
+    requests: Sequence[_Request], call: Callable[[_Request], Awaitable[_Reply]]
 ) -> list[_Reply | Exception]:
     """Each request in its own call: its reply, or the exception it raised."""
     replies: list[_Reply | Exception] = []
     for request in requests:
         try:
-            replies.append(await call(*request))
+            replies.append(await call(request))
         except Exception as exc:
             replies.append(exc)
     return replies

@@ -310,29 +310,24 @@ class SmtpSender:
             except BaseException:
                 self._idle.append((client, asyncio.get_running_loop().time()))
                 raise
-        try:
-            await self._timed(client, email, permit)
-        except asyncio.CancelledError:
-            client.close()
-            raise
-        except Exception as exc:
-            client.close()
-            if not (reused and _is_connection_error(exc)):
-                _feedback(permit, exc)
-                raise classify(exc) from exc
-            # The server dropped a pooled connection while it was idle; a
-            # fresh one is what a retry would do anyway, so do it now.
-            log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
-            client = await self._connect()
+        while True:
             try:
                 await self._timed(client, email, permit)
             except asyncio.CancelledError:
                 client.close()
                 raise
-            except Exception as exc2:
+            except Exception as exc:
                 client.close()
-                _feedback(permit, exc2)
-                raise classify(exc2) from exc2
+                if not (reused and _is_connection_error(exc)):
+                    _feedback(permit, exc)
+                    raise classify(exc) from exc
+                # The server dropped a pooled connection while it was idle; a fresh
+                # one is what a retry would do anyway, so do it now (once: a fresh
+                # connection's failure is the send's).
+                log.debug("pooled SMTP connection was closed (%s); reconnecting", exc)
+                client, reused = await self._connect(), False
+                continue
+            break
         self._idle.append((client, asyncio.get_running_loop().time()))
 
     async def _timed(self, client: aiosmtplib.SMTP, email: OutgoingEmail, permit: Permit) -> None:
