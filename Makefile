@@ -54,8 +54,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite in TEST_WORKERS processes side by side (pytest-xdist), less the chaos
+# scenarios, which then run alone, one after another: each kills processes on a
+# schedule, and together they write RELIABILITY.md. PYTEST_ARGS: one plain pytest run.
+TEST_WORKERS ?= 2
 pytest: $(STAMP)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(BIN)/pytest -n $(TEST_WORKERS) --ignore=tests/chaos
+	$(BIN)/pytest tests/chaos
+else
 	$(BIN)/pytest $(PYTEST_ARGS)
+endif
 
 ## bench: throughput, latency and memory side by side with the baselines
 bench: $(BENCH_STAMP)

@@ -69,7 +69,9 @@ async def test_a_group_deleted_while_an_entry_waits_for_its_retry_is_recreated(
 
     # Room for two entries: entry 0 waiting for its retry and entry 1 in its handler
     # fill it, so the read loop stops reading (and cannot re-create the group first).
-    cfg = config(concurrency=1, batch_size=1, retry_base_ms=500, retry_max_ms=500)
+    # The retry comes 1.5 to 3 s later: the group is gone by then even on a busy machine
+    # (with 250 to 500 ms, a retry before the XGROUP DESTROY was seen under load).
+    cfg = config(concurrency=1, batch_size=1, retry_base_ms=3000, retry_max_ms=3000)
     worker = StreamWorker(aredis, cfg, handler)
     task = asyncio.create_task(worker.run())
     await publish(aredis, 2)

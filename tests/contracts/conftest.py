@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import IN_CI
 from tests.email.conftest import smtp  # noqa: F401  (the real SMTP server fixture)
+from tests.support.install_lock import installing
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the parser is installed (npm's own cache stays npm's).
@@ -34,18 +35,20 @@ def asyncapi_parser() -> Path:
     """The directory holding ``node_modules/@asyncapi/parser`` (v3), installed if missing."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         _unavailable("node and npm are needed to run @asyncapi/parser")
-    if not (PARSER_DIR / "node_modules" / "@asyncapi" / "parser").is_dir():
-        PARSER_DIR.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "@asyncapi/parser@3"],
-            cwd=PARSER_DIR,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if done.returncode != 0:
-            _unavailable(f"npm install @asyncapi/parser@3 failed: {done.stderr[-500:]}")
+    installed = PARSER_DIR / "node_modules" / "@asyncapi" / "parser"
+    with installing("npm-asyncapi"):
+        if not installed.is_dir():
+            PARSER_DIR.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "@asyncapi/parser@3"],
+                cwd=PARSER_DIR,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            if done.returncode != 0:
+                _unavailable(f"npm install @asyncapi/parser@3 failed: {done.stderr[-500:]}")
     return PARSER_DIR
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.install_lock import installing
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -32,16 +34,24 @@ def apt_install(package: str, provides: Path, *, recommends: bool = True) -> Pat
         return provides
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         unavailable(f"{provides} is missing and cannot be installed (not root, or no apt-get)")
+    # apt and dpkg take one installer at a time: the tests' own, then anyone's (a lock
+    # timeout instead of failing at once on dpkg's lock).
+    with installing("apt"):
+        if not provides.exists():
+            _install(package, recommends=recommends)
+    if not provides.exists():
+        unavailable(f"apt-get install {package} did not provide {provides}")
+    return provides
+
+
+def _install(package: str, *, recommends: bool) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", package]
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", package]
     if not recommends:
-        install.insert(3, "--no-install-recommends")
+        install.insert(5, "--no-install-recommends")
     if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
         # The package lists may be missing or stale: refresh them once and try again.
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
         done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             unavailable(f"apt-get install {package} failed: {done.stderr[-500:]}")
-    if not provides.exists():
-        unavailable(f"apt-get install {package} did not provide {provides}")
-    return provides
