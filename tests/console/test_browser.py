@@ -229,12 +229,22 @@ def test_poison_entry_appears_under_dead_letters_and_replays(page: Page, stack: 
     expect(page.locator("#action-notice")).to_have_text(
         "Replayed 1 dead letter(s) to their stream."
     )
+    page.evaluate("window.__notReloaded = true")
     replayed = [
-        fields
+        entry_id.decode()
         for entry_id, fields in client.xrange("orders", f"({poison}", "+")
         if fields.get(b"data") == b"not json <script>alert(1)</script>"
     ]
     assert len(replayed) == 1
+    # Another dead letter arrives: the table re-renders live, and the notice of what the
+    # operator just did stays.
+    later = client.xadd("orders", {"data": "not json either"}).decode()
+    row = page.locator('section.dlq[data-stream="orders"] tbody tr').filter(has_text=later)
+    expect(row.locator(".reason")).not_to_have_text("—", timeout=15_000)
+    assert page.evaluate("window.__notReloaded") is True
+    expect(page.locator("#action-notice")).to_have_text(
+        "Replayed 1 dead letter(s) to their stream."
+    )
     client.close()
 
 

@@ -309,7 +309,10 @@
   async function refreshMain(notice) {
     refreshing = true;
     try {
-      const response = await fetch(window.location.pathname, { headers: { accept: "text/html" } });
+      // With the query: it carries the notice of the action that led here (replayed,
+      // purged), which must survive the re-render.
+      const url = window.location.pathname + window.location.search;
+      const response = await fetch(url, { headers: { accept: "text/html" } });
       if (!response.ok) return;
       const page = new DOMParser().parseFromString(await response.text(), "text/html");
       const fresh = page.querySelector("main");
