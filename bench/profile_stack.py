@@ -12,6 +12,7 @@ prints each one's costs grouped by what they are (see :data:`CATEGORIES`).
     .venv/bin/python -m bench.profile_stack e2e --seconds 15 --out /tmp/orderflow-profile
     .venv/bin/python -m bench.profile_stack email-worker --seconds 10 --out /tmp/orderflow-profile
     .venv/bin/python -m bench.profile_stack summary /tmp/orderflow-profile/*.txt
+    .venv/bin/python -m bench.profile_stack smtp-concurrency --rounds 2
 
 py-spy samples without stopping the process (``--nonblocking``), only while it holds the
 GIL (``--gil``): on two shared cores a thread woken from epoll or preempted in a send()
@@ -57,10 +58,14 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
         ),
     ),
     ("redis-py (commands, parsing)", re.compile(r"/redis/|hiredis|orderflow/_compat/redis")),
+    ("SMTP concurrency limit (adaptive)", re.compile(r"orderflow/email/concurrency\.py")),
     ("SMTP client", re.compile(r"aiosmtplib/|orderflow/email/sender\.py|_compat/aiosmtplib")),
     (
         "rendering (templates, MIME)",
-        re.compile(r"orderflow/email/(render|mime)\.py|python3\.\d+/email/|jinja2/"),
+        re.compile(
+            r"orderflow/email/(render|mime)\.py|orderflow/email/templates/|python3\.\d+/email/|"
+            r"jinja2/|markupsafe/"
+        ),
     ),
     (
         "HTTP routing, validation (pydantic)",
@@ -273,6 +278,29 @@ async def profile_email_worker(out: Path, seconds: float) -> None:
             server.stop()
 
 
+async def compare_smtp_concurrency(seconds: float, rounds: int) -> None:
+    """Case 3's saturation (2 workers) and latency, the email workers' SMTP concurrency
+    adaptive then fixed, alternating for ``rounds`` rounds, each on a fresh stack."""
+    for _ in range(rounds):
+        for mode in ("adaptive", "fixed"):
+            os.environ["ORDERFLOW_SMTP_CONCURRENCY"] = mode  # the stack's children inherit it
+            saturation, latency = await e2e.run(
+                seconds=seconds, latency_seconds=seconds / 2, worker_counts=(2,), peers=()
+            )
+            x = saturation.extra
+            print(
+                f"{mode:8} load {os.getloadavg()[0]:.1f}: {saturation.value:,.0f} emails/s, "
+                f"API {x[e2e.API_RATE]:,.0f} orders/s, workers "
+                f"{x.get(e2e.CPU_PREFIX + 'email-worker-1', 0):.0f}% + "
+                f"{x.get(e2e.CPU_PREFIX + 'email-worker-2', 0):.0f}% of a core, sink "
+                f"{x.get(e2e.CPU_PREFIX + 'mail-sink', 0):.0f}%; p50 "
+                f"{latency.extra['p50']:.1f} ms p99 {latency.extra['p99']:.1f} ms at "
+                f"{latency.extra['rate']:,.0f}/s",
+                flush=True,
+            )
+    os.environ.pop("ORDERFLOW_SMTP_CONCURRENCY", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``e2e``, ``email-worker`` or ``summary``."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile_stack")
@@ -281,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name)
         command.add_argument("--seconds", type=float, default=15.0)
         command.add_argument("--out", type=Path, required=True)
+    compare = commands.add_parser(
+        "smtp-concurrency", help="case 3 with adaptive, then fixed SMTP concurrency"
+    )
+    compare.add_argument("--seconds", type=float, default=8.0)
+    compare.add_argument("--rounds", type=int, default=2)
     summary = commands.add_parser("summary")
     summary.add_argument("files", type=Path, nargs="+")
     summary.add_argument("--seconds", type=float, help="the recording's length, for % of a core")
@@ -288,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summary":
         for path in args.files:
             print(summarise(path, seconds=args.seconds))
+        return 0
+    if args.command == "smtp-concurrency":
+        asyncio.run(compare_smtp_concurrency(args.seconds, args.rounds))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     run = profile_e2e if args.command == "e2e" else profile_email_worker
