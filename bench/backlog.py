@@ -39,7 +39,7 @@ class GroupState:
     """One group after a skip: caught up when nothing is unread or unacknowledged."""
 
     group: Group
-    #: Entries appended after the group's last delivered one (0 or more, not a count).
+    #: Whether entries were appended after the one the group last delivered.
     unread: bool
     pending: int
 
