@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import httpx
 import pytest
 from bench import report
@@ -23,10 +24,12 @@ from bench.case_end_to_end import (
     WORKERS,
 )
 from bench.common import Figure
+from bench.peers import MAIL_FROM, SmtpPool
 from bench.peers import stack as peers_stack
 from bench.peers.minimal_stack import InvalidOrder, parse_order, render
 
-from tests.support import wait_until
+from orderflow.embedded.smtp_server import SmtpServer
+from tests.support import CountingHandler, wait_until
 
 
 def order(order_id: int = 7, **overrides: Any) -> dict[str, Any]:
@@ -78,6 +81,43 @@ def test_minimal_email_is_one_the_case_matches_and_keeps_names_on_one_line() -> 
     assert b"\r\nTo: customer42@example.com\r\n" in head
     assert b"\r\nBcc:" not in data
     assert b"Evil Bcc: x@example.com" in text
+
+
+# --- the SMTP pool both peers send on -------------------------------------------------
+
+
+async def _send_on_a_broken_connection(pool: SmtpPool, data: bytes) -> None:
+    async with pool.connection() as smtp:
+        smtp.close()
+        await smtp.sendmail(MAIL_FROM, ["customer1@example.com"], data)
+
+
+async def test_the_peers_pool_sends_on_its_connections_and_reconnects_a_broken_one() -> None:
+    handler = CountingHandler()
+    server = SmtpServer(handler, host="127.0.0.1", port=0)
+    await server.start()
+    pool = SmtpPool("127.0.0.1", server.port, size=2)
+    try:
+        await pool.open()
+        data = render(parse_order(httpx.Request("POST", "/", json=order(1)).content))
+        async with pool.connection() as smtp:
+            await smtp.sendmail(MAIL_FROM, ["customer1@example.com"], data)
+            smtp.close()  # the connection breaks after its email
+        # The other one breaks during a send: the error goes out.
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await _send_on_a_broken_connection(pool, data)
+        # Both connections, the broken one connected again, send the next emails.
+        for order_id in (2, 3, 4):
+            body = httpx.Request("POST", "/", json=order(order_id)).content
+            async with pool.connection() as smtp:
+                await smtp.sendmail(
+                    MAIL_FROM, [f"customer{order_id}@example.com"], render(parse_order(body))
+                )
+        assert sorted(handler.by_order) == [1, 2, 3, 4]
+        assert pool.idle.qsize() == 2
+    finally:
+        await pool.close()
+        await server.stop()
 
 
 # --- the report's comparison ------------------------------------------------------------

@@ -14,13 +14,18 @@ no email, and an email sent just before a consumer dies is sent again.
 - :mod:`bench.peers.stack`: starts either one as processes, as ``orderflow up`` starts
   orderflow's.
 
-What both share is here: the stream, the group, the envelope and the Message-ID the
-case matches arrivals by.
+What both share is here: the stream, the group, the envelope, the Message-ID the case
+matches arrivals by, and the pool of SMTP connections their consumers send on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
+
+import aiosmtplib
 
 #: The stream the API appends to and the consumers read.
 STREAM = "peer:orders"
@@ -58,3 +63,41 @@ def body_text(order_id: int, total: str, currency: str, items: list[tuple[str, i
         lines.append(f"  {quantity} x {' '.join(name.split())}  {price} {currency}")
     lines += ["", f"Total: {total} {currency}", ""]
     return "\n".join(lines)
+
+
+class SmtpPool:
+    """Open aiosmtplib connections to the sink, one per email in flight (a new connection
+    per email, as ``aiosmtplib.send()`` makes, would be slower still). A connection an
+    error broke is closed and connected again on its next use."""
+
+    def __init__(self, host: str, port: int, size: int = CONCURRENCY) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+
+    async def open(self) -> None:
+        """Connect all of them."""
+        for _ in range(self.size):
+            smtp = aiosmtplib.SMTP(hostname=self.host, port=self.port, start_tls=False)
+            await smtp.connect()
+            self.idle.put_nowait(smtp)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
+        """An idle connection, connected, for one email; back to the pool after it."""
+        smtp = await self.idle.get()
+        try:
+            if not smtp.is_connected:
+                await smtp.connect()
+            yield smtp
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+            raise
+        finally:
+            self.idle.put_nowait(smtp)
+
+    async def close(self) -> None:
+        """Quit every idle connection."""
+        while not self.idle.empty():
+            smtp = self.idle.get_nowait()
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await smtp.quit()

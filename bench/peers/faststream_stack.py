@@ -38,7 +38,6 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Annotated, Any, cast
 
-import aiosmtplib
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, EmailStr, Field
@@ -49,6 +48,7 @@ from bench.peers import (
     MAIL_FROM,
     READ_COUNT,
     STREAM,
+    SmtpPool,
     body_text,
     message_id,
     subject,
@@ -137,30 +137,13 @@ def create_consumer(redis_url: str, smtp_port: int, name: str) -> Any:
 
     broker = RedisBroker(redis_url, logger=cast(Any, None))
     app = FastStream(broker, logger=cast(Any, None))
-    idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
-
-    async def open_pool() -> None:
-        for _ in range(CONCURRENCY):
-            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port, start_tls=False)
-            await smtp.connect()
-            idle.put_nowait(smtp)
-
-    async def close_pool() -> None:
-        while not idle.empty():
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await idle.get_nowait().quit()
-
-    app.on_startup(open_pool)
-    app.after_shutdown(close_pool)
+    pool = SmtpPool("127.0.0.1", smtp_port)
+    app.on_startup(pool.open)
+    app.after_shutdown(pool.close)
 
     async def send_confirmation(order: Order) -> None:
-        smtp = await idle.get()
-        try:
-            if not smtp.is_connected:
-                await smtp.connect()
+        async with pool.connection() as smtp:
             await smtp.send_message(confirmation(order))
-        finally:
-            idle.put_nowait(smtp)
 
     stream = StreamSub(STREAM, group=GROUP, consumer=name, max_records=READ_COUNT)
     # FastStream's decorator, called plainly: its types are not installed for mypy.

@@ -27,7 +27,6 @@ from decimal import Decimal, InvalidOperation
 from email.utils import formatdate
 from typing import Any
 
-import aiosmtplib
 import orjson
 import redis.asyncio as aioredis
 import uvicorn
@@ -41,6 +40,7 @@ from bench.peers import (
     MAX_ADDRESS,
     READ_COUNT,
     STREAM,
+    SmtpPool,
     body_text,
     message_id,
     subject,
@@ -241,43 +241,6 @@ def render(order: dict[str, Any]) -> bytes:
     return (head + text.replace("\n", "\r\n")).encode()
 
 
-class SmtpPool:
-    """Open aiosmtplib connections, one per email in flight."""
-
-    def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port, self.size = host, port, size
-        self.idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
-
-    async def open(self) -> None:
-        """Connect all of them."""
-        for _ in range(self.size):
-            self.idle.put_nowait(await self._connect())
-
-    async def _connect(self) -> aiosmtplib.SMTP:
-        smtp = aiosmtplib.SMTP(hostname=self.host, port=self.port, start_tls=False)
-        await smtp.connect()
-        return smtp
-
-    async def sendmail(self, recipient: str, data: bytes) -> None:
-        """Send one message on an idle connection; a broken connection is replaced."""
-        smtp = await self.idle.get()
-        try:
-            await smtp.sendmail(MAIL_FROM, [recipient], data)
-        except (aiosmtplib.SMTPException, OSError):
-            smtp.close()
-            smtp = await self._connect()
-            raise
-        finally:
-            self.idle.put_nowait(smtp)
-
-    async def close(self) -> None:
-        """Quit every idle connection."""
-        while not self.idle.empty():
-            smtp = self.idle.get_nowait()
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit()
-
-
 async def consume(redis_url: str, smtp_host: str, smtp_port: int, name: str) -> None:
     """Email every order of the stream until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -306,7 +269,7 @@ async def consume(redis_url: str, smtp_host: str, smtp_port: int, name: str) -> 
                 continue
             orders = [orjson.loads(fields[b"data"]) for _, fields in entries]
             sent = await asyncio.gather(
-                *(pool.sendmail(order["email"], render(order)) for order in orders),
+                *(_send(pool, order["email"], render(order)) for order in orders),
                 return_exceptions=True,
             )
             acked = [
@@ -319,6 +282,11 @@ async def consume(redis_url: str, smtp_host: str, smtp_port: int, name: str) -> 
     finally:
         await pool.close()
         await client.aclose()
+
+
+async def _send(pool: SmtpPool, recipient: str, data: bytes) -> None:
+    async with pool.connection() as smtp:
+        await smtp.sendmail(MAIL_FROM, [recipient], data)
 
 
 def main(argv: list[str] | None = None) -> int:

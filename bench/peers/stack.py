@@ -97,17 +97,10 @@ class PeerStack:
             pids["redis"] = self.redis.pid
         return pids
 
-    async def skip_backlog(self) -> None:
-        """Move the group past every entry not yet read: the consumers get new ones only.
-
-        What the consumers already hold (a read batch, FastStream's queue) still goes
-        out; the caller waits for the Maildir to be still.
-        """
-        client = aioredis.Redis.from_url(self.redis.url)
-        try:
-            await client.xgroup_setid(STREAM, GROUP, "$")
-        finally:
-            await client.aclose()
+    @property
+    def redis_url(self) -> str:
+        """The peer's own Redis."""
+        return self.redis.url
 
     async def stop(self) -> None:
         """Stop the API, the consumers and the sink, then Redis."""
