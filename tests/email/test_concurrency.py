@@ -179,9 +179,9 @@ def simulate(
 def test_a_serial_server_gets_two_in_flight() -> None:
     """One message at a time: a third in flight only queues (the rate stays, the round
     trip grows). The bandwidth-delay floor is two; probes above it are undone."""
-    run = simulate(AdaptiveLimit(16), Serial(0.010), 30.0)
+    run = simulate(AdaptiveLimit(16), Serial(0.040), 60.0)
     assert run.peak(since=5.0) <= 3, run.limits
-    assert run.mean_limit(5.0, 30.0) <= 2.5, run.limits
+    assert run.mean_limit(5.0, 60.0) <= 2.5, run.limits
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -190,7 +190,7 @@ def test_a_noisy_slow_server_gets_few_in_flight(seed: int) -> None:
     settled limit's recent windows; fewer need only match their median."""
     run = simulate(AdaptiveLimit(16), Jittery(0.030, seed), 120.0)
     assert run.mean_limit(10.0, 120.0) <= 2.0, run.limits
-    assert run.peak(since=10.0) <= 4, run.limits
+    assert run.peak(since=10.0) <= 6, run.limits
 
 
 def test_the_group_fsync_sink_gets_the_whole_pool() -> None:
@@ -211,15 +211,15 @@ def test_a_parallel_fast_server_gets_the_whole_pool_within_a_second() -> None:
 
 
 def test_a_server_that_becomes_serial_gets_fewer_in_flight() -> None:
-    run = simulate(AdaptiveLimit(16), Switching(Parallel(0.002), Serial(0.010), 10.0), 30.0)
+    run = simulate(AdaptiveLimit(16), Switching(Parallel(0.002), Serial(0.040), 10.0), 40.0)
     assert run.limit_at(9.9) >= 12, run.limits
-    assert run.mean_limit(20.0, 30.0) <= 3, run.limits
+    assert run.mean_limit(25.0, 40.0) <= 3, run.limits
 
 
 def test_a_server_that_becomes_faster_gets_more_in_flight() -> None:
-    run = simulate(AdaptiveLimit(16), Switching(Serial(0.010), Parallel(0.002), 10.0), 20.0)
+    run = simulate(AdaptiveLimit(16), Switching(Serial(0.040), Parallel(0.002), 10.0), 30.0)
     assert run.mean_limit(5.0, 10.0) <= 2.5, run.limits
-    assert run.mean_limit(12.0, 20.0) >= 14, run.limits
+    assert run.mean_limit(22.0, 30.0) >= 14, run.limits
 
 
 def test_the_round_trip_is_measured_at_the_minimum_now_and_then() -> None:
@@ -245,7 +245,7 @@ def test_a_worker_with_little_to_send_learns_nothing() -> None:
     assert limit.max_rate is None
 
 
-@pytest.mark.parametrize(("rtt_s", "floor"), [(0.004, 2), (0.030, 1)])
+@pytest.mark.parametrize(("rtt_s", "floor"), [(0.004, 2), (0.040, 1)])
 def test_the_floor_is_the_bandwidth_delay_product_at_a_fast_server_only(
     rtt_s: float, floor: int
 ) -> None:
@@ -275,14 +275,14 @@ def test_a_loop_that_explains_the_round_trip_grows_the_limit(
     first probe to two gains nothing and is undone)."""
     clock = Clock()
     limit = AdaptiveLimit(32, min_window_s=0.0, cruise_windows=100)
-    limit.succeeded(0.030, 1, clock.now)  # starts the clock
+    limit.succeeded(0.040, 1, clock.now)  # starts the clock
     seen = []
     for _ in range(4):
         for _ in range(3):
             limit.lagged(lag_s)
         for _ in range(max(4, limit.limit)):
-            clock.now += 0.030
-            limit.succeeded(0.030, limit.limit, clock.now)
+            clock.now += 0.040
+            limit.succeeded(0.040, limit.limit, clock.now)
         seen.append(limit.limit)
     assert seen == grown
 
@@ -326,7 +326,7 @@ def test_after_a_failure_the_limit_is_learnt_again() -> None:
 
 
 def test_the_minimum_and_maximum_are_kept() -> None:
-    run = simulate(AdaptiveLimit(8, minimum=3, initial=3), Serial(0.010), 10.0)
+    run = simulate(AdaptiveLimit(8, minimum=3, initial=3), Serial(0.040), 20.0)
     assert min(v for _, v in run.limits) == 3
     run = simulate(AdaptiveLimit(8), Parallel(0.001), 10.0)
     assert max(v for _, v in run.limits) == 8

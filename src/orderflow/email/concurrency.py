@@ -164,7 +164,7 @@ class AdaptiveLimit:
         min_window_s: float = 0.05,
         rate_windows: int = 10,
         rtt_every_s: float = 10.0,
-        fast_rtt_s: float = 0.010,
+        fast_rtt_s: float = 0.030,
         on_change: Callable[[LimitChange], None] | None = None,
     ) -> None:
         if minimum < 1:
@@ -221,6 +221,8 @@ class AdaptiveLimit:
         #: it was measured, and the limit its window interrupted.
         self._min_rtt = math.inf
         self._rtt_at = -math.inf
+        #: The last window at the minimum's median alone (what ``fast`` is about).
+        self._rtt_at_minimum = math.inf
         self._resume: int | None = None
         self._window_start: float | None = None
         #: Replies in this window; the round trips of those whose transaction started
@@ -254,8 +256,9 @@ class AdaptiveLimit:
 
     @property
     def fast(self) -> bool:
-        """Whether the server answers one transaction in under ``fast_rtt_s``."""
-        return self._min_rtt < self.fast_rtt_s
+        """Whether the server answered one transaction in under ``fast_rtt_s`` (the
+        median of the last window at the minimum)."""
+        return self._rtt_at_minimum < self.fast_rtt_s
 
     @property
     def floor(self) -> int:
@@ -301,6 +304,7 @@ class AdaptiveLimit:
             return
         if self._limit == self.minimum:
             self._min_rtt, self._rtt_at = median, now
+            self._rtt_at_minimum = median
         else:
             self._min_rtt = min(self._min_rtt, median)
         resume, self._resume = self._resume, None
@@ -416,6 +420,7 @@ class AdaptiveLimit:
         self._rates.clear()
         self._min_rtt = math.inf
         self._rtt_at = -math.inf
+        self._rtt_at_minimum = math.inf
         self._resume = None
         self._window_start = None
         self._window.clear()
