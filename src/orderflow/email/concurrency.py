@@ -42,12 +42,21 @@ its limit, as BBR's round), with the limit used (a worker at 3 of 16 learns noth
   the next probe follows at once, to the maximum. A worker that adds in flight at a
   server shared with another gains share, but the round trip grows more (the queue
   is everyone's): undone.
+* **A fast server** (one transaction, with the fewest in flight, answered in under
+  ``fast_rtt_s``: a local sink or relay, not a slow or remote one) is held to the
+  spec's other half, no loss of throughput: a probe up is kept also when the rate
+  alone rose by ``margin`` (a CPU-bound sink gains rate from more in flight while
+  its round trips grow faster), and no probe goes down there (a kill duplicates
+  what a few milliseconds let through, whatever the limit). From one worker, a
+  slow server busy with another worker's message looks just like a batching one
+  (measured: the chaos scenario's server, judged by rate, climbed to 9-14 per
+  worker), which is why rate alone is trusted only where the round trip is short.
 * **The bandwidth-delay floor** (BBR's ``2 * rate * min RTT``), at most two and only
-  at a fast server (a round trip with the fewest in flight under ``floor_rtt_s``):
-  what lets the group-fsync sink leave one in flight, where the step to two halves
-  the rate per round trip. At most two, and not at a slow server, because from one
-  worker a slow server busy with another worker's message looks exactly like a
-  commit in progress (measured: an uncapped floor reached 14 in the chaos scenario).
+  at a fast server: what lets the group-fsync sink leave one in flight, where the
+  step to two halves the rate per round trip. At most two, and not at a slow server,
+  because from one worker a slow server busy with another worker's message looks
+  exactly like a commit in progress (measured: an uncapped floor reached 14 in the
+  chaos scenario).
 * **The round trip with the fewest in flight** is measured as BBR's PROBE_RTT and
   Envoy's minRTT window do: a window at ``minimum`` every ``rtt_every_s`` (its median:
   one lucky reply is not the server); a lower window median meanwhile lowers it. At
