@@ -173,7 +173,7 @@ class AdaptiveLimit:
         min_window_s: float = 0.05,
         rate_windows: int = 10,
         rtt_every_s: float = 10.0,
-        fast_rtt_s: float = 0.030,
+        fast_rtt_s: float = 0.005,
         on_change: Callable[[LimitChange], None] | None = None,
     ) -> None:
         if minimum < 1:
