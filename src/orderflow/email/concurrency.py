@@ -51,6 +51,10 @@ its limit, as BBR's round), with the limit used (a worker at 3 of 16 learns noth
   slow server busy with another worker's message looks just like a batching one
   (measured: the chaos scenario's server, judged by rate, climbed to 9-14 per
   worker), which is why rate alone is trusted only where the round trip is short.
+  The line is thin: that server answers one message in 5-10 ms on a quiet machine
+  (50-300 ms on a busy one), the embedded sink in 2-4 ms alone and 10-25 ms beside
+  the whole ``orderflow up`` stack on a busy machine; at 10 ms and 30 ms the chaos
+  scenario failed (1.25-1.5 duplicates per kill), hence 5 ms.
 * **The bandwidth-delay floor** (BBR's ``2 * rate * min RTT``), at most two and only
   at a fast server: what lets the group-fsync sink leave one in flight, where the
   step to two halves the rate per round trip. At most two, and not at a slow server,
