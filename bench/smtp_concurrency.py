@@ -6,17 +6,25 @@ with ``ORDERFLOW_SMTP_CONCURRENCY=adaptive`` and once with ``fixed`` per round, 
 order alternating between rounds. Emails per second are counted from the first
 ``email.sent`` to the last (the worker's start-up left out); the adaptive limit is
 read from the worker's ``orderflow_email_smtp_concurrency_limit`` gauge while it
-runs. Prints the medians and their ratio, adaptive first. With ``--slow`` the sink
-is instead an aiosmtpd server in another process that parses each message with the
-stdlib ``email`` package, one at a time (the chaos suite's slow server).
+runs. Prints the medians and their ratio, adaptive first.
+
+``--sink`` chooses the server: ``smtp-sink`` (the default), ``slow`` (also
+``--slow``: an aiosmtpd server in another process that parses each message with the
+stdlib ``email`` package, one at a time: the chaos suite's slow server) or
+``embedded`` (``orderflow mail sink``, the sink ``orderflow up`` runs: a Maildir,
+each ``250`` after its message's group fsync). ``--up`` runs the whole ``orderflow
+up`` stack instead (:func:`orderflow.cli.up.start_stack`: its Redis with AOF, the
+embedded sink, the API and two email workers) and counts the Maildir's growth while
+its workers drain the backlog, XADDed to its orders stream.
 
 Needs ``smtp-sink`` (Debian's ``postfix`` package; install it with debconf's "No
-configuration") unless ``--slow``.
+configuration") for the default sink.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
@@ -25,17 +33,29 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from bench.common import flat_fields, order_message
+from orderflow.cli.up import start_stack
+from orderflow.config import Settings
 from orderflow.embedded.redis_server import RedisServer, free_port
 
 ORDERFLOW = str(Path(sys.executable).parent / "orderflow")
 MODES = ("adaptive", "fixed")
+SINKS = ("smtp-sink", "slow", "embedded")
 LIMIT_GAUGE = "orderflow_email_smtp_concurrency_limit{"
+#: What each server is called in the summary.
+DESCRIBED = {
+    "smtp-sink": "smtp-sink",
+    "slow": "aiosmtpd parsing each message",
+    "embedded": "the embedded sink (orderflow mail sink)",
+    "up": "orderflow up (2 email workers, the embedded sink)",
+}
 
 #: The slow server: aiosmtpd parsing each message (run with ``python -c``).
 SLOW_SERVER = """
@@ -57,13 +77,40 @@ asyncio.run(main())
 """
 
 
-def _sink(port: int, slow: bool) -> subprocess.Popen[bytes]:
-    if slow:
+def _env(**values: str) -> dict[str, str]:
+    """This environment without any ORDERFLOW_ setting, plus ``values``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
+    env.update(values)
+    return env
+
+
+def _sink(port: int, sink: str, data_dir: str) -> subprocess.Popen[bytes]:
+    if sink == "slow":
         return subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)])
+    if sink == "embedded":
+        return subprocess.Popen(
+            [ORDERFLOW, "mail", "sink", "--port", str(port)],
+            env=_env(ORDERFLOW_DATA_DIR=data_dir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
     if not Path(binary).exists():
         raise SystemExit("smtp-sink not found: apt-get install postfix (No configuration)")
     return subprocess.Popen([binary, "-u", "nobody", f"127.0.0.1:{port}", "1000"])
+
+
+def _listening(port: int, within_s: float = 30.0) -> None:
+    """Wait until something accepts connections on ``port``."""
+    import socket
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port} after {within_s} s")
 
 
 def _limit(metrics_port: int) -> int | None:
@@ -78,23 +125,55 @@ def _limit(metrics_port: int) -> int | None:
     return None
 
 
-def one_run(mode: str, count: int, slow: bool) -> tuple[float, list[int]]:
+def _backlog(client: redis.Redis, count: int, first_id: int = 0) -> None:
+    """``count`` orders in the orders stream, read by the email service's group from 0."""
+    try:
+        client.xgroup_create("orders", "email-service", id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    pipe: Any = client.pipeline(transaction=False)
+    for i in range(first_id, first_id + count):
+        pipe.execute_command("XADD", "orders", "*", *flat_fields(order_message(i)))
+    pipe.execute()
+
+
+def _rate(
+    what: str,
+    count: int,
+    sent: Callable[[], int],
+    alive: Callable[[], bool],
+    metrics_ports: list[int],
+) -> tuple[float, list[int]]:
+    """Emails/s from the first to the ``count``-th sent, and the limits seen meanwhile."""
+    first: tuple[float, int] | None = None
+    limits: list[int] = []
+    deadline = time.monotonic() + 600
+    while (done := sent()) < count:
+        if time.monotonic() > deadline or not alive():
+            raise SystemExit(f"{what}: only {done} of {count} emails sent")
+        if first is None and done:
+            first = (time.monotonic(), done)
+        if first is not None:
+            limits.extend(x for port in metrics_ports if (x := _limit(port)) is not None)
+        time.sleep(0.05)
+    assert first is not None
+    return (count - first[1]) / (time.monotonic() - first[0]), limits
+
+
+def one_run(mode: str, count: int, sink: str) -> tuple[float, list[int]]:
     """Emails/s of one worker draining ``count`` orders, and the limits seen meanwhile."""
     with tempfile.TemporaryDirectory(prefix="orderflow-smtp-limit-") as tmp:
         server = RedisServer(Path(tmp) / "redis", appendonly=False, die_with_parent=True)
         server.start()
         smtp_port, metrics_port = free_port(), free_port()
-        sink = _sink(smtp_port, slow)
+        server_process = _sink(smtp_port, sink, tmp)
         worker: subprocess.Popen[bytes] | None = None
         client = redis.Redis.from_url(server.url)
         try:
-            client.xgroup_create("orders", "email-service", id="0", mkstream=True)
-            pipe: Any = client.pipeline(transaction=False)
-            for i in range(count):
-                pipe.execute_command("XADD", "orders", "*", *flat_fields(order_message(i)))
-            pipe.execute()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERFLOW_")}
-            env.update(
+            _listening(smtp_port)
+            _backlog(client, count)
+            env = _env(
                 ORDERFLOW_REDIS_URL=server.url,
                 ORDERFLOW_SMTP_URL=f"smtp://127.0.0.1:{smtp_port}",
                 ORDERFLOW_DATA_DIR=tmp,
@@ -104,28 +183,73 @@ def one_run(mode: str, count: int, slow: bool) -> tuple[float, list[int]]:
             worker = subprocess.Popen(
                 [ORDERFLOW, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            first: tuple[float, int] | None = None
-            limits: list[int] = []
-            deadline = time.monotonic() + 600
-            while (sent := int(client.xlen("email-events"))) < count:
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit(f"{mode}: only {sent} of {count} emails sent")
-                if first is None and sent:
-                    first = (time.monotonic(), sent)
-                if first is not None and (limit := _limit(metrics_port)) is not None:
-                    limits.append(limit)
-                time.sleep(0.05)
-            assert first is not None
-            elapsed = time.monotonic() - first[0]
-            return (count - first[1]) / elapsed, limits
+            running = worker
+            return _rate(
+                mode,
+                count,
+                lambda: int(client.xlen("email-events")),
+                lambda: running.poll() is None,
+                [metrics_port],
+            )
         finally:
             if worker is not None:
                 worker.terminate()
                 worker.wait(30)
-            sink.kill()
-            sink.wait()
+            server_process.kill()
+            server_process.wait()
             client.close()
             server.stop()
+
+
+@contextmanager
+def _orderflow_env(**values: str) -> Iterator[None]:
+    """This process's environment without ORDERFLOW_ settings but ``values`` meanwhile
+    (the ``up`` stack's children inherit it)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_env(**values))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def up_run(mode: str, count: int) -> tuple[float, list[int]]:
+    """Emails/s of an ``orderflow up`` stack's two workers draining ``count`` orders
+    into its embedded sink, and the limits seen meanwhile."""
+    return asyncio.run(_up_run(mode, count))
+
+
+async def _up_run(mode: str, count: int) -> tuple[float, list[int]]:
+    with tempfile.TemporaryDirectory(prefix="orderflow-smtp-limit-up-") as tmp:
+        with _orderflow_env(ORDERFLOW_SMTP_CONCURRENCY=mode):
+            settings = Settings(
+                data_dir=Path(tmp), redis_url=None, database_url=None, smtp_url=None
+            )
+            stack = await start_stack(
+                settings, port=free_port(), host="127.0.0.1", workers=2, quiet=True
+            )
+        client = redis.Redis.from_url(stack.redis_url)
+        try:
+            _backlog(client, count, first_id=1_000_000)
+            new = stack.mail_dir / "new"
+            ports = [
+                int(child.args[child.args.index("--metrics-port") + 1])
+                for child in stack.supervisor.children
+                if "--metrics-port" in child.args
+            ]
+
+            def sent() -> int:
+                try:
+                    return sum(1 for _ in os.scandir(new))
+                except FileNotFoundError:
+                    return 0
+
+            return await asyncio.to_thread(_rate, mode, count, sent, lambda: True, ports)
+        finally:
+            client.close()
+            await stack.stop()
 
 
 def main() -> None:
@@ -133,12 +257,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=5000, help="orders per run (5000)")
     parser.add_argument("--rounds", type=int, default=5, help="runs per mode (5)")
-    parser.add_argument("--slow", action="store_true", help="the slow parsing server instead")
+    parser.add_argument("--sink", choices=SINKS, default="smtp-sink", help="the server")
+    parser.add_argument("--slow", action="store_true", help="the same as --sink slow")
+    parser.add_argument("--up", action="store_true", help="the whole orderflow up stack")
     args = parser.parse_args()
+    sink = "slow" if args.slow else args.sink
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     for n in range(args.rounds):
         for mode in MODES if n % 2 == 0 else MODES[::-1]:
-            rate, limits = one_run(mode, args.count, args.slow)
+            rate, limits = up_run(mode, args.count) if args.up else one_run(mode, args.count, sink)
             rates[mode].append(rate)
             seen = (
                 f"limit: mean {statistics.mean(limits):.1f}, at the maximum "
@@ -148,11 +275,12 @@ def main() -> None:
             )
             print(f"round {n + 1} {mode:8} {rate:7.0f} emails/s  {seen}", flush=True)
     adaptive, fixed = (statistics.median(rates[mode]) for mode in MODES)
-    sink = "aiosmtpd parsing each message" if args.slow else "smtp-sink"
+    what = "up" if args.up else sink
+    workers = "two workers" if args.up else "one worker"
     print(
-        f"\n{sink}, {args.rounds} rounds of {args.count} orders, one worker (concurrency 32):"
-        f"\nadaptive / fixed = {adaptive / fixed:.2f}  (medians: adaptive {adaptive:.0f}, "
-        f"fixed {fixed:.0f} emails/s; load average {os.getloadavg()[0]:.1f})"
+        f"\n{DESCRIBED[what]}, {args.rounds} rounds of {args.count} orders, {workers} "
+        f"(concurrency 32):\nadaptive / fixed = {adaptive / fixed:.2f}  (medians: adaptive "
+        f"{adaptive:.0f}, fixed {fixed:.0f} emails/s; load average {os.getloadavg()[0]:.1f})"
     )
 
 

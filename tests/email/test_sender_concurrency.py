@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from orderflow.cli import main
 from orderflow.config import Settings
 from orderflow.email import Renderer, SmtpSender, TransientSendError, parse_order
+from orderflow.email.concurrency import AdaptiveLimit
 from tests.support import clear_orderflow_env, wait_until
 
 from .conftest import SmtpFixture
@@ -102,20 +103,31 @@ async def test_a_failed_send_gives_its_place_back_at_once(smtp: SmtpFixture) -> 
         await sender.close()
 
 
-async def test_the_limit_is_a_gauge_per_destination_and_grows_against_a_fast_server(
+async def test_the_limit_is_a_gauge_per_destination_that_follows_every_change(
     smtp: SmtpFixture,
 ) -> None:
+    """The sender's limit, driven by replies told to it directly (a server whose rate
+    grows with what is in flight, on a clock of the test's), is its gauge at every
+    step; real sends leave the two equal too. No timing of this machine decides."""
     sender = SmtpSender(smtp.url, pool_size=4)
     try:
         assert sender.destination == f"{sender.config.host}:{sender.config.port}"
         assert gauge(sender) == 1
-        # Enough concurrent sends to use the limit, window after window.
-        for batch in range(60):
-            await asyncio.gather(*(send(sender, 100 * batch + n + 1) for n in range(8)))
-            if sender.limiter.limit == 4:
+        algorithm = sender.limiter.algorithm
+        assert isinstance(algorithm, AdaptiveLimit)
+        now = 0.0
+        for _ in range(10_000):
+            if algorithm.limit == 4:
                 break
-        assert sender.limiter.limit == 4
-        assert gauge(sender) == 4
+            now += 0.01 / algorithm.limit
+            algorithm.succeeded(0.001, algorithm.limit, now)
+            assert gauge(sender) == algorithm.limit
+        assert algorithm.limit == 4
+        algorithm.dropped(now)
+        assert gauge(sender) == 2
+        await asyncio.gather(*(send(sender, n) for n in range(1, 17)))
+        assert len(smtp.handler.received) == 16
+        assert gauge(sender) == sender.limiter.limit
     finally:
         await sender.close()
 

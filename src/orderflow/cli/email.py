@@ -85,6 +85,8 @@ async def worker_command(args: argparse.Namespace) -> int:
         smtp_url,
         pool_size=min(args.concurrency, MAX_SMTP_POOL),
         adaptive=settings.smtp_concurrency == "adaptive",
+        # A send keeps its place until recorded: as many as the worker has on the go.
+        max_in_flight=args.concurrency,
     )
     stop = asyncio.Event()
     stop_on_signals(stop)

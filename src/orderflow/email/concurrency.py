@@ -6,36 +6,81 @@ close). Everything a worker has in flight at a server beyond what the server nee
 stay busy is only waiting in the server's queue, and widens that window for nothing.
 So the number of transactions in flight follows the server instead of a fixed pool
 (a send takes its place before it transmits anything and, in the Email Service, keeps
-it until the send is recorded: see ``SmtpSender.holding``):
+it until the send is recorded: see ``SmtpSender.holding``). Against a slow server the
+limit should stay near what it serves at once; against a fast one, it must cost no
+throughput.
 
-* **Delay feedback** (TCP Vegas, as Netflix's concurrency-limits applies it; Envoy's
-  adaptive concurrency): a transaction's round trip grows with the queue in front of
-  it. With ``limit`` transactions in flight, a window whose median round trip is
-  ``median`` against a baseline (the best recent window's median) has about
-  ``queue = limit * (1 - baseline / median)`` of them waiting at the server rather
-  than being served. Above ``beta`` the limit shrinks to what the server serves,
-  ``limit - queue``, plus ``alpha`` (at most by half a window); below ``alpha`` it
-  grows by one per window (Postfix's positive feedback of 1/concurrency per delivery),
-  but only while the limit was really used (a worker at 3 of 32 learns nothing of 32).
-* **Slow start** (Postfix's destination concurrency scheduler, TCP): from one, the
-  limit doubles every window until the first queue (``alpha``) shows.
-* **Our own delay is not the server's queue.** A worker busy with its other work (or
-  short of CPU) reads each reply late, and its round trips grow with its own load, not
-  the server's: against a fast server, a busy worker would otherwise take its own
-  slowness for a queue and give up throughput. So the event loop's lag is measured
-  too (how late a short timer fires), and a slow window counts as a queue only when
-  its median also exceeds ``own_factor`` times the window's mean lag (a transaction
-  waits for the loop once per reply, and for the poll that reads it).
-* **Loss feedback**: a transaction that timed out or lost its connection halves it.
+**Why not delay alone, or rate alone.** The rule before this one was TCP Vegas as
+Netflix's concurrency-limits applies it (``queue = limit * (1 - min_rtt / rtt)``;
+Envoy's adaptive concurrency reads the same gradient against a periodically measured
+minRTT). Delay says how many wait only if the server's rate is fixed, and it is not:
+the embedded sink fsyncs its messages in groups, so a second message in flight waits
+for the fsync in progress and then its own (the round trip doubles, the rate does not
+move) while 4, 8 or 16 share one fsync (the rate grows, the round trip does not).
+Vegas read the step from one to two as a queue and held the limit at 1-3. BBR's model
+(Linux's ``tcp_bbr.c``: the pipe needs ``max delivery rate * min RTT`` in flight, the
+bandwidth-delay product; in flight is capped at twice it, and the rate is probed by
+sending more for a while) reads the rate instead, but a worker's rate also rises when
+it takes a larger share of a slow server from another worker: measured in the chaos
+scenario (two workers, one slow server), a limit from the delivery rate's
+bandwidth-delay product climbed to 9-14 per worker, 2.5-4.75 duplicates per kill.
 
-The baseline is the lowest window median of the last ``baseline_s`` seconds (and at
-least the last window's), so it follows a server that became slower for good, and a
-shrunken limit measures a fresh one. The limit stays between ``minimum`` and
-``maximum`` (the worker's pool of connections). A window is ``max(limit,
-min_samples)`` transactions: about one round trip of the whole window.
+**The rule: probe for rate per round trip** (Kleinrock's power, the operating point
+BBR aims at: the most delivery rate at the least round trip). Per window (at least
+``min_window_s``, so that a rate is a rate and not a scheduling accident, and until
+``max(limit, min_samples)`` transactions started in it have their reply: one round at
+its limit, as BBR's round), with the limit used (a worker at 3 of 16 learns nothing of
+16):
 
-:class:`AdaptiveLimit` and :class:`FixedLimit` are pure logic (time is passed in);
-:class:`ConcurrencyLimiter` hands out permits in an event loop.
+* **Probes**: after ``cruise_windows`` windows at the settled limit, one window a
+  quarter above it (at least one more); kept if its rate per median round trip beats
+  the best of the settled limit's last windows by ``margin`` (a noisy server makes
+  lucky windows, and a lucky probe would stay), undone otherwise, and then the next
+  probe goes a fifth below, kept if it does as well as their median. A serial server
+  gains no rate from a third in flight and the round trip grows: undone. The
+  group-fsync sink and a parallel server gain rate at the same round trip: kept, and
+  the next probe follows at once, to the maximum. A worker that adds in flight at a
+  server shared with another gains share, but the round trip grows more (the queue
+  is everyone's): undone.
+* **A fast server** (one transaction, with the fewest in flight, answered in under
+  ``fast_rtt_s``: a local sink or relay, not a slow or remote one) is held to the
+  spec's other half, no loss of throughput: a probe up is kept also when the rate
+  alone rose by ``margin`` (a CPU-bound sink gains rate from more in flight while
+  its round trips grow faster), and no probe goes down there (a kill duplicates
+  what a few milliseconds let through, whatever the limit). From one worker, a
+  slow server busy with another worker's message looks just like a batching one
+  (measured: the chaos scenario's server, judged by rate, climbed to 9-14 per
+  worker), which is why rate alone is trusted only where the round trip is short.
+  The line is thin: that server answers one message in 5-10 ms on a quiet machine
+  (50-300 ms on a busy one), the embedded sink in 2-4 ms alone and 10-25 ms beside
+  the whole ``orderflow up`` stack on a busy machine; at 10 ms and 30 ms the chaos
+  scenario failed (1.25-1.5 duplicates per kill), hence 5 ms.
+* **The bandwidth-delay floor** (BBR's ``2 * rate * min RTT``), at most two and only
+  at a fast server: what lets the group-fsync sink leave one in flight, where the
+  step to two halves the rate per round trip. At most two, and not at a slow server,
+  because from one worker a slow server busy with another worker's message looks
+  exactly like a commit in progress (measured: an uncapped floor reached 14 in the
+  chaos scenario).
+* **The round trip with the fewest in flight** is measured as BBR's PROBE_RTT and
+  Envoy's minRTT window do: a window at ``minimum`` every ``rtt_every_s`` (its median:
+  one lucky reply is not the server); a lower window median meanwhile lowers it. At
+  a serial server every round trip but the first waits behind another, so a minimum
+  taken at the working limit would grow with it.
+* **Our own delay is not the server's queue.** A worker short of CPU reads each reply
+  late, and its round trips grow with its own load: against a fast server it would
+  otherwise take its own slowness for a queue. So the event loop's lag is measured
+  (how late a short timer fires), and a window whose median round trip is within
+  ``own_factor`` times the mean lag is the worker's own: the limit grows a quarter
+  (more in flight lets the worker overlap its own Redis round trips; the server
+  queues nothing), a probe up is kept, a probe down is not.
+* **Loss feedback** (Postfix's destination concurrency scheduler: negative feedback on
+  a failed connection): a transaction that timed out or lost its connection halves
+  the limit, and what was measured is measured afresh. Like Postfix, it starts a
+  destination low (``initial`` one) and grows it on success.
+
+The limit stays between ``minimum`` and ``maximum``. :class:`AdaptiveLimit` and
+:class:`FixedLimit` are pure logic (time is passed in); :class:`ConcurrencyLimiter`
+hands out permits in an event loop.
 """
 
 from __future__ import annotations
@@ -43,11 +88,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import statistics
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 class Limit(Protocol):
@@ -78,11 +124,11 @@ class LimitChange:
 
     old: int
     new: int
-    #: The window's median round trip, the baseline it was compared with and the
-    #: event loop's mean lag meanwhile (seconds).
+    #: The deciding window's rate (replies per second) and median round trip, and the
+    #: server's round trip with the fewest in flight (seconds; NaN: not known).
+    rate: float
     rtt_s: float
-    baseline_s: float
-    lag_s: float
+    min_rtt_s: float
     reason: str
 
 
@@ -109,8 +155,12 @@ class FixedLimit:
         """Nothing to learn."""
 
 
+Phase = Literal["cruise", "up", "down"]
+
+
 class AdaptiveLimit:
-    """Slow start, then delay and loss feedback (see the module's docstring)."""
+    """Probes for rate per round trip above a bandwidth-delay floor, our own delay,
+    loss halving (see the module's docstring)."""
 
     def __init__(
         self,
@@ -118,11 +168,16 @@ class AdaptiveLimit:
         *,
         minimum: int = 1,
         initial: int = 1,
-        alpha: float = 0.5,
-        beta: float = 1.0,
+        gain: float = 2.0,
+        probe_gain: float = 1.25,
+        margin: float = 0.15,
+        cruise_windows: int = 4,
         own_factor: float = 4.0,
         min_samples: int = 4,
-        baseline_s: float = 10.0,
+        min_window_s: float = 0.05,
+        rate_windows: int = 10,
+        rtt_every_s: float = 10.0,
+        fast_rtt_s: float = 0.005,
         on_change: Callable[[LimitChange], None] | None = None,
     ) -> None:
         if minimum < 1:
@@ -131,79 +186,241 @@ class AdaptiveLimit:
             raise ValueError(f"maximum ({maximum}) must be at least minimum ({minimum})")
         if not minimum <= initial <= maximum:
             raise ValueError(f"initial ({initial}) must be between {minimum} and {maximum}")
-        if not 0 < alpha <= beta:
-            raise ValueError(f"alpha ({alpha}) must be positive and at most beta ({beta})")
+        if not gain > 0:
+            raise ValueError(f"gain must be positive, got {gain}")
+        if not probe_gain > 1:
+            raise ValueError(f"probe_gain must be above 1, got {probe_gain}")
+        if not margin >= 0:
+            raise ValueError(f"margin must not be negative, got {margin}")
+        if cruise_windows < 1:
+            raise ValueError(f"cruise_windows must be at least 1, got {cruise_windows}")
         if not own_factor >= 0:
             raise ValueError(f"own_factor must not be negative, got {own_factor}")
         if min_samples < 1:
             raise ValueError(f"min_samples must be at least 1, got {min_samples}")
-        if not baseline_s > 0:
-            raise ValueError(f"baseline_s must be positive, got {baseline_s}")
+        if not min_window_s >= 0:
+            raise ValueError(f"min_window_s must not be negative, got {min_window_s}")
+        if rate_windows < 1:
+            raise ValueError(f"rate_windows must be at least 1, got {rate_windows}")
+        if not rtt_every_s > 0:
+            raise ValueError(f"rtt_every_s must be positive, got {rtt_every_s}")
+        if not fast_rtt_s >= 0:
+            raise ValueError(f"fast_rtt_s must not be negative, got {fast_rtt_s}")
         self.maximum = maximum
         self.minimum = minimum
-        self.alpha = alpha
-        self.beta = beta
+        self.gain = gain
+        self.probe_gain = probe_gain
+        self.margin = margin
+        self.cruise_windows = cruise_windows
         self.own_factor = own_factor
         self.min_samples = min_samples
-        self.baseline_s = baseline_s
+        self.min_window_s = min_window_s
+        self.rtt_every_s = rtt_every_s
+        self.fast_rtt_s = fast_rtt_s
         self.on_change = on_change
-        self._limit = float(initial)
-        #: Slow start until the first sign of a queue (or loss).
-        self.slow_start = True
+        self._limit = initial
+        #: What this window measures: the settled limit, or a probe above or below it.
+        self.phase: Phase = "cruise"
+        #: The settled limit, which a failed probe returns to, and its power (rate
+        #: per round trip) in its last windows, newest last.
+        self._settled = initial
+        self._powers: deque[float] = deque(maxlen=3)
+        self._settled_rates: deque[float] = deque(maxlen=3)
+        self._cruise_left = 1
+        self._next_probe: Phase = "up"
+        #: Recent windows' rates, newest last: ``max_rate`` is the fastest.
+        self._rates: deque[float] = deque(maxlen=rate_windows)
+        #: The server's round trip with the fewest in flight (inf: not measured), when
+        #: it was measured, and the limit its window interrupted.
+        self._min_rtt = math.inf
+        self._rtt_at = -math.inf
+        #: The last window at the minimum's median alone (what ``fast`` is about).
+        self._rtt_at_minimum = math.inf
+        self._resume: int | None = None
+        self._window_start: float | None = None
+        #: Replies in this window; the round trips of those whose transaction started
+        #: in it (under its limit), and the most in flight any of those started with.
+        self._replies = 0
         self._window: list[float] = []
-        #: The most transactions in flight that a sample of this window started with.
-        self._window_peak = 0
+        self._peak = 0
         self._lag_sum = 0.0
         self._lag_count = 0
-        #: (when, median) of recent windows, oldest first: the baseline's candidates.
-        self._medians: deque[tuple[float, float]] = deque()
 
     @property
     def limit(self) -> int:
         """Transactions allowed in flight now."""
-        return int(self._limit)
+        return self._limit
 
     @property
-    def baseline(self) -> float | None:
-        """The best window median of the last ``baseline_s`` seconds, once there is one."""
-        return min(m for _, m in self._medians) if self._medians else None
+    def max_rate(self) -> float | None:
+        """The fastest of the last ``rate_windows`` windows' rates (replies per second)."""
+        return max(self._rates) if self._rates else None
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The server's round trip with the fewest in flight (seconds), once measured.
+
+        At a serial server every round trip but the first waits behind another, so a
+        minimum taken while the limit is used would grow with the limit, and the floor
+        with it. It is measured as BBR's PROBE_RTT and Envoy's minRTT window do: the
+        median of a window at the minimum in flight, every ``rtt_every_s`` (a median:
+        one lucky reply is not the server); a lower window median meanwhile lowers it."""
+        return self._min_rtt if math.isfinite(self._min_rtt) else None
+
+    @property
+    def fast(self) -> bool:
+        """Whether the server answered one transaction in under ``fast_rtt_s`` (the
+        median of the last window at the minimum)."""
+        return self._rtt_at_minimum < self.fast_rtt_s
+
+    @property
+    def floor(self) -> int:
+        """``gain * max_rate * min_rtt``, rounded, within the bounds: the bandwidth-delay
+        product with BBR's headroom, below which no probe goes."""
+        rate, rtt = self.max_rate, self.min_rtt
+        if rate is None or rtt is None or not self.fast:
+            return self.minimum
+        needed = min(2, math.floor(self.gain * rate * rtt + 0.5))
+        return min(self.maximum, max(self.minimum, needed))
 
     def succeeded(self, rtt_s: float, in_flight: int, now: float) -> None:
         """Count a reply; at the end of a window, decide."""
         if rtt_s < 0:
             raise ValueError(f"rtt_s must not be negative, got {rtt_s}")
-        self._window.append(rtt_s)
-        self._window_peak = max(self._window_peak, in_flight)
-        if len(self._window) < max(self.limit, self.min_samples):
+        if self._window_start is None:
+            # The first reply only starts the clock: a rate needs an interval.
+            self._window_start = now
             return
+        self._replies += 1
+        if now - rtt_s >= self._window_start - 1e-9:
+            # Started in this window, under this limit: what the window is about.
+            self._window.append(rtt_s)
+            self._peak = max(self._peak, in_flight)
+        elapsed = now - self._window_start
+        if len(self._window) < max(self._limit, self.min_samples) or elapsed < self.min_window_s:
+            return
+        rate = self._replies / elapsed if elapsed > 0 else math.inf
         samples = sorted(self._window)
         median = samples[len(samples) // 2]
-        used = self._window_peak * 2 > self.limit
         lag = self._lag_sum / self._lag_count if self._lag_count else 0.0
-        self._clear_window()
-        while self._medians and self._medians[0][0] < now - self.baseline_s:
-            self._medians.popleft()
-        self._medians.append((now, median))
-        baseline = min(m for _, m in self._medians)
-        # A round trip our own event loop explains (``own_factor`` waits for it) says
-        # nothing about the server's queue.
-        own = median <= lag * self.own_factor
-        queue = 0.0 if own else self._limit * (1 - baseline / median)
-        if queue > self.beta:
-            self.slow_start = False
-            target = max(self._limit / 2, self._limit - queue + self.alpha)
-            self._set(target, median, baseline, lag, "replies slowed down")
-        elif queue >= self.alpha:
-            # A queue is forming: hold (and the doubling is over).
-            self.slow_start = False
-        elif not used:
+        used = self._peak >= self._limit
+        self._window_start = now
+        self._window.clear()
+        self._replies = 0
+        self._peak = 0
+        self._lag_sum = 0.0
+        self._lag_count = 0
+        self._window_ended(rate, median, lag, used, now)
+
+    def _window_ended(self, rate: float, median: float, lag: float, used: bool, now: float) -> None:
+        if not math.isfinite(rate) or median <= 0:
             return
-        elif self.slow_start:
-            self._set(self._limit * 2, median, baseline, lag, "slow start")
-        elif own and median > baseline:
-            self._set(self._limit + 1, median, baseline, lag, "our own event loop is the delay")
+        if self._limit == self.minimum:
+            self._min_rtt, self._rtt_at = median, now
+            self._rtt_at_minimum = median
         else:
-            self._set(self._limit + 1, median, baseline, lag, "replies as fast as the baseline")
+            self._min_rtt = min(self._min_rtt, median)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._set(resume, rate, median, "measured the round trip")
+            return
+        if not used:
+            # The worker had less to send than the limit allows: its rate is the
+            # worker's, not the server's, and says nothing of this limit.
+            if self.phase != "cruise":
+                self._end_probe(self._next_probe, rate, median, "nothing to probe with")
+            return
+        self._rates.append(rate)
+        if now - self._rtt_at >= self.rtt_every_s and self._limit > self.minimum:
+            self._resume = self._settled
+            self.phase = "cruise"
+            self._set(self.minimum, rate, median, "measuring the round trip")
+            return
+        own = median <= lag * self.own_factor
+        power = rate / median
+        if self.phase == "up":
+            # More in flight must beat the best of the settled limit's last windows:
+            # a noisy server makes lucky windows, and a lucky probe would stay.
+            # The margin scales with the step (a last step to the maximum is smaller).
+            step = (self._limit / self._settled - 1) / (self.probe_gain - 1)
+            better = 1 + self.margin * min(1.0, step)
+            if (
+                own
+                or (self._powers and power >= max(self._powers) * better)
+                or (self.fast and self._settled_rates and rate >= max(self._settled_rates) * better)
+            ):
+                self._settled = self._limit
+                self._powers.clear()
+                self._powers.append(power)
+                self._settled_rates.clear()
+                self._settled_rates.append(rate)
+                self._probe("up", rate, median)
+            else:
+                self._end_probe("down", rate, median, "more in flight: not more rate per delay")
+            return
+        if self.phase == "down":
+            # Fewer in flight need only do as well as the settled limit usually does.
+            if not own and self._powers and power >= statistics.median(self._powers):
+                self._settled = self._limit
+                self._powers.clear()
+                self._powers.append(power)
+                self._settled_rates.clear()
+                self._settled_rates.append(rate)
+                self._probe("down", rate, median)
+            else:
+                self._end_probe("up", rate, median, "fewer in flight: less rate per delay")
+            return
+        self._powers.append(power)
+        self._settled_rates.append(rate)
+        floor = self.floor
+        if own:
+            # A round trip our own event loop explains: the replies wait for us, not
+            # the server for them. More in flight lets a busy worker overlap more of
+            # its own work (its Redis round trips); the server queues nothing.
+            self._settled = min(self.maximum, self._up(self._limit))
+            self._set(self._settled, rate, median, "our own event loop is the delay")
+            return
+        if self._limit < floor:
+            self._settled = floor
+            self._set(floor, rate, median, "the bandwidth-delay product needs more")
+            self._cruise_left = 1
+            return
+        self._cruise_left -= 1
+        if self._cruise_left <= 0:
+            self._probe(self._next_probe, rate, median)
+
+    def _up(self, limit: int) -> int:
+        return max(limit + 1, math.ceil(limit * self.probe_gain))
+
+    def _probe(self, direction: Phase, rate: float, median: float) -> None:
+        """A window above (or below) the settled limit; where there is no room that
+        way, the other way; with none either way, cruise."""
+        settled = self._settled
+        up = min(self.maximum, self._up(settled))
+        down = max(
+            self.minimum, self.floor, min(settled - 1, math.floor(settled / self.probe_gain))
+        )
+        # A fast server is probed upward only: fewer in flight there would save
+        # little of the duplicate window and cost rate (see the module's docstring).
+        ways = ("up",) if self.fast else (direction, "down" if direction == "up" else "up")
+        for way in ways:
+            if way == "up" and up > settled:
+                self.phase = "up"
+                self._set(up, rate, median, "probing with more in flight")
+                return
+            if way == "down" and down < settled:
+                self.phase = "down"
+                self._set(down, rate, median, "probing with fewer in flight")
+                return
+        self.phase = "cruise"
+        self._cruise_left = self.cruise_windows
+        self._set(settled, rate, median, "settled")
+
+    def _end_probe(self, next_probe: Phase, rate: float, median: float, reason: str) -> None:
+        self.phase = "cruise"
+        self._cruise_left = self.cruise_windows
+        self._next_probe = next_probe
+        self._set(self._settled, rate, median, reason)
 
     def lagged(self, lag_s: float) -> None:
         """Count one lateness of the event loop into this window's mean lag."""
@@ -211,25 +428,31 @@ class AdaptiveLimit:
         self._lag_count += 1
 
     def dropped(self, now: float) -> None:
-        """Halve the limit (a timeout or a lost connection is the strongest signal)."""
-        self.slow_start = False
-        self._clear_window()
-        baseline = self.baseline or 0.0
-        self._set(self._limit / 2, math.nan, baseline, math.nan, "a transaction failed")
-
-    def _clear_window(self) -> None:
+        """Halve the limit (a timeout or a lost connection is the strongest signal),
+        and measure the server afresh."""
+        self._rates.clear()
+        self._min_rtt = math.inf
+        self._rtt_at = -math.inf
+        self._rtt_at_minimum = math.inf
+        self._resume = None
+        self._window_start = None
         self._window.clear()
-        self._window_peak = 0
-        self._lag_sum = 0.0
-        self._lag_count = 0
+        self._replies = 0
+        self._peak = 0
+        self._powers.clear()
+        self._settled_rates.clear()
+        self.phase = "cruise"
+        self._cruise_left = self.cruise_windows
+        self._next_probe = "up"
+        self._settled = max(self.minimum, self._limit // 2)
+        self._set(self._settled, math.nan, math.nan, "a transaction failed")
 
-    def _set(
-        self, value: float, rtt_s: float, baseline_s: float, lag_s: float, reason: str
-    ) -> None:
-        old = self.limit
-        self._limit = min(float(self.maximum), max(float(self.minimum), value))
-        if self.limit != old and self.on_change is not None:
-            self.on_change(LimitChange(old, self.limit, rtt_s, baseline_s, lag_s, reason))
+    def _set(self, value: int, rate: float, rtt_s: float, reason: str) -> None:
+        old = self._limit
+        self._limit = min(self.maximum, max(self.minimum, value))
+        if self._limit != old and self.on_change is not None:
+            min_rtt = math.nan if self.min_rtt is None else self._min_rtt
+            self.on_change(LimitChange(old, self._limit, rate, rtt_s, min_rtt, reason))
 
 
 #: How often the event loop's lag is sampled while transactions are in flight or wait.

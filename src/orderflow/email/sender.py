@@ -222,13 +222,27 @@ class SmtpSender:
 
     How many transactions are in flight at the server at once is ``limiter.limit``:
     with ``adaptive`` (the default) it follows the server's replies, from 1 up to
-    ``pool_size`` (see :mod:`orderflow.email.concurrency`); otherwise it is
+    ``max_in_flight`` (see :mod:`orderflow.email.concurrency`); otherwise it is
     ``pool_size``. A send waiting for its turn has sent nothing of its message.
+
+    ``max_in_flight`` (default ``pool_size``) counts the sends a ``holding`` block
+    keeps after their ``250`` too, being recorded, each holding no connection: the
+    Email Service passes its concurrency, so that against a fast server as many sends
+    are on their way as with the fixed pool (which gives a place back on the ``250``).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 8, adaptive: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        adaptive: bool = True,
+        max_in_flight: int | None = None,
+    ) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be positive, got {pool_size}")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
         self.config = SmtpConfig.from_url(url)
         self.url = redact_url(url)
         self.pool_size = pool_size
@@ -239,7 +253,7 @@ class SmtpSender:
         self._limit_logged_at: float | None = None
         self._limit_changes = 0
         algorithm = (
-            AdaptiveLimit(pool_size, on_change=self._limit_changed)
+            AdaptiveLimit(max_in_flight or pool_size, on_change=self._limit_changed)
             if adaptive
             else FixedLimit(pool_size)
         )
@@ -348,15 +362,16 @@ class SmtpSender:
         if self._limit_logged_at is not None and now - self._limit_logged_at < LIMIT_LOG_EVERY_S:
             return
         log.info(
-            "SMTP %s: %d transaction(s) in flight at most, was %d (%s; round trip %.1f ms, "
-            "baseline %.1f ms, event loop lag %.1f ms; %d change(s) since the last report)",
+            "SMTP %s: %d transaction(s) in flight at most, was %d (%s; %.0f replies/s, "
+            "round trip %.1f ms, %.1f ms with the fewest in flight; %d change(s) since "
+            "the last report)",
             self.destination,
             change.new,
             change.old,
             change.reason,
+            change.rate,
             change.rtt_s * 1000,
-            change.baseline_s * 1000,
-            change.lag_s * 1000,
+            change.min_rtt_s * 1000,
             self._limit_changes,
         )
         self._limit_logged_at = now
