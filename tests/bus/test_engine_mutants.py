@@ -814,3 +814,37 @@ async def test_an_unexpected_redis_error_in_a_lane_is_logged_and_the_lane_goes_o
     assert stats.handled == 1  # the next entry went on
     # Not checked here: where entry 0 is left. MULTI does not roll back, so the XACK
     # after the failed XADD still runs and the entry is gone (docs/MUTATION.md, engine).
+
+
+async def test_a_worker_stopped_in_an_outage_with_an_ack_unsent_returns_and_leaves_it_pending(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="orderflow.bus.worker")
+    redis = connect(redis_server.url)
+    [entry] = await publish(redis, 1)
+
+    async def handler(delivery: Delivery) -> None:
+        # The entry succeeds, but Redis is gone before its ack can be sent.
+        redis_server.kill()
+
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.handled == 1, what="the entry handled")
+        await wait_until(
+            lambda: any("(ack: " in line for line in _messages(caplog)), what="the ack failed"
+        )
+        engine.stop()
+        # Stopped while Redis is away: run() gives the ack up and returns.
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert (stats.handled, stats.acked) == (1, 0)
+    assert "could not flush acks on stop" in "\n".join(_messages(caplog))
+    await asyncio.get_running_loop().run_in_executor(None, redis_server.start)
+    try:
+        # Not acknowledged: pending, for another consumer to claim and handle again.
+        rows = await redis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+    finally:
+        await redis.aclose()
