@@ -848,3 +848,75 @@ async def test_a_worker_stopped_in_an_outage_with_an_ack_unsent_returns_and_leav
         assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
     finally:
         await redis.aclose()
+
+
+async def test_a_full_worker_whose_group_is_deleted_logs_each_failed_refresh(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="orderflow.bus.worker")
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+        await release.wait()
+
+    await publish(aredis, 2)
+    # Room for two entries, both held: the reader waits for room and the claim loop
+    # claims nothing, so neither creates the group again; the heartbeat (every 20 ms)
+    # and the claim loop's refresh meet the deleted group.
+    cfg = config(concurrency=1, batch_size=1, claim_idle_ms=60, claim_interval_ms=20)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.held == 2, what="both entries held")
+        nogroup = r"NOGROUP No such key 'orders' or consumer group 'email-service'.*"
+        lines = [f"{what} failed: {nogroup}" for what in ("heartbeat", "refresh before claiming")]
+
+        async def refreshes_failed() -> bool:
+            # Deleted again if it came back: a claim sent before the worker was full
+            # may reach Redis after the first XGROUP DESTROY (and create the group).
+            await aredis.xgroup_destroy(STREAM, GROUP)
+            messages = _messages(caplog)
+            return all(any(re.fullmatch(line, m) for m in messages) for line in lines)
+
+        await wait_until(refreshes_failed, what="both refreshes failed")
+        await aredis.xgroup_create(STREAM, GROUP, id="$")
+        release.set()
+        await wait_until(lambda: worker.stats.handled == 2, what="both handled")
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert seen == [0, 1]
+    assert stats.acked == 2  # acknowledged in the new group: nothing there, no error
+
+
+async def test_a_reader_whose_group_is_deleted_says_so_and_creates_it_again(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.worker")
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+
+    await publish(aredis, 1)
+    # No claim loop: the reader is the one to meet the deleted group.
+    engine = Engine(aredis, config(), handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: seen == [0], what="the first entry")
+        created = f"created group {GROUP} on {STREAM}"
+        assert _messages(caplog) == [created]
+        await aredis.xgroup_destroy(STREAM, GROUP)
+        await wait_until(lambda: len(_messages(caplog)) == 3, what="the group created again")
+        # Created again at the start (start_id "0"): the entry is read again.
+        await wait_until(lambda: seen == [0, 0], what="the entry read again")
+        engine.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    vanished = f"group {GROUP} on {STREAM} vanished; creating it again"
+    assert _messages(caplog) == [created, vanished, created]
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.WARNING, logging.INFO]
