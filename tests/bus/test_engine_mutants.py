@@ -920,3 +920,79 @@ async def test_a_reader_whose_group_is_deleted_says_so_and_creates_it_again(
     vanished = f"group {GROUP} on {STREAM} vanished; creating it again"
     assert _messages(caplog) == [created, vanished, created]
     assert [r.levelno for r in caplog.records] == [logging.INFO, logging.WARNING, logging.INFO]
+
+
+async def test_a_retry_whose_entry_was_acknowledged_meanwhile_is_dropped_and_frees_its_room(
+    aredis: aioredis.Redis,
+) -> None:
+    release = asyncio.Event()
+    failed = asyncio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        n = delivery.message.data["n"]
+        seen.append((n, delivery.deliveries))
+        if n == 0:
+            failed.set()
+            raise RuntimeError("try later")
+        if n == 1:
+            await release.wait()
+
+    # Room for two entries: entry 0 waiting for its retry and entry 1 in its handler.
+    cfg = config(concurrency=1, batch_size=1, retry_base_ms=300, retry_max_ms=300)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.wait_started()
+        ids = await publish(aredis, 3)
+        await failed.wait()
+        await wait_until(lambda: worker.held == 2, what="entries 0 and 1 held")
+        await aredis.xack(STREAM, GROUP, ids[0])  # acknowledged elsewhere (an operator)
+        # The retry finds nothing to claim: entry 0 is dropped, its room goes to entry 2.
+        await wait_until(
+            lambda: _pending_is(aredis, worker.consumer, ids[1:]), what="entry 2 read in its room"
+        )
+        assert worker.held == 2  # entry 1 in its handler, entry 2 queued behind it
+        release.set()
+        await wait_until(lambda: worker.stats.acked == 3, what="all acknowledged")
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert seen == [(0, 1), (1, 1), (2, 1)]  # entry 0 never handled again
+    # Entries 1 and 2, and entry 0 once more by the dropped retry (a no-op in Redis).
+    assert (stats.handled, stats.retried, stats.acked) == (2, 1, 3)
+    assert worker.held == 0
+
+
+async def test_a_worker_stopped_while_a_retry_waits_for_redis_holds_nothing_after(
+    redis_server: RedisServer,
+) -> None:
+    redis = connect(redis_server.url)
+
+    async def handler(delivery: Delivery) -> None:
+        redis_server.kill()  # Redis dies under the failing entry: its retry must wait
+        raise RuntimeError("try later")
+
+    [entry] = await publish(redis, 1)
+    cfg = config(retry_base_ms=10, retry_max_ms=10, reconnect_max_s=0.02)
+    engine = Engine(redis, cfg, handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.retried == 1, what="the retry scheduled")
+        # The retry's claim fails (the worker holds the entry meanwhile) ...
+        await wait_until(lambda: engine.stats.redis_errors >= 10, what="failed claims")
+        assert engine.held == 1
+        engine.stop()
+        # ... and gives it up on stop: left pending for another consumer.
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert engine.held == 0
+    assert (stats.failed, stats.handled) == (1, 0)
+    await asyncio.get_running_loop().run_in_executor(None, redis_server.start)
+    try:
+        rows = await redis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+    finally:
+        await redis.aclose()
