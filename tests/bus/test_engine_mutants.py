@@ -504,7 +504,9 @@ async def test_an_entry_delivered_too_often_already_is_dead_lettered_without_its
     async def handler(delivery: Delivery) -> None:
         seen.append((delivery.entry_id, delivery.deliveries))
 
-    worker = StreamWorker(aredis, config(claim_idle_ms=1000, max_deliveries=3), handler)
+    # One lane: after the dead letter it goes on with entry 1, claimed in the same pass.
+    cfg = config(concurrency=1, claim_idle_ms=1000, max_deliveries=3)
+    worker = StreamWorker(aredis, cfg, handler)
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: aredis.xlen(f"{STREAM}:dlq"), what="the dead letter")
     await wait_until(lambda: worker.stats.acked == 1, what="entry 1 acknowledged")
@@ -996,3 +998,20 @@ async def test_a_worker_stopped_while_a_retry_waits_for_redis_holds_nothing_afte
         assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
     finally:
         await redis.aclose()
+
+
+async def test_a_single_lane_goes_on_to_the_next_entry_when_tracing_is_on(
+    aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    # Both entries read in one batch; one lane, and no other read to start another.
+    await publish(aredis, 2)
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+
+    worker = StreamWorker(aredis, config(concurrency=1), handler)
+    stats = await asyncio.wait_for(worker.run(burst=True), 10)
+    assert seen == [0, 1]
+    assert stats.handled == 2
+    assert len(spans.get_finished_spans()) == 2  # one CONSUMER span per delivery
