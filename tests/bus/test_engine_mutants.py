@@ -1015,3 +1015,31 @@ async def test_a_single_lane_goes_on_to_the_next_entry_when_tracing_is_on(
     assert seen == [0, 1]
     assert stats.handled == 2
     assert len(spans.get_finished_spans()) == 2  # one CONSUMER span per delivery
+
+
+async def test_an_ordered_worker_takes_over_every_pending_entry_before_new_ones(
+    aredis: aioredis.Redis,
+) -> None:
+    await aredis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    # Five entries an earlier owner left pending, more than the room of two (one lane,
+    # batches of one), then two it never read.
+    await publish(aredis, 5)
+    await aredis.xreadgroup(GROUP, "earlier", {STREAM: ">"}, count=5)
+    await publish(aredis, 2, start=5)
+    seen: list[tuple[int, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append((delivery.message.data["n"], delivery.deliveries))
+
+    engine = Engine(aredis, config(concurrency=1, batch_size=1), handler, ORDERED)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.acked == 7, what="all seven acknowledged")
+        engine.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    # In stream order: all five taken over (a second delivery each), waiting for room
+    # in between, before the first new one.
+    assert seen == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2), (5, 1), (6, 1)]
+    assert stats.claimed == 5
