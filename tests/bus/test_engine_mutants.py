@@ -504,7 +504,9 @@ async def test_an_entry_delivered_too_often_already_is_dead_lettered_without_its
     async def handler(delivery: Delivery) -> None:
         seen.append((delivery.entry_id, delivery.deliveries))
 
-    worker = StreamWorker(aredis, config(claim_idle_ms=1000, max_deliveries=3), handler)
+    # One lane: after the dead letter it goes on with entry 1, claimed in the same pass.
+    cfg = config(concurrency=1, claim_idle_ms=1000, max_deliveries=3)
+    worker = StreamWorker(aredis, cfg, handler)
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: aredis.xlen(f"{STREAM}:dlq"), what="the dead letter")
     await wait_until(lambda: worker.stats.acked == 1, what="entry 1 acknowledged")
@@ -806,11 +808,241 @@ async def test_an_unexpected_redis_error_in_a_lane_is_logged_and_the_lane_goes_o
         if delivery.message.data["n"] == 0:
             raise PermanentError("mailbox does not exist")
 
-    stats = await asyncio.wait_for(StreamWorker(aredis, config(), handler).run(burst=True), 10)
+    worker_name = "lane-0"
+    worker = StreamWorker(aredis, config(consumer=worker_name), handler)
+    stats = await asyncio.wait_for(worker.run(burst=True), 10)
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage() == f"processing entry {ids[0]} of orders failed"
     assert record.exc_info is not None
     assert "WRONGTYPE" in str(record.exc_info[1])
     assert stats.handled == 1  # the next entry went on
-    # Not checked here: where entry 0 is left. MULTI does not roll back, so the XACK
-    # after the failed XADD still runs and the entry is gone (docs/MUTATION.md, engine).
+    # Entry 0 is left pending, not lost: the dead-letter script acknowledges an entry
+    # only after its XADD succeeded (a MULTI ran the XACK anyway, b916ef3).
+    assert await _pending_of(aredis, worker_name) == [ids[0]]
+
+
+async def test_a_worker_stopped_in_an_outage_with_an_ack_unsent_returns_and_leaves_it_pending(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="orderflow.bus.worker")
+    redis = connect(redis_server.url)
+    [entry] = await publish(redis, 1)
+
+    async def handler(delivery: Delivery) -> None:
+        # The entry succeeds, but Redis is gone before its ack can be sent.
+        redis_server.kill()
+
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.handled == 1, what="the entry handled")
+        await wait_until(
+            lambda: any("(ack: " in line for line in _messages(caplog)), what="the ack failed"
+        )
+        engine.stop()
+        # Stopped while Redis is away: run() gives the ack up and returns.
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert (stats.handled, stats.acked) == (1, 0)
+    assert "could not flush acks on stop" in "\n".join(_messages(caplog))
+    await asyncio.get_running_loop().run_in_executor(None, redis_server.start)
+    try:
+        # Not acknowledged: pending, for another consumer to claim and handle again.
+        rows = await redis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_full_worker_whose_group_is_deleted_logs_each_failed_refresh(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="orderflow.bus.worker")
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+        await release.wait()
+
+    await publish(aredis, 2)
+    # Room for two entries, both held: the reader waits for room and the claim loop
+    # claims nothing, so neither creates the group again; the heartbeat (every 20 ms)
+    # and the claim loop's refresh meet the deleted group.
+    cfg = config(concurrency=1, batch_size=1, claim_idle_ms=60, claim_interval_ms=20)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.held == 2, what="both entries held")
+        nogroup = r"NOGROUP No such key 'orders' or consumer group 'email-service'.*"
+        lines = [f"{what} failed: {nogroup}" for what in ("heartbeat", "refresh before claiming")]
+
+        async def refreshes_failed() -> bool:
+            # Deleted again if it came back: a claim sent before the worker was full
+            # may reach Redis after the first XGROUP DESTROY (and create the group).
+            await aredis.xgroup_destroy(STREAM, GROUP)
+            messages = _messages(caplog)
+            return all(any(re.fullmatch(line, m) for m in messages) for line in lines)
+
+        await wait_until(refreshes_failed, what="both refreshes failed")
+        await aredis.xgroup_create(STREAM, GROUP, id="$")
+        release.set()
+        await wait_until(lambda: worker.stats.handled == 2, what="both handled")
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert seen == [0, 1]
+    assert stats.acked == 2  # acknowledged in the new group: nothing there, no error
+
+
+async def test_a_reader_whose_group_is_deleted_says_so_and_creates_it_again(
+    aredis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.worker")
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+
+    await publish(aredis, 1)
+    # No claim loop: the reader is the one to meet the deleted group.
+    engine = Engine(aredis, config(), handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: seen == [0], what="the first entry")
+        created = f"created group {GROUP} on {STREAM}"
+        assert _messages(caplog) == [created]
+        await aredis.xgroup_destroy(STREAM, GROUP)
+        await wait_until(lambda: len(_messages(caplog)) == 3, what="the group created again")
+        # Created again at the start (start_id "0"): the entry is read again.
+        await wait_until(lambda: seen == [0, 0], what="the entry read again")
+        engine.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    vanished = f"group {GROUP} on {STREAM} vanished; creating it again"
+    assert _messages(caplog) == [created, vanished, created]
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.WARNING, logging.INFO]
+
+
+async def test_a_retry_whose_entry_was_acknowledged_meanwhile_is_dropped_and_frees_its_room(
+    aredis: aioredis.Redis,
+) -> None:
+    release = asyncio.Event()
+    failed = asyncio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        n = delivery.message.data["n"]
+        seen.append((n, delivery.deliveries))
+        if n == 0:
+            failed.set()
+            raise RuntimeError("try later")
+        if n == 1:
+            await release.wait()
+
+    # Room for two entries: entry 0 waiting for its retry and entry 1 in its handler.
+    cfg = config(concurrency=1, batch_size=1, retry_base_ms=300, retry_max_ms=300)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.wait_started()
+        ids = await publish(aredis, 3)
+        await failed.wait()
+        await wait_until(lambda: worker.held == 2, what="entries 0 and 1 held")
+        await aredis.xack(STREAM, GROUP, ids[0])  # acknowledged elsewhere (an operator)
+        # The retry finds nothing to claim: entry 0 is dropped, its room goes to entry 2.
+        await wait_until(
+            lambda: _pending_is(aredis, worker.consumer, ids[1:]), what="entry 2 read in its room"
+        )
+        assert worker.held == 2  # entry 1 in its handler, entry 2 queued behind it
+        release.set()
+        await wait_until(lambda: worker.stats.acked == 3, what="all acknowledged")
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert seen == [(0, 1), (1, 1), (2, 1)]  # entry 0 never handled again
+    # Entries 1 and 2, and entry 0 once more by the dropped retry (a no-op in Redis).
+    assert (stats.handled, stats.retried, stats.acked) == (2, 1, 3)
+    assert worker.held == 0
+
+
+async def test_a_worker_stopped_while_a_retry_waits_for_redis_holds_nothing_after(
+    redis_server: RedisServer,
+) -> None:
+    redis = connect(redis_server.url)
+
+    async def handler(delivery: Delivery) -> None:
+        redis_server.kill()  # Redis dies under the failing entry: its retry must wait
+        raise RuntimeError("try later")
+
+    [entry] = await publish(redis, 1)
+    cfg = config(retry_base_ms=10, retry_max_ms=10, reconnect_max_s=0.02)
+    engine = Engine(redis, cfg, handler, NO_CLAIMS)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.retried == 1, what="the retry scheduled")
+        # The retry's claim fails (the worker holds the entry meanwhile) ...
+        await wait_until(lambda: engine.stats.redis_errors >= 10, what="failed claims")
+        assert engine.held == 1
+        engine.stop()
+        # ... and gives it up on stop: left pending for another consumer.
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert engine.held == 0
+    assert (stats.failed, stats.handled) == (1, 0)
+    await asyncio.get_running_loop().run_in_executor(None, redis_server.start)
+    try:
+        rows = await redis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_single_lane_goes_on_to_the_next_entry_when_tracing_is_on(
+    aredis: aioredis.Redis, spans: InMemorySpanExporter
+) -> None:
+    # Both entries read in one batch; one lane, and no other read to start another.
+    await publish(aredis, 2)
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.message.data["n"])
+
+    worker = StreamWorker(aredis, config(concurrency=1), handler)
+    stats = await asyncio.wait_for(worker.run(burst=True), 10)
+    assert seen == [0, 1]
+    assert stats.handled == 2
+    assert len(spans.get_finished_spans()) == 2  # one CONSUMER span per delivery
+
+
+async def test_an_ordered_worker_takes_over_every_pending_entry_before_new_ones(
+    aredis: aioredis.Redis,
+) -> None:
+    await aredis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    # Five entries an earlier owner left pending, more than the room of two (one lane,
+    # batches of one), then two it never read.
+    await publish(aredis, 5)
+    await aredis.xreadgroup(GROUP, "earlier", {STREAM: ">"}, count=5)
+    await publish(aredis, 2, start=5)
+    seen: list[tuple[int, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append((delivery.message.data["n"], delivery.deliveries))
+
+    engine = Engine(aredis, config(concurrency=1, batch_size=1), handler, ORDERED)
+    task = asyncio.create_task(engine.run())
+    try:
+        await wait_until(lambda: engine.stats.acked == 7, what="all seven acknowledged")
+        engine.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    # In stream order: all five taken over (a second delivery each), waiting for room
+    # in between, before the first new one.
+    assert seen == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2), (5, 1), (6, 1)]
+    assert stats.claimed == 5

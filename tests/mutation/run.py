@@ -113,6 +113,8 @@ TARGETS: dict[str, Target] = {
             "tests/bus/test_transports.py",
             "tests/bus/test_deadletter.py",
             "tests/bus/test_engine_mutants.py",
+            # Each loop against a proxy that cuts only its own command.
+            "tests/bus/test_engine_outages.py",
             # Kills and restarts its own Redis under a worker in this process: the only
             # in-process test of the engine's Redis-down path (_redis_down). The file's
             # other test drives consumer subprocesses only.

@@ -605,8 +605,13 @@ class Engine:
                 failures = 0
             except TRANSIENT as exc:
                 failures += 1
-                self._ack_wakeup.set()
                 await self._redis_down("ack", exc, failures)
+                # Stopping: the shutdown's own flush tries what is left. Trying again
+                # here would spin (no back-off once stopping) and, on Python 3.11, the
+                # wait_for in _redis_down could swallow the shutdown's cancel: a worker
+                # stopped in an outage with an ack unsent never returned.
+                if not self._stopping.is_set():
+                    self._ack_wakeup.set()
 
     def _flush_metrics(self) -> None:
         """Add the deliveries counted since the last flush to the Prometheus metrics."""

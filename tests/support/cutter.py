@@ -1,0 +1,89 @@
+"""A TCP proxy in front of Redis that cuts the connections carrying chosen commands.
+
+A worker's loops share one client, so stopping Redis fails them all at once. Behind
+this proxy only the named commands fail (``cutter.cut = {b"XACK"}``): the connection
+that sends one is closed before the command reaches Redis, so the client gets
+"Connection closed by server." for it, as in a real outage, while every other command
+goes through. ``cutter.cut = set()`` heals it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class CommandCutter:
+    """Forwards ``127.0.0.1:<port>`` to Redis at ``upstream_port``, cutting ``cut``."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        #: Command names (upper case) whose connection is cut when one is sent.
+        self.cut: set[bytes] = set()
+        #: How many commands were cut, per name.
+        self.cuts: dict[bytes, int] = {}
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """The Redis URL a client uses to go through the proxy."""
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> CommandCutter:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        pair = (writer, up_writer)
+        self._writers.update(pair)
+        for source, target, check in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pump(source, target, pair, check))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _to_cut(self, chunk: bytes) -> bytes | None:
+        # A command is a RESP array of bulk strings: its name is "$<len>\r\n<NAME>\r\n".
+        upper = chunk.upper()
+        for name in self.cut:
+            if f"${len(name)}\r\n".encode() + name + b"\r\n" in upper:
+                return name
+        return None
+
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        target: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        check: bool,
+    ) -> None:
+        try:
+            while chunk := await source.read(65536):
+                name = self._to_cut(chunk) if check else None
+                if name is not None:
+                    self.cuts[name] = self.cuts.get(name, 0) + 1
+                    break
+                target.write(chunk)
+                await target.drain()
+        except OSError:
+            pass
+        finally:
+            for writer in pair:
+                self._writers.discard(writer)
+                writer.transport.abort()
+            with contextlib.suppress(OSError):
+                await target.wait_closed()
