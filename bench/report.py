@@ -366,10 +366,13 @@ TARGETS = (
         lambda v: v >= 1000,
         "See case 3: emails/s with two and with one email worker, the API's orders/s, and "
         "each process's CPU over the window (the stack shares the machine's two cores with "
-        "the generator and with other agents' processes). The profile notes under case 3 "
-        "were taken on an earlier stack (~130 emails/s), before the fixes listed there and "
-        "the later ones in the git log: what is in the way now needs a new profile of "
-        "the stack at saturation.",
+        "the generator and with other agents' processes). Where each process's CPU goes at "
+        "saturation (py-spy, grouped): bench/PROFILE.md. In the API, SQLite through "
+        "SQLAlchemy ~40% (the group-committed insert ~35%, the relay ~13%), HTTP routing "
+        "and validation ~18%, uvicorn ~12%: no single cut of 10% left that keeps the "
+        "outbox. The email workers sit well under a core: with two of them, the adaptive "
+        "SMTP limit, not CPU, sets the rate against the sink that fsyncs each group "
+        "(ORDERFLOW_SMTP_CONCURRENCY=fixed sends more; see the README's guarantees).",
     ),
     Target(
         "end to end p99 at half saturation (case 3)",
