@@ -15,7 +15,11 @@ stdlib ``email`` package, one at a time: the chaos suite's slow server) or
 each ``250`` after its message's group fsync). ``--up`` runs the whole ``orderflow
 up`` stack instead (:func:`orderflow.cli.up.start_stack`: its Redis with AOF, the
 embedded sink, the API and two email workers) and counts the Maildir's growth while
-its workers drain the backlog, XADDed to its orders stream.
+its workers drain the backlog, XADDed to its orders stream. ``--e2e`` runs bench case
+3's saturation instead (:func:`bench.case_end_to_end.run` without its peers: orders
+POSTed to the API as fast as it answers, 2 email workers, then 1 with the other
+paused, on one ``orderflow up`` stack for ``--seconds`` each) per mode and round, and
+prints emails/s with 2 and 1 workers and their ratio, the load average beside each.
 
 Needs ``smtp-sink`` (Debian's ``postfix`` package; install it with debconf's "No
 configuration") for the default sink.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import statistics
@@ -205,9 +210,9 @@ def one_run(mode: str, count: int, sink: str) -> tuple[float, list[int]]:
 def _orderflow_env(**values: str) -> Iterator[None]:
     """This process's environment without ORDERFLOW_ settings but ``values`` meanwhile
     (the ``up`` stack's children inherit it)."""
-    saved = dict(os.environ)
+    saved, wanted = dict(os.environ), _env(**values)
     os.environ.clear()
-    os.environ.update(_env(**values))
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -252,6 +257,36 @@ async def _up_run(mode: str, count: int) -> tuple[float, list[int]]:
             await stack.stop()
 
 
+def e2e_run(mode: str, seconds: float) -> dict[int, float]:
+    """Bench case 3's saturation with ``mode``: emails/s by number of workers."""
+    from bench import case_end_to_end
+
+    with _orderflow_env(ORDERFLOW_SMTP_CONCURRENCY=mode):
+        figures = asyncio.run(
+            case_end_to_end.run(
+                seconds=seconds, latency_seconds=1.0, worker_counts=(2, 1), peers=()
+            )
+        )
+    return {
+        int(f.extra[case_end_to_end.WORKERS]): f.value
+        for f in figures
+        if f.unit == "emails/s" and case_end_to_end.API_RATE in f.extra
+    }
+
+
+def e2e_main(rounds: int, seconds: float) -> None:
+    """Adaptive and fixed, alternating, ``rounds`` times: 2 workers against 1."""
+    for n in range(rounds):
+        for mode in MODES if n % 2 == 0 else MODES[::-1]:
+            rates = e2e_run(mode, seconds)
+            two, one = rates.get(2, math.nan), rates.get(1, math.nan)
+            print(
+                f"round {n + 1} {mode:8} 2 workers {two:5.0f}, 1 worker {one:5.0f} emails/s "
+                f"(2 / 1 = {two / one:.2f}; load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+
+
 def main() -> None:
     """Run the rounds and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -260,7 +295,16 @@ def main() -> None:
     parser.add_argument("--sink", choices=SINKS, default="smtp-sink", help="the server")
     parser.add_argument("--slow", action="store_true", help="the same as --sink slow")
     parser.add_argument("--up", action="store_true", help="the whole orderflow up stack")
+    parser.add_argument(
+        "--e2e", action="store_true", help="bench case 3's saturation, 2 workers and 1"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="with --e2e: seconds per worker count (8)"
+    )
     args = parser.parse_args()
+    if args.e2e:
+        e2e_main(args.rounds, args.seconds)
+        return
     sink = "slow" if args.slow else args.sink
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     for n in range(args.rounds):
