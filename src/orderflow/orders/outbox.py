@@ -5,14 +5,14 @@ until the relay has published them; and the lease SQLite's relays take turns by.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection, Row, RowMapping
 
 from orderflow.bus import Message
 from orderflow.bus.message import dumps
@@ -46,6 +46,8 @@ class ClaimedBatch:
 
 
 _INSERT_OUTBOX = sa.insert(outbox)
+# The ids of the new rows, in the order of the parameters (for the in-process handoff).
+_INSERT_OUTBOX_RETURNING_ID = _INSERT_OUTBOX.returning(outbox.c.id, sort_by_parameter_order=True)
 _NOTIFY = sa.text("SELECT pg_notify(:channel, '')")
 _BACKLOG = sa.select(sa.func.count()).select_from(outbox)
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
@@ -74,24 +76,34 @@ class Outbox:
         events: Sequence[tuple[int | None, Message]],
         now: datetime,
         traces: Sequence[dict[str, str] | None] | None = None,
+        *,
+        added: list[OutboxRow] | None = None,
     ) -> None:
         """Add ``(order id, event)`` pairs inside the caller's write transaction;
-        ``traces``, one per event, are their requests' trace contexts (tracing on)."""
-        conn.execute(
-            _INSERT_OUTBOX,
-            [
-                {
-                    "stream": self.stream,
-                    "event_id": message.id,
-                    "order_id": order_id,
-                    "headers": orjson.dumps(dict(message.headers)).decode(),
-                    "data": dumps(message.data).decode(),
-                    "created_at": now,
-                    "trace_context": _trace_json(traces[i]) if traces else None,
-                }
-                for i, (order_id, message) in enumerate(events)
-            ],
-        )
+        ``traces``, one per event, are their requests' trace contexts (tracing on).
+
+        With ``added``, the new rows are appended to it, with their ids, as the relay
+        would read them back: the caller hands them to the relay once committed.
+        """
+        params = [
+            {
+                "stream": self.stream,
+                "event_id": message.id,
+                "order_id": order_id,
+                "headers": orjson.dumps(dict(message.headers)).decode(),
+                "data": dumps(message.data).decode(),
+                "created_at": now,
+                "trace_context": _trace_json(traces[i]) if traces else None,
+            }
+            for i, (order_id, message) in enumerate(events)
+        ]
+        if added is None:
+            conn.execute(_INSERT_OUTBOX, params)
+        else:
+            ids = conn.execute(
+                _INSERT_OUTBOX_RETURNING_ID, params if len(params) > 1 else params[0]
+            ).scalars()
+            added += [_row_of(int(i), p) for i, p in zip(ids, params, strict=True)]
         if not self.db.is_sqlite:
             # Delivered at commit: relays in other processes wake at once.
             conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
@@ -196,14 +208,19 @@ def _trace_json(trace: dict[str, str] | None) -> str | None:
 
 
 def _outbox_row(row: Row[Any]) -> OutboxRow:
-    m = row._mapping
+    return _row_of(int(row._mapping["id"]), row._mapping)
+
+
+def _row_of(row_id: int, m: Mapping[str, Any] | RowMapping) -> OutboxRow:
+    """The row ``row_id`` of the outbox from its columns (stored or about to be): the
+    message decoded from the stored text, exactly as the relay publishes it."""
     trace = m["trace_context"]
     message = Message(
         data=orjson.loads(m["data"]), headers=orjson.loads(m["headers"]), id=m["event_id"]
     )
     order_id = m["order_id"]
     return OutboxRow(
-        id=int(m["id"]),
+        id=row_id,
         stream=m["stream"],
         order_id=int(order_id) if order_id is not None else None,
         message=message,
