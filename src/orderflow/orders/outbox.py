@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Row, RowMapping
 
 from orderflow.bus import Message
 from orderflow.bus.message import dumps
+from orderflow.orders import sqlite_hot
 from orderflow.orders.database import Database
 from orderflow.orders.schema import OUTBOX_LEASE, orders, outbox, relay_lease
 
@@ -97,13 +98,18 @@ class Outbox:
             }
             for i, (order_id, message) in enumerate(events)
         ]
-        if added is None:
+        if self.db.is_sqlite:
+            # The hot statement, straight to sqlite3 (see sqlite_hot).
+            ids = sqlite_hot.insert_outbox(sqlite_hot.cursor(conn), params)
+            if added is not None:
+                added += [_row_of(i, p) for i, p in zip(ids, params, strict=True)]
+        elif added is None:
             conn.execute(_INSERT_OUTBOX, params)
         else:
-            ids = conn.execute(
+            returned = conn.execute(
                 _INSERT_OUTBOX_RETURNING_ID, params if len(params) > 1 else params[0]
             ).scalars()
-            added += [_row_of(int(i), p) for i, p in zip(ids, params, strict=True)]
+            added += [_row_of(int(i), p) for i, p in zip(returned, params, strict=True)]
         if not self.db.is_sqlite:
             # Delivered at commit: relays in other processes wake at once.
             conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})

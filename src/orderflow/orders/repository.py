@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from orderflow import tracing
+from orderflow.orders import sqlite_hot
 from orderflow.orders.database import Database, in_chunks
 from orderflow.orders.events import (
     ORDER_EVENT_VERSIONS,
@@ -311,11 +312,13 @@ class OrderRepository:
                 for chunk in in_chunks(keys)
                 for row in conn.execute(_KNOWN_KEYS, {"keys": chunk})
             }
-            known_ids = {
-                int(row.id): str(row.fingerprint)
-                for chunk in in_chunks(client_ids)
-                for row in conn.execute(_KNOWN_IDS, {"ids": chunk})
-            }
+            known_ids: dict[int, str] = {}
+            for chunk in in_chunks(client_ids):
+                if self.db.is_sqlite:
+                    known_ids.update(sqlite_hot.known_ids(sqlite_hot.cursor(conn), chunk))
+                else:
+                    found = conn.execute(_KNOWN_IDS, {"ids": chunk})
+                    known_ids.update((int(row.id), str(row.fingerprint)) for row in found)
             plan = _Plan.of(requests, fingerprints, known_keys, known_ids)
             inserted = self._insert(
                 conn,
@@ -387,17 +390,19 @@ class OrderRepository:
             else:
                 row["id"] = request.id
                 chosen.append(row)
-        if assigned:
+        if self.db.is_sqlite:
+            # The hot statement, straight to sqlite3 (see sqlite_hot); assigned ids first.
+            sqlite_hot.insert_orders(sqlite_hot.cursor(conn), assigned + chosen)
+        elif assigned:
             # A prepared statement with bound values: compiled once, cached by SQLAlchemy.
             params = assigned if len(assigned) > 1 else assigned[0]
             ids = conn.execute(_INSERT_ORDER_RETURNING_ID, params).scalars().all()
             for row, order_id in zip(assigned, ids, strict=True):
                 row["id"] = int(order_id)
-        if chosen:
+        if chosen and not self.db.is_sqlite:
             conn.execute(_INSERT_ORDER, chosen if len(chosen) > 1 else chosen[0])
-            if not self.db.is_sqlite:
-                # Keep the sequence ahead of ids clients chose, so assigned ids avoid them.
-                conn.execute(_BUMP_SEQUENCE, {"id": max(row["id"] for row in chosen)})
+            # Keep the sequence ahead of ids clients chose, so assigned ids avoid them.
+            conn.execute(_BUMP_SEQUENCE, {"id": max(row["id"] for row in chosen)})
         return [
             StoredOrder(
                 id=row["id"],
