@@ -117,6 +117,8 @@ async def test_a_look_at_the_outbox_takes_handed_rows_with_it_and_publishes_them
         added: list[OutboxRow] = []
         await db.run(store.create_many, [(_request(n), None) for n in range(3)], added=added)
         assert [row.order_id for row in added] == [1, 2, 3]
+        # The rows handed over are the rows stored, as a look at the outbox reads them.
+        assert added == (await db.run(store.claim, 10)).rows
         # Handed over before the relay's first look at the outbox, which finds them too.
         relay.hand_over(added)
         task = asyncio.create_task(relay.run())

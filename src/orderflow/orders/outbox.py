@@ -5,14 +5,14 @@ until the relay has published them; and the lease SQLite's relays take turns by.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Row, RowMapping
+from sqlalchemy.engine import Connection, Row
 
 from orderflow.bus import Message
 from orderflow.bus.message import dumps
@@ -83,8 +83,9 @@ class Outbox:
         """Add ``(order id, event)`` pairs inside the caller's write transaction;
         ``traces``, one per event, are their requests' trace contexts (tracing on).
 
-        With ``added``, the new rows are appended to it, with their ids, as the relay
-        would read them back: the caller hands them to the relay once committed.
+        With ``added``, the new rows are appended to it, with their ids and the events
+        themselves (which encode to the text stored): the caller hands them to the
+        relay once committed.
         """
         params = [
             {
@@ -102,17 +103,34 @@ class Outbox:
             # The hot statement, straight to sqlite3 (see sqlite_hot).
             ids = sqlite_hot.insert_outbox(sqlite_hot.cursor(conn), params)
             if added is not None:
-                added += [_row_of(i, p) for i, p in zip(ids, params, strict=True)]
+                added += self._rows(ids, events, traces)
         elif added is None:
             conn.execute(_INSERT_OUTBOX, params)
         else:
             returned = conn.execute(
                 _INSERT_OUTBOX_RETURNING_ID, params if len(params) > 1 else params[0]
             ).scalars()
-            added += [_row_of(int(i), p) for i, p in zip(returned, params, strict=True)]
+            added += self._rows([int(i) for i in returned], events, traces)
         if not self.db.is_sqlite:
             # Delivered at commit: relays in other processes wake at once.
             conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+
+    def _rows(
+        self,
+        ids: Sequence[int],
+        events: Sequence[tuple[int | None, Message]],
+        traces: Sequence[dict[str, str] | None] | None,
+    ) -> list[OutboxRow]:
+        return [
+            OutboxRow(
+                id=row_id,
+                stream=self.stream,
+                order_id=order_id,
+                message=message,
+                trace=(traces[i] if traces else None) or None,
+            )
+            for i, (row_id, (order_id, message)) in enumerate(zip(ids, events, strict=True))
+        ]
 
     def backlog(self) -> int:
         """Events waiting in the outbox."""
@@ -214,19 +232,14 @@ def _trace_json(trace: dict[str, str] | None) -> str | None:
 
 
 def _outbox_row(row: Row[Any]) -> OutboxRow:
-    return _row_of(int(row._mapping["id"]), row._mapping)
-
-
-def _row_of(row_id: int, m: Mapping[str, Any] | RowMapping) -> OutboxRow:
-    """The row ``row_id`` of the outbox from its columns (stored or about to be): the
-    message decoded from the stored text, exactly as the relay publishes it."""
+    m = row._mapping
     trace = m["trace_context"]
     message = Message(
         data=orjson.loads(m["data"]), headers=orjson.loads(m["headers"]), id=m["event_id"]
     )
     order_id = m["order_id"]
     return OutboxRow(
-        id=row_id,
+        id=int(m["id"]),
         stream=m["stream"],
         order_id=int(order_id) if order_id is not None else None,
         message=message,

@@ -59,7 +59,15 @@ def time_text(value: datetime) -> str:
     SQLite ``DATETIME`` text (microseconds always written)."""
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+class _Times(dict[datetime, str]):
+    """``time_text`` of each time once: a batch's rows share their creation time."""
+
+    def __missing__(self, value: datetime) -> str:
+        text = self[value] = time_text(value)
+        return text
 
 
 def cents(value: Decimal) -> int:
@@ -78,6 +86,7 @@ def known_ids(cur: Any, ids: Sequence[int]) -> dict[int, str]:
 def insert_orders(cur: Any, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows`` (the ``orders`` columns, Python values) in order; a row without
     ``id`` gets the one SQLite assigns, set in it."""
+    times = _Times()
     with translated(_INSERT_ORDER):
         for row in rows:
             cur.execute(
@@ -89,7 +98,7 @@ def insert_orders(cur: Any, rows: list[dict[str, Any]]) -> None:
                     cents(row["total"]),
                     row["currency"],
                     orjson.dumps(row["items"]).decode(),
-                    time_text(row["created_at"]),
+                    times[row["created_at"]],
                     row["fingerprint"],
                     row["email_status"],
                     row["publish_count"],
@@ -103,10 +112,11 @@ def insert_outbox(cur: Any, params: list[dict[str, Any]]) -> list[int]:
     """Insert outbox rows (the ``outbox`` columns, as ``Outbox.enqueue`` builds them)
     in order; their ids."""
     ids: list[int] = []
+    times = _Times()
     with translated(_INSERT_OUTBOX):
         for p in params:
             values = [p[column] for column in _OUTBOX_COLUMNS]
-            values[5] = time_text(values[5])
+            values[5] = times[values[5]]
             cur.execute(_INSERT_OUTBOX, (*values, p["trace_context"]))
             ids.append(int(cur.lastrowid))
     return ids
