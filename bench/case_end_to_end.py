@@ -26,7 +26,10 @@ children inherit the whole machine.
    generator POSTs at a fixed rate whatever the stack does, stamping each order's send
    time (``time.time_ns()``); the email's arrival is its Maildir file's mtime (ns),
    matched to the order by its ``Message-ID: <order-{id}@…>``. p50, p99, p99.9, max,
-   and a breakdown: POST → 201, 201 → XADD (the entry id's ms), XADD → Maildir.
+   and a breakdown: POST → 201, 201 → XADD (the entry id's ms), XADD → Maildir; each
+   process's CPU per order sent while the generator ran (nothing is batched at this
+   rate: several times the saturation run's figure), and the load average before and
+   after (the tails move with other work on the machine).
 
 3. The peers (:mod:`bench.peers`), after orderflow, one at a time: the same flow built
    with FastStream as its documentation teaches, and as the cheapest correct code, each
@@ -103,6 +106,11 @@ CPU_PREFIX = "CPU % "
 CPU_PER_EMAIL = "CPU µs per order"
 #: The load generator's CPU per order it sent, in µs.
 GENERATOR_CPU_PER_ORDER = "generator CPU µs per order"
+#: Latency runs: each process's CPU per order sent, in µs, by process name.
+LATENCY_CPU_PREFIX = "CPU µs per order at this rate "
+#: Latency runs: the 1-minute load average before and after.
+LOAD_BEFORE = "load before"
+LOAD_AFTER = "load after"
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*<order-(\d+)@", re.MULTILINE | re.IGNORECASE)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -160,7 +168,9 @@ async def run(
         rate = max(1.0, best.emails_per_s / 2)
         appended = functools.partial(_appended, stack)
         figures.append(
-            await _latency(stack, LATENCY, best.workers, rate, latency_seconds, appended)
+            await _latency(
+                stack, LATENCY, best.workers, rate, latency_seconds, appended, _pids(stack)
+            )
         )
     for peer in peers:
         figures += await _peer(peer, counts[0], seconds, latency_seconds)
@@ -182,7 +192,7 @@ async def _peer(peer: str, consumers: int, seconds: float, latency_seconds: floa
         await _drain(stack, [Group(STREAM, GROUP)])
         rate = max(1.0, result.emails_per_s / 2)
         title = PEER_LATENCY.format(peer=label)
-        latency = await _latency(stack, title, consumers, rate, latency_seconds, None)
+        latency = await _latency(stack, title, consumers, rate, latency_seconds, None, stack.pids())
     return [figure, latency]
 
 
@@ -385,13 +395,18 @@ async def _latency(
     rate: float,
     seconds: float,
     appended_by: Callable[[set[int]], Awaitable[dict[int, int]]] | None,
+    pids: dict[str, int] | None = None,
 ) -> Figure:
     before = {entry.name for entry in os.scandir(stack.mail_dir / "new")}
+    load_before = os.getloadavg()[0]
     generator = _Generator.start(
         stack.api_url, {"mode": "open", "rate": rate, "seconds": seconds, "first_id": 1}
     )
+    await generator.wait_started()
+    cpu_before = {name: _cpu_seconds(pid) for name, pid in (pids or {}).items()}
     while not generator.done():  # noqa: ASYNC110 (a process's pipe, not an event)
         await asyncio.sleep(0.1)
+    cpu_used = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in (pids or {}).items()}
     result = generator.result()
     sent = {order_id: (sent_ns, answered_ns) for order_id, sent_ns, answered_ns in result["sent"]}
     deadline = time.monotonic() + 15
@@ -424,7 +439,15 @@ async def _latency(
         "workers": float(workers),
         CPU_PREFIX + "generator": result["cpu"] / result["seconds"] * 100,
         "late ms": result["late_ms"],
+        # The machine's load around the run: latency tails move with it (other work).
+        LOAD_BEFORE: load_before,
+        LOAD_AFTER: os.getloadavg()[0],
     }
+    # Each process's CPU per order sent, while the generator ran (µs): at half saturation
+    # nothing is batched, so these are not the saturation run's figures.
+    if result["sent"]:
+        for process, seconds_used in cpu_used.items():
+            extra[LATENCY_CPU_PREFIX + process] = seconds_used / len(result["sent"]) * 1e6
     note = (
         f"{rate:,.0f} orders/s for {seconds:.0f} s, {workers} worker(s), {len(latencies):,} "
         f"samples; generator at most {result['late_ms']:.1f} ms late"

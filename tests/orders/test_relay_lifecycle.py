@@ -46,6 +46,7 @@ def database(tmp_path: Path) -> Iterator[Database]:
         ({"min_poll_s": 0.6, "max_poll_s": 0.5}, "RelayConfig needs 0 < min_poll_s <= max_poll_s"),
         ({"lease_ttl_s": 1.0}, "RelayConfig.lease_ttl_s must exceed twice max_poll_s"),
         ({"retry_max_s": 0.0}, "RelayConfig.retry_max_s must be positive"),
+        ({"settle_s": -0.001}, "RelayConfig.settle_s must not be negative"),
     ],
 )
 def test_a_relay_config_out_of_bounds_is_refused_naming_the_setting(
@@ -59,6 +60,7 @@ def test_a_relay_config_at_its_bounds_is_accepted() -> None:
     config = RelayConfig(batch_size=1, min_poll_s=0.5, max_poll_s=0.5, lease_ttl_s=1.01)
     assert (config.batch_size, config.min_poll_s, config.max_poll_s) == (1, 0.5, 0.5)
     assert RelayConfig(retry_max_s=0.01).retry_max_s == 0.01
+    assert RelayConfig(settle_s=0.0).settle_s == 0.0
 
 
 class _Waits:

@@ -30,9 +30,9 @@ async def test_a_batch_mixes_new_orders_replays_and_conflicts(
     bulk_calls = []
     bulk = store._create_bulk
 
-    def spy(requests: Any) -> Any:
+    def spy(requests: Any, *rest: Any) -> Any:
         bulk_calls.append(len(requests))
-        return bulk(requests)
+        return bulk(requests, *rest)
 
     monkeypatch.setattr(store, "_create_bulk", spy)
 
@@ -96,9 +96,9 @@ async def test_a_repeated_key_replays_the_order_its_batch_assigned(
     bulk_calls = []
     bulk = store._create_bulk
 
-    def spy(requests: Any) -> Any:
+    def spy(requests: Any, *rest: Any) -> Any:
         bulk_calls.append(len(requests))
-        return bulk(requests)
+        return bulk(requests, *rest)
 
     monkeypatch.setattr(store, "_create_bulk", spy)
     batch = [(_request(1), "k"), (_request(2), None), (_request(1), "k"), (_request(3), "k")]

@@ -80,6 +80,10 @@ class Database:
         # here instead of in SQLite's busy handler, which sleeps 1 to 100 ms between
         # tries. Other processes still meet the busy handler.
         self._write_lock = threading.RLock()
+        #: SQLite: the one connection the process's writers share (they take turns on
+        #: the lock above anyway), kept open: a pool checkout and return per transaction
+        #: cost more than a small transaction's statements.
+        self._writer: Connection | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -121,16 +125,28 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (on SQLite: ``BEGIN IMMEDIATE``, so it never deadlocks
-        upgrading a read lock, and one thread of this process at a time); commits on
-        success, rolls back on error."""
+        upgrading a read lock, and one thread of this process at a time, on one shared
+        connection); commits on success, rolls back on error."""
         if not self.is_sqlite:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
             return
-        with self._write_lock, self.engine.connect() as conn:
-            conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                yield conn
+        with self._write_lock:
+            if self._writer is not None and self._writer.in_transaction():
+                raise RuntimeError("a write transaction inside another one of this thread")
+            if self._writer is None:
+                self._writer = self.engine.connect()
+                self._writer.execution_options(sqlite_begin="IMMEDIATE")
+            conn = self._writer
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                # The next transaction starts on a fresh connection, whatever this
+                # failure did to this one.
+                self._writer = None
+                conn.close()
+                raise
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -191,6 +207,10 @@ class Database:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Row
 
 from orderflow.bus import Message
 from orderflow.bus.message import dumps
+from orderflow.orders import sqlite_hot
 from orderflow.orders.database import Database
 from orderflow.orders.schema import OUTBOX_LEASE, orders, outbox, relay_lease
 
@@ -46,6 +47,8 @@ class ClaimedBatch:
 
 
 _INSERT_OUTBOX = sa.insert(outbox)
+# The ids of the new rows, in the order of the parameters (for the in-process handoff).
+_INSERT_OUTBOX_RETURNING_ID = _INSERT_OUTBOX.returning(outbox.c.id, sort_by_parameter_order=True)
 _NOTIFY = sa.text("SELECT pg_notify(:channel, '')")
 _BACKLOG = sa.select(sa.func.count()).select_from(outbox)
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
@@ -74,27 +77,60 @@ class Outbox:
         events: Sequence[tuple[int | None, Message]],
         now: datetime,
         traces: Sequence[dict[str, str] | None] | None = None,
+        *,
+        added: list[OutboxRow] | None = None,
     ) -> None:
         """Add ``(order id, event)`` pairs inside the caller's write transaction;
-        ``traces``, one per event, are their requests' trace contexts (tracing on)."""
-        conn.execute(
-            _INSERT_OUTBOX,
-            [
-                {
-                    "stream": self.stream,
-                    "event_id": message.id,
-                    "order_id": order_id,
-                    "headers": orjson.dumps(dict(message.headers)).decode(),
-                    "data": dumps(message.data).decode(),
-                    "created_at": now,
-                    "trace_context": _trace_json(traces[i]) if traces else None,
-                }
-                for i, (order_id, message) in enumerate(events)
-            ],
-        )
+        ``traces``, one per event, are their requests' trace contexts (tracing on).
+
+        With ``added``, the new rows are appended to it, with their ids and the events
+        themselves (which encode to the text stored): the caller hands them to the
+        relay once committed.
+        """
+        params = [
+            {
+                "stream": self.stream,
+                "event_id": message.id,
+                "order_id": order_id,
+                "headers": orjson.dumps(dict(message.headers)).decode(),
+                "data": dumps(message.data).decode(),
+                "created_at": now,
+                "trace_context": _trace_json(traces[i]) if traces else None,
+            }
+            for i, (order_id, message) in enumerate(events)
+        ]
+        if self.db.is_sqlite:
+            # The hot statement, straight to sqlite3 (see sqlite_hot).
+            ids = sqlite_hot.insert_outbox(sqlite_hot.cursor(conn), params)
+            if added is not None:
+                added += self._rows(ids, events, traces)
+        elif added is None:
+            conn.execute(_INSERT_OUTBOX, params)
+        else:
+            returned = conn.execute(
+                _INSERT_OUTBOX_RETURNING_ID, params if len(params) > 1 else params[0]
+            ).scalars()
+            added += self._rows([int(i) for i in returned], events, traces)
         if not self.db.is_sqlite:
             # Delivered at commit: relays in other processes wake at once.
             conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+
+    def _rows(
+        self,
+        ids: Sequence[int],
+        events: Sequence[tuple[int | None, Message]],
+        traces: Sequence[dict[str, str] | None] | None,
+    ) -> list[OutboxRow]:
+        return [
+            OutboxRow(
+                id=row_id,
+                stream=self.stream,
+                order_id=order_id,
+                message=message,
+                trace=(traces[i] if traces else None) or None,
+            )
+            for i, (row_id, (order_id, message)) in enumerate(zip(ids, events, strict=True))
+        ]
 
     def backlog(self) -> int:
         """Events waiting in the outbox."""

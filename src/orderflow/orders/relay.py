@@ -4,6 +4,13 @@ A row leaves the outbox only after Redis accepted its entry (at-least-once). Sev
 relays may run: on PostgreSQL they take disjoint batches (``FOR UPDATE SKIP LOCKED``);
 on SQLite, which has a single writer anyway, one relay at a time holds a lease row
 and the others stand by until it expires.
+
+The rows this process commits can be handed to its relay (``hand_over``, SQLite): it
+publishes them without reading them back, and removes the published rows from the
+outbox a little later, several at once (``RelayConfig.settle_s``). The outbox stays
+the source of truth: what is not published yet, or published and not yet removed when
+the process dies, is there for the next look at it (at start, after a failure, and
+every poll interval), which publishes it again (at-least-once, in creation order).
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class RelayConfig:
     retry_max_s: float = 2.0
     #: Pub/Sub mode: also PUBLISH each order on this channel.
     channel: str | None = None
+    #: Handed rows (see ``OutboxRelay.hand_over``): how long published ones may wait
+    #: to be removed from the outbox, so that one transaction removes several.
+    settle_s: float = 0.05
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +79,8 @@ class RelayConfig:
             raise ValueError("RelayConfig.lease_ttl_s must exceed twice max_poll_s")
         if self.retry_max_s <= 0:
             raise ValueError("RelayConfig.retry_max_s must be positive")
+        if self.settle_s < 0:
+            raise ValueError("RelayConfig.settle_s must not be negative")
 
     @classmethod
     def from_settings(
@@ -120,6 +132,16 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._lease_until = 0.0
         self._started = asyncio.Event()
+        #: Rows committed by this process, handed over, not published yet (id order).
+        self._handed: list[OutboxRow] = []
+        #: Rows published and still in the outbox, and since when the first has waited.
+        self._published: list[OutboxRow] = []
+        self._published_since = 0.0
+        #: A look at the whole outbox is due before the handed rows (start, notify,
+        #: failure), so that older rows go first.
+        self._sweep = True
+        #: Rows the last look at the outbox published that had been handed over.
+        self._handed_claimed = 0
 
     @property
     def is_leader(self) -> bool:
@@ -128,6 +150,16 @@ class OutboxRelay:
 
     def notify(self) -> None:
         """New rows were committed: look at the outbox now (call from the event loop)."""
+        self._sweep = True
+        self._wake.set()
+
+    def hand_over(self, rows: list[OutboxRow]) -> None:
+        """Rows this process just committed (call from the event loop): publish them
+        without reading the outbox. On SQLite only, where this relay, if it holds the
+        lease, is the only one publishing; rows not published stay in the outbox."""
+        if self._stopping.is_set():
+            return
+        self._handed += rows
         self._wake.set()
 
     def stop(self) -> None:
@@ -146,34 +178,65 @@ class OutboxRelay:
             listener = asyncio.create_task(self._listen(), name="orderflow-relay-listen")
         poll = self.config.min_poll_s
         failures = 0
+        # The next look at the whole outbox (for rows no one handed over: other
+        # processes', the reconciler's), and when published handed rows are removed.
+        sweep_at = 0.0
         self._started.set()
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
-                    published = await self.publish_pending()
+                    if self._sweep:
+                        # Start, notify, failure: the outbox first, oldest rows first.
+                        sweep_at = 0.0
+                    elif self._handed:
+                        await self._publish_handed()
+                    wait = sweep_at - time.monotonic()
+                    if wait <= 0:
+                        self._sweep = False
+                        # Short again once it found rows no one handed over.
+                        found = await self.publish_pending() - self._handed_claimed
+                        poll = (
+                            self.config.min_poll_s
+                            if found
+                            else min(poll * 2, self.config.max_poll_s)
+                        )
+                        wait = poll
+                        sweep_at = time.monotonic() + poll
+                    await self._remove_published(force=False)
                     failures = 0
                 except _RETRYABLE as exc:
                     failures += 1
+                    self._sweep = True
                     await self._failed(exc, failures)
                     continue
                 except Exception:
                     # A bug or a row that cannot be published: the relay must not die
                     # (the outbox would grow unseen); say so loudly and keep trying.
                     failures += 1
+                    self._sweep = True
                     if failures == 1 or failures % 20 == 0:
                         log.exception("relay failed unexpectedly; retrying")
                     await self._failed(None, failures)
                     continue
-                poll = (
-                    self.config.min_poll_s if published else min(poll * 2, self.config.max_poll_s)
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), poll)
+                if self._handed or self._sweep:
+                    continue
+                settling = False
+                if self._published:
+                    settled = self._published_since + self.config.settle_s - time.monotonic()
+                    settling = settled < wait
+                    wait = min(wait, settled)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+                except TimeoutError:
+                    if not settling:
+                        sweep_at = 0.0  # the poll interval is over: look now
         finally:
             if listener is not None:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
+            with contextlib.suppress(*_RETRYABLE):
+                await self._remove_published(force=True)
             await self.close()
 
     async def publish_pending(self) -> int:
@@ -183,13 +246,24 @@ class OutboxRelay:
         stays in the outbox.
         """
         total = 0
+        self._handed_claimed = 0
         db = self.store.db
+        # Published rows still in the outbox would be read (and published) again.
+        await self._remove_published(force=True)
         while True:
             if db.is_sqlite and not await self._hold_lease():
+                self._handed.clear()  # the lease holder finds them in the outbox
                 return total
             batch = await db.run_quick(self.store.claim, self.config.batch_size)
             if not batch.rows:
                 return total
+            count = len(batch.rows)
+            if self._handed:
+                # Handed over and committed before this read: published now, with it.
+                claimed = {row.id for row in batch.rows}
+                handed = len(self._handed)
+                self._handed = [row for row in self._handed if row.id not in claimed]
+                self._handed_claimed += handed - len(self._handed)
             try:
                 await self._publish(batch.rows)
             except BaseException:
@@ -198,13 +272,53 @@ class OutboxRelay:
                 self.store.abandon(batch)
                 raise
             await self._complete(batch)
-            count = len(batch.rows)
             total += count
             self.stats.published += count
             self.stats.batches += 1
             metrics.OUTBOX_RELAYED.inc(count)
             if count < self.config.batch_size:
                 return total
+
+    async def _publish_handed(self) -> None:
+        """Publish the rows handed over (oldest first, a batch at most); they are
+        removed from the outbox later (``_remove_published``)."""
+        if self.store.db.is_sqlite and not await self._hold_lease():
+            self._handed.clear()  # the lease holder finds them in the outbox
+            return
+        size = self.config.batch_size
+        rows, self._handed = self._handed[:size], self._handed[size:]
+        try:
+            await self._publish(rows)
+        except BaseException:
+            # They stay in the outbox, and so do the ones handed meanwhile: the next
+            # look at it publishes them, oldest first.
+            self._handed.clear()
+            self._sweep = True
+            raise
+        if not self._published:
+            self._published_since = time.monotonic()
+        self._published += rows
+        self.stats.published += len(rows)
+        self.stats.batches += 1
+        metrics.OUTBOX_RELAYED.inc(len(rows))
+
+    async def _remove_published(self, *, force: bool) -> None:
+        """Remove the published handed rows from the outbox: when ``force``d, when a
+        batch of them is waiting, or once the first has waited ``settle_s``."""
+        if not self._published:
+            return
+        if (
+            not force
+            and len(self._published) < self.config.batch_size
+            and time.monotonic() - self._published_since < self.config.settle_s
+        ):
+            return
+        rows, self._published = self._published, []
+        try:
+            await self.store.db.run_quick(self.store.complete, ClaimedBatch(rows=rows))
+        except BaseException:
+            self._published = rows + self._published
+            raise
 
     async def _complete(self, batch: ClaimedBatch) -> None:
         try:
@@ -320,7 +434,7 @@ class OutboxRelay:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     failures = 0
                     async for _ in conn.notifies():
-                        self._wake.set()
+                        self.notify()
             except (psycopg.Error, OSError) as exc:
                 failures += 1
                 log.debug("relay LISTEN connection failed: %s", exc)

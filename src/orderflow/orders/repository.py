@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from orderflow import tracing
+from orderflow.orders import sqlite_hot
 from orderflow.orders.database import Database, in_chunks
 from orderflow.orders.events import (
     ORDER_EVENT_VERSIONS,
@@ -26,7 +27,7 @@ from orderflow.orders.events import (
     lab_message,
     order_event,
 )
-from orderflow.orders.outbox import Outbox
+from orderflow.orders.outbox import Outbox, OutboxRow
 from orderflow.orders.schema import EMAIL_STATUS_PENDING, idempotency_keys, orders
 from orderflow.orders.validation import OrderRequest
 
@@ -234,15 +235,22 @@ class OrderRepository:
         self.event_version = event_version
         self.outbox = Outbox(db, stream=stream)
 
-    def create(self, request: OrderRequest, *, idempotency_key: str | None = None) -> CreateResult:
+    def create(
+        self,
+        request: OrderRequest,
+        *,
+        idempotency_key: str | None = None,
+        added: list[OutboxRow] | None = None,
+    ) -> CreateResult:
         """Create the order and its event in one transaction, or replay an earlier one.
 
         Raises OrderConflict when the key or the client's id belongs to another request.
+        With ``added``, the outbox rows committed are appended to it (see ``create_many``).
         """
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
-                (result,) = self._create_bulk([(request, idempotency_key)])
+                (result,) = self._create_bulk([(request, idempotency_key)], added)
             except sa.exc.IntegrityError:
                 # A concurrent request took the same key or id between our check and
                 # insert (or a client id got ahead of PostgreSQL's sequence): look again.
@@ -256,34 +264,45 @@ class OrderRepository:
         raise AssertionError("unreachable")
 
     def create_many(
-        self, requests: Sequence[tuple[OrderRequest, str | None]]
+        self,
+        requests: Sequence[tuple[OrderRequest, str | None]],
+        *,
+        added: list[OutboxRow] | None = None,
     ) -> list[CreateResult | OrderConflict]:
         """Create several orders in ONE transaction (group commit); each gets its result
-        or its conflict, in order. Equivalent to ``create`` for each, only faster."""
+        or its conflict, in order. Equivalent to ``create`` for each, only faster.
+
+        With ``added``, the outbox rows of the new orders are appended to it once
+        committed, with their ids (the in-process handoff to the relay).
+        """
         if len(requests) == 1:
             request, key = requests[0]
             try:
-                return [self.create(request, idempotency_key=key)]
+                return [self.create(request, idempotency_key=key, added=added)]
             except OrderConflict as exc:
                 return [exc]
         try:
-            return self._create_bulk(requests)
+            return self._create_bulk(requests, added)
         except sa.exc.IntegrityError:
             # Another process raced us on some key or id: one at a time, with retries.
             results: list[CreateResult | OrderConflict] = []
             for request, key in requests:
                 try:
-                    results.append(self.create(request, idempotency_key=key))
+                    results.append(self.create(request, idempotency_key=key, added=added))
                 except OrderConflict as exc:
                     results.append(exc)
             return results
 
     def _create_bulk(
-        self, requests: Sequence[tuple[OrderRequest, str | None]]
+        self,
+        requests: Sequence[tuple[OrderRequest, str | None]],
+        added: list[OutboxRow] | None = None,
     ) -> list[CreateResult | OrderConflict]:
         """Each request created or replayed, as if one after another, by a few set-wise
-        statements in ONE transaction (a repeat within the batch replays the first)."""
+        statements in ONE transaction (a repeat within the batch replays the first);
+        the outbox rows it adds are appended to ``added`` once committed."""
         now = datetime.now(UTC)
+        rows_added: list[OutboxRow] | None = [] if added is not None else None
         fingerprints = [request.fingerprint() for request, _ in requests]
         keys = list(dict.fromkeys(key for _, key in requests if key is not None))
         client_ids = list(dict.fromkeys(r.id for r, _ in requests if r.id is not None))
@@ -293,11 +312,13 @@ class OrderRepository:
                 for chunk in in_chunks(keys)
                 for row in conn.execute(_KNOWN_KEYS, {"keys": chunk})
             }
-            known_ids = {
-                int(row.id): str(row.fingerprint)
-                for chunk in in_chunks(client_ids)
-                for row in conn.execute(_KNOWN_IDS, {"ids": chunk})
-            }
+            known_ids: dict[int, str] = {}
+            for chunk in in_chunks(client_ids):
+                if self.db.is_sqlite:
+                    known_ids.update(sqlite_hot.known_ids(sqlite_hot.cursor(conn), chunk))
+                else:
+                    found = conn.execute(_KNOWN_IDS, {"ids": chunk})
+                    known_ids.update((int(row.id), str(row.fingerprint)) for row in found)
             plan = _Plan.of(requests, fingerprints, known_keys, known_ids)
             inserted = self._insert(
                 conn,
@@ -318,13 +339,15 @@ class OrderRepository:
             if inserted:
                 events = [(order.id, order_event(order, self.event_version)) for order in inserted]
                 traces = [tracing.request_trace(requests[i][0]) for i in plan.to_insert]
-                self.outbox.enqueue(conn, events, now, traces)
+                self.outbox.enqueue(conn, events, now, traces, added=rows_added)
             replay_ids = sorted({order_id(ref) for ref in plan.replays()})
             replayed = {
                 order.id: order
                 for chunk in in_chunks(replay_ids)
                 for order in map(StoredOrder.from_row, conn.execute(_ORDERS_BY_ID, {"ids": chunk}))
             }
+        if added is not None and rows_added:
+            added += rows_added  # committed: the `with` block above ended without error
         results: list[CreateResult | OrderConflict] = []
         for outcome in plan.outcomes:
             if isinstance(outcome, OrderConflict):
@@ -367,17 +390,19 @@ class OrderRepository:
             else:
                 row["id"] = request.id
                 chosen.append(row)
-        if assigned:
+        if self.db.is_sqlite:
+            # The hot statement, straight to sqlite3 (see sqlite_hot); assigned ids first.
+            sqlite_hot.insert_orders(sqlite_hot.cursor(conn), assigned + chosen)
+        elif assigned:
             # A prepared statement with bound values: compiled once, cached by SQLAlchemy.
             params = assigned if len(assigned) > 1 else assigned[0]
             ids = conn.execute(_INSERT_ORDER_RETURNING_ID, params).scalars().all()
             for row, order_id in zip(assigned, ids, strict=True):
                 row["id"] = int(order_id)
-        if chosen:
+        if chosen and not self.db.is_sqlite:
             conn.execute(_INSERT_ORDER, chosen if len(chosen) > 1 else chosen[0])
-            if not self.db.is_sqlite:
-                # Keep the sequence ahead of ids clients chose, so assigned ids avoid them.
-                conn.execute(_BUMP_SEQUENCE, {"id": max(row["id"] for row in chosen)})
+            # Keep the sequence ahead of ids clients chose, so assigned ids avoid them.
+            conn.execute(_BUMP_SEQUENCE, {"id": max(row["id"] for row in chosen)})
         return [
             StoredOrder(
                 id=row["id"],

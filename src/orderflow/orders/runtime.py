@@ -68,13 +68,17 @@ class OrderRuntime:
             retention=Retention(maxlen=settings.stream_maxlen),
             partitions=settings.partitions,
         )
+        # SQLite: the committed rows go straight to the relay (one writer, one relay
+        # lease). PostgreSQL: relays of other processes may take the same rows, so
+        # they find them through the outbox alone (NOTIFY wakes them).
+        handoff = run_relay and db.is_sqlite
         runtime = cls(
             settings=settings,
             db=db,
             store=store,
             redis=redis,
             relay=relay,
-            writer=OrderWriter(store),
+            writer=OrderWriter(store, on_commit=relay.hand_over if handoff else None),
         )
         if run_relay:
             runtime.relay_running = True
@@ -128,7 +132,9 @@ class OrderRuntime:
             tracing.attribute(tracing.ORDER_ID, result.order.id)
         if result.created:
             metrics.ORDERS_CREATED.inc()
-            self.notify_relay()
+            if self.writer.on_commit is None:
+                # Otherwise the writer handed the new rows to the relay, which woke it.
+                self.notify_relay()
         else:
             metrics.ORDER_REPLAYS.inc()
         return result

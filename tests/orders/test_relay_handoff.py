@@ -1,0 +1,188 @@
+"""The in-process handoff (SQLite): the rows an API commits go straight to its relay,
+which publishes them without reading the outbox and removes them afterwards, several
+at once; the outbox stays the source of truth."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+
+from orderflow.config import Settings
+from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+from orderflow.orders.outbox import OutboxRow
+from tests.support import order_body, wait_until
+
+from .conftest import running_api, stream_events
+
+# Polls far apart: whatever is published within a test's waits came by the handoff (or
+# the relay's one look at the outbox when it starts), not by a poll coming round.
+IDLE_POLL = RelayConfig(min_poll_s=60.0, max_poll_s=60.0, lease_ttl_s=180.0)
+
+
+def _request(n: int) -> OrderRequest:
+    return OrderRequest.model_validate(order_body(n))
+
+
+async def _xlen(client: aioredis.Redis) -> int:
+    return int(await client.xlen("orders"))
+
+
+async def test_committed_orders_are_published_without_reading_the_outbox_back(
+    settings: Settings, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_api(settings, run_relay=True, relay_config=IDLE_POLL) as api:
+        runtime = api.runtime
+        await runtime.relay.wait_started()
+        assert (await api.post(order_body(0))).status_code == 201
+        await wait_until(lambda: runtime.relay.stats.published == 1, what="the first order")
+        reads: list[int] = []
+        claim = runtime.store.claim
+
+        def counted(limit: int) -> Any:
+            reads.append(limit)
+            return claim(limit)
+
+        monkeypatch.setattr(runtime.store, "claim", counted)
+        responses = [await api.post(order_body(n)) for n in range(1, 6)]
+        assert [r.status_code for r in responses] == [201] * 5
+        await wait_until(lambda: _length(aredis, 6), what="five more orders on the stream")
+        events = await stream_events(aredis)
+        assert [e["id"] for e in events[1:]] == [r.json()["id"] for r in responses]
+        if runtime.db.is_sqlite:
+            assert reads == []  # handed over: the outbox was not read
+            # ... and removed from it once published, without another look at it.
+            await wait_until(lambda: _outbox_is(api, 0), what="the outbox emptied")
+            assert reads == []
+        else:
+            # PostgreSQL: relays of other processes may take the same rows; each
+            # relay reads the outbox (row locks keep them apart).
+            assert reads
+            await wait_until(lambda: _outbox_is(api, 0), what="the outbox emptied")
+
+
+async def test_rows_published_but_not_yet_removed_are_published_again_by_the_next_relay(
+    tmp_path: Path, redis_url: str, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relay that dies after XADD and before the rows' removal: the outbox still holds
+    # them, and whoever relays next publishes them again (at-least-once; the Email
+    # Service's ledger keeps it to one email).
+    from .conftest import make_settings
+
+    settings = make_settings(f"sqlite:///{tmp_path}/orders.db", redis_url, tmp_path)
+    config = RelayConfig(min_poll_s=60.0, max_poll_s=60.0, lease_ttl_s=180.0, settle_s=60.0)
+    looks: list[int] = []
+    async with running_api(settings, run_relay=True, relay_config=config) as api:
+        store = api.runtime.store
+        claim = store.claim
+
+        def counted(limit: int) -> Any:
+            looks.append(limit)
+            return claim(limit)
+
+        monkeypatch.setattr(store, "claim", counted)
+        # Once the relay's first look at the (empty) outbox is done, orders are handed.
+        await wait_until(lambda: bool(looks), what="the relay's first look")
+        assert (await api.post(order_body(1))).status_code == 201
+        await wait_until(lambda: _length(aredis, 1), what="the order on the stream")
+        assert await _outbox_is(api, 1)  # published, not removed yet (settle_s)
+
+        def unreachable(*_: Any) -> None:
+            raise sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))
+
+        # The removal at shutdown fails, as a process killed at this point never tries.
+        monkeypatch.setattr(store, "complete", unreachable)
+    monkeypatch.undo()
+    async with running_api(settings, run_relay=True, relay_config=config) as api:
+        await wait_until(lambda: _length(aredis, 2), what="the order published again")
+        await wait_until(lambda: _outbox_is(api, 0), what="the outbox emptied")
+    first, again = await stream_events(aredis)
+    assert first == again
+    assert looks == [IDLE_POLL.batch_size]
+
+
+async def test_a_look_at_the_outbox_takes_handed_rows_with_it_and_publishes_them_once(
+    tmp_path: Path, aredis: aioredis.Redis
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    relay = OutboxRelay(store, aredis, config=IDLE_POLL)
+    try:
+        added: list[OutboxRow] = []
+        await db.run(store.create_many, [(_request(n), None) for n in range(3)], added=added)
+        assert [row.order_id for row in added] == [1, 2, 3]
+        # The rows handed over are the rows stored, as a look at the outbox reads them.
+        assert added == (await db.run(store.claim, 10)).rows
+        # Handed over before the relay's first look at the outbox, which finds them too.
+        relay.hand_over(added)
+        task = asyncio.create_task(relay.run())
+        await wait_until(lambda: relay.stats.published >= 3, what="the three orders")
+        await wait_until(lambda: _backlog_empty(store), what="the outbox emptied")
+        relay.stop()
+        await task
+        assert await _xlen(aredis) == 3
+        assert relay.stats.published == 3
+    finally:
+        db.close()
+
+
+async def test_a_failed_publish_leaves_handed_rows_to_the_outbox_in_their_order(
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    relay = OutboxRelay(store, aredis, config=replace(IDLE_POLL, retry_max_s=0.05))
+    publish = relay._publisher.publish_many
+    failures = [ConnectionError("Redis went away")]
+
+    async def flaky(stream: str, messages: list[Any]) -> Any:
+        if failures:
+            raise failures.pop()
+        return await publish(stream, messages)
+
+    monkeypatch.setattr(relay._publisher, "publish_many", flaky)
+    looks: list[int] = []
+    claim = store.claim
+
+    def counted(limit: int) -> Any:
+        looks.append(limit)
+        return claim(limit)
+
+    monkeypatch.setattr(store, "claim", counted)
+    task = asyncio.create_task(relay.run())
+    try:
+        # Its first look at the (empty) outbox done, the relay waits for handoffs.
+        await wait_until(lambda: bool(looks), what="the relay's first look")
+        for n in range(4):
+            # One commit at a time, each handed over: the first publish fails.
+            added: list[OutboxRow] = []
+            await db.run(store.create_many, [(_request(n), None)], added=added)
+            relay.hand_over(added)
+        await wait_until(lambda: _length(aredis, 4), what="every order after the failure")
+        await wait_until(lambda: _backlog_empty(store), what="the outbox emptied")
+        assert [e["id"] for e in await stream_events(aredis)] == [1, 2, 3, 4]
+        assert relay.stats.errors == 1
+        assert len(looks) == 2  # the first one, and the one after the failure
+    finally:
+        relay.stop()
+        await task
+        db.close()
+
+
+async def _length(client: aioredis.Redis, n: int) -> bool:
+    return await _xlen(client) >= n
+
+
+async def _backlog_empty(store: OrderStore) -> bool:
+    return await store.db.run(store.backlog) == 0
+
+
+async def _outbox_is(api: Any, n: int) -> bool:
+    return bool((await api.counts())["outbox"] == n)
