@@ -252,3 +252,37 @@ async def test_a_prune_pass_that_fails_is_waited_out_and_the_next_one_prunes(
         await redis.aclose()
     consumers = [c["name"] for c in await aredis.xinfo_consumers(STREAM, GROUP)]
     assert b"idle" not in consumers
+
+
+async def test_a_reader_stuck_on_a_redis_that_does_not_answer_is_cancelled_on_stop(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = connect(cutter.url)
+    # The reader's XREADGROUP gets no reply: the stop waits for its BLOCK (50 ms) and a
+    # second, then cancels it.
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    cutter.hold = {b"XREADGROUP"}
+
+    async def stop_once_held() -> None:
+        await wait_until(lambda: cutter.held.get(b"XREADGROUP"), what="a read held")
+        engine.stop()
+
+    stopper = asyncio.create_task(stop_once_held())
+    try:
+        async with asyncio.timeout(10):
+            stats = await engine.run()
+        # Returned (no error), with the reader over: nothing of the worker left running.
+        assert [
+            task.get_name()
+            for task in asyncio.all_tasks()
+            if task.get_name().startswith("orderflow-") and not task.done()
+        ] == []
+    finally:
+        stopper.cancel()
+        await redis.aclose()
+    # Cancelled, not failed: a reader left to wait gets an error after some seconds
+    # (redis-py gives up on the read), which the worker would count and log.
+    assert (stats.handled, stats.redis_errors) == (0, 0)
