@@ -738,6 +738,39 @@ async def test_on_redis_6_2_entries_deleted_while_pending_are_acknowledged_by_th
         server.stop()
 
 
+async def test_on_redis_6_2_a_claim_acknowledges_only_the_deleted_entries_it_claimed(
+    tmp_path: Path,
+) -> None:
+    server = _redis62(tmp_path / "redis62")
+    server.start()
+    redis = connect(server.url)
+    try:
+        await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        ids = await publish(redis, 4)
+        # "dead" left three entries idle for a minute; "busy" is at work on the fourth.
+        await redis.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=3)
+        await redis.xclaim(STREAM, GROUP, "dead", 0, list[Any](ids[:3]), idle=60_000)
+        await redis.xreadgroup(GROUP, "busy", {STREAM: ">"}, count=1)
+        await redis.xdel(STREAM, ids[0], ids[2], ids[3])
+        seen: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            seen.append(delivery.entry_id)
+
+        worker = StreamWorker(redis, config(claim_idle_ms=60_000), handler)
+        task = asyncio.create_task(worker.run())
+        await wait_until(lambda: _pending_is(redis, "dead", []), what="dead's entries settled")
+        await wait_until(lambda: worker.stats.acked == 1, what="the surviving entry acked")
+        worker.stop()
+        await task
+        assert seen == [ids[1]]
+        # Deleted too, but not idle: "busy"'s own to settle, not acknowledged by the claim.
+        assert await _pending_is(redis, "busy", [ids[3]])
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
 async def test_claims_take_only_the_room_the_worker_has(aredis: aioredis.Redis) -> None:
     await aredis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     ids = await publish(aredis, 5)
@@ -1117,3 +1150,45 @@ async def test_a_handler_outlasting_the_shutdown_timeout_is_cancelled_and_its_en
     assert left == ["1 entries left pending for other consumers"]
     rows = await aredis.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert [(r["message_id"].decode(), r["times_delivered"]) for r in rows] == [(entry, 1)]
+
+
+async def test_a_retry_queued_behind_a_busy_lane_still_takes_its_room(
+    aredis: aioredis.Redis,
+) -> None:
+    release = asyncio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        n = delivery.message.data["n"]
+        seen.append((n, delivery.deliveries))
+        if n == 0 and delivery.deliveries == 1:
+            raise RuntimeError("451 try later")
+        if n == 1:
+            await release.wait()
+
+    # Room for two entries (one lane): 0 fails and waits for its retry, 1 holds the lane.
+    cfg = config(concurrency=1, batch_size=1, retry_base_ms=100, retry_max_ms=100)
+    worker = StreamWorker(aredis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        ids = await publish(aredis, 3)
+        consumer = cfg.consumer
+
+        async def retry_claimed() -> bool:
+            rows = await aredis.xpending_range(STREAM, GROUP, ids[0], ids[0], 1)
+            return bool(rows) and rows[0]["times_delivered"] == 2
+
+        await wait_until(retry_claimed, what="entry 0 claimed back for its retry")
+        # Queued behind the busy lane, the retry still holds its room: the reader
+        # (a read every 50 ms when there is room) must not take entry 2 meanwhile.
+        # This sleep is under test: six reads' worth of time with the worker full.
+        await asyncio.sleep(0.3)
+        assert await _pending_of(aredis, consumer) == ids[:2]
+        release.set()
+        await wait_until(lambda: worker.stats.acked == 3, what="all three acked")
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        task.cancel()
+    assert seen == [(0, 1), (1, 1), (0, 2), (2, 1)]
