@@ -1192,3 +1192,53 @@ async def test_a_retry_queued_behind_a_busy_lane_still_takes_its_room(
         release.set()
         task.cancel()
     assert seen == [(0, 1), (1, 1), (0, 2), (2, 1)]
+
+
+async def test_a_claim_leaves_its_own_entries_alone_when_their_refresh_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    admin = connect(redis_server.url)
+    # Scripts refused with an error reply (not a cut connection): the heartbeat's
+    # refresh fails, so the entry being handled goes idle, while XAUTOCLAIM works.
+    await admin.acl_setuser(
+        "worker",
+        enabled=True,
+        passwords=["+worker-password"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-evalsha", "-eval"],
+    )
+    redis = connect(f"redis://worker:worker-password@127.0.0.1:{redis_server.port}/0")
+    release = asyncio.Event()
+    calls: list[tuple[str, int]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        calls.append((delivery.entry_id, delivery.deliveries))
+        await release.wait()
+
+    cfg = config(claim_idle_ms=100, claim_interval_ms=20, concurrency=2)
+    worker = StreamWorker(redis, cfg, handler)
+    task = asyncio.create_task(worker.run())
+    try:
+        [entry] = await publish(admin, 1)
+        await wait_until(lambda: calls == [(entry, 1)], what="the entry handled")
+
+        async def claimed_twice_meanwhile() -> bool:
+            rows = await admin.xpending_range(STREAM, GROUP, entry, entry, 1)
+            return bool(rows) and rows[0]["times_delivered"] >= 3
+
+        # Two claim passes took the idle entry (server side): the worker saw the first
+        # one's reply before sending the second.
+        await wait_until(claimed_twice_meanwhile, what="two claim passes")
+        # It held the entry already: not handed to a second lane.
+        assert calls == [(entry, 1)]
+        release.set()
+        await wait_until(lambda: worker.stats.acked == 1, what="the entry acked")
+        worker.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        task.cancel()
+        await redis.aclose()
+        await admin.aclose()
+    assert (stats.handled, stats.claimed) == (1, 0)
