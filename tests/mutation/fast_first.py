@@ -51,6 +51,31 @@ def pytest_configure(config: pytest.Config) -> None:
     itself makes is scanned.
     """
     gc.freeze()
+    _steady_hypothesis()
+
+
+def _steady_hypothesis() -> None:
+    """Property tests that judge a mutant by what it does, not by the machine's load.
+
+    Hypothesis fails an example slower than 200 ms (its deadline) and a test whose data
+    is slow to generate (a health check): on this shared machine that "killed" mutants
+    no test can tell from the original (message ``decode_entry`` 1 and 58, which passed
+    40 runs out of 40 alone). No deadline, no health checks, and the same examples in
+    every session (``derandomize``, no example database): a mutant is judged on the
+    examples the clean run passed.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    settings.register_profile(
+        "mutation",
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    settings.load_profile("mutation")
 
 
 def per_test_timeout(duration: float, factor: float, floor: float, cap: float) -> float:
