@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from orderflow.bus import connect
 from orderflow.embedded.redis_server import RedisServer, RedisServerNotFound, find_redis_server
+from tests.support import redis_pool
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -76,8 +77,14 @@ def chosen_server_binary() -> Path:
         raise pytest.UsageError(f"ORDERFLOW_TEST_SERVER=redis7: {exc}") from exc
 
 
+#: The mutation runner's pool of servers (``$ORDERFLOW_TEST_REDIS_POOL``), if any.
+_REDIS_POOL = ""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Export the chosen server binary for every server the run starts."""
+    global _REDIS_POOL  # read once per session, before any test runs
+    _REDIS_POOL = os.environ.get(redis_pool.POOL_ENV, "")
     os.environ["ORDERFLOW_REDIS_SERVER"] = str(chosen_server_binary())
     server_identity()  # asked now: some tests empty the ORDERFLOW_* variables
 
@@ -119,7 +126,18 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 @pytest.fixture(scope="session")
 def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One private redis-server for the tests that neither kill nor reconfigure it."""
+    """One private redis-server for the tests that neither kill nor reconfigure it.
+
+    Under ``make mutation`` (``$ORDERFLOW_TEST_REDIS_POOL``, read at start: some tests
+    empty the ORDERFLOW_* variables) a server of the runner's pool, lent to this session
+    alone and emptied (``tests/support/redis_pool.py``): one pytest session per mutant
+    would otherwise start a server per mutant.
+    """
+    if _REDIS_POOL:
+        with redis_pool.lent_server(Path(_REDIS_POOL)) as lent:
+            if lent is not None:
+                yield RedisServer(tmp_path_factory.mktemp("redis-lent"), port=lent.port)
+                return
     server = RedisServer(tmp_path_factory.mktemp("redis-shared"), appendonly=False)
     server.start()
     yield server

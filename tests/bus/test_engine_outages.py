@@ -252,3 +252,107 @@ async def test_a_prune_pass_that_fails_is_waited_out_and_the_next_one_prunes(
         await redis.aclose()
     consumers = [c["name"] for c in await aredis.xinfo_consumers(STREAM, GROUP)]
     assert b"idle" not in consumers
+
+
+async def test_a_reader_stuck_on_a_redis_that_does_not_answer_is_cancelled_on_stop(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = connect(cutter.url)
+    # The reader's XREADGROUP gets no reply: the stop waits for its BLOCK (50 ms) and a
+    # second, then cancels it.
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    cutter.hold = {b"XREADGROUP"}
+
+    async def stop_once_held() -> None:
+        await wait_until(lambda: cutter.held.get(b"XREADGROUP"), what="a read held")
+        engine.stop()
+
+    stopper = asyncio.create_task(stop_once_held())
+    try:
+        async with asyncio.timeout(10):
+            stats = await engine.run()
+        # Returned (no error), with the reader over: nothing of the worker left running.
+        assert [
+            task.get_name()
+            for task in asyncio.all_tasks()
+            if task.get_name().startswith("orderflow-") and not task.done()
+        ] == []
+    finally:
+        stopper.cancel()
+        await redis.aclose()
+    # Cancelled, not failed: a reader left to wait gets an error after some seconds
+    # (redis-py gives up on the read), which the worker would count and log.
+    assert (stats.handled, stats.redis_errors) == (0, 0)
+
+
+async def _errors_of(redis: aioredis.Redis, code: str) -> int:
+    """How many error replies of ``code`` (``NOGROUP`` …) the server has sent."""
+    stats = await redis.info("errorstats")
+    return int(stats.get(f"errorstat_{code}", {}).get("count", 0))
+
+
+async def test_a_claim_loop_that_finds_the_group_deleted_creates_it_again(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = connect(cutter.url)
+    engine = Engine(redis, config(claim_interval_ms=20), handler, COMPETING)
+    # The reader's read gets no reply: the claim loop is the one to meet the deletion.
+    cutter.hold = {b"XREADGROUP"}
+    task = asyncio.create_task(engine.run())
+    try:
+        await engine.wait_started()
+        await wait_until(lambda: cutter.held.get(b"XREADGROUP"), what="the read held")
+        before = await _errors_of(aredis, "NOGROUP")
+        await aredis.xgroup_destroy(STREAM, GROUP)
+
+        async def group_back_or_ended() -> bool:
+            groups = [g["name"] for g in await aredis.xinfo_groups(STREAM)]
+            return task.done() or GROUP.encode() in groups
+
+        await wait_until(group_back_or_ended, what="the group created again")
+        # By the claim loop, which goes on (a NOGROUP is not an error to stop for).
+        assert not task.done()
+        assert await _errors_of(aredis, "NOGROUP") > before
+        engine.stop()
+        stats = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+        await redis.aclose()
+    assert stats.redis_errors == 0
+
+
+async def test_a_prune_pass_answered_with_an_error_is_waited_out(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = connect(cutter.url)
+    engine = Engine(redis, config(claim_idle_ms=100, prune_idle_ms=100), handler, NO_CLAIMS)
+    # Nothing read (the read gets no reply), nothing held, no claims: once the group
+    # is gone, the only command that fails is the prune pass's (every second).
+    cutter.hold = {b"XREADGROUP"}
+    task = asyncio.create_task(engine.run())
+    try:
+        await engine.wait_started()
+        await wait_until(lambda: cutter.held.get(b"XREADGROUP"), what="the read held")
+        before = await _errors_of(aredis, "NOGROUP")
+        await aredis.xgroup_destroy(STREAM, GROUP)
+
+        async def second_pass_failed() -> bool:
+            return task.done() or await _errors_of(aredis, "NOGROUP") >= before + 2
+
+        # Two passes answered NOGROUP: the worker went on after the first.
+        await wait_until(second_pass_failed, what="two failed prune passes")
+        assert not task.done()
+        engine.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+        await redis.aclose()

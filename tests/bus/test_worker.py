@@ -465,8 +465,11 @@ async def _lacks(names: object, name: str) -> bool:
         ({"group": ""}, "group must be non-empty"),
         ({"consumer": "a b"}, "consumer must be non-empty without spaces"),
         ({"stream": ""}, "stream name"),
-        ({"shutdown_timeout_s": -1}, "shutdown_timeout_s"),
-        ({"prune_idle_ms": 10, "claim_idle_ms": 1000}, "prune_idle_ms must be at least"),
+        ({"shutdown_timeout_s": -1}, r"^WorkerConfig\.shutdown_timeout_s must not be negative$"),
+        (
+            {"prune_idle_ms": 10, "claim_idle_ms": 1000},
+            r"^WorkerConfig\.prune_idle_ms must be at least claim_idle_ms$",
+        ),
         (
             {"retry_base_ms": 500, "retry_max_ms": 100},
             r"retry_max_ms \(100\) must be at least retry_base_ms \(500\): the longest "

@@ -5,6 +5,11 @@ this proxy only the named commands fail (``cutter.cut = {b"XACK"}``): the connec
 that sends one is closed before the command reaches Redis, so the client gets
 "Connection closed by server." for it, as in a real outage, while every other command
 goes through. ``cutter.cut = set()`` heals it.
+
+``cutter.hold = {b"XREADGROUP"}`` instead leaves the connection that sends one open
+but silent: the command never reaches Redis and no reply comes, as with a server that
+stopped answering (the client waits as long as its socket timeout, which the worker's
+client has not got).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ class CommandCutter:
         self.cut: set[bytes] = set()
         #: How many commands were cut, per name.
         self.cuts: dict[bytes, int] = {}
+        #: Command names whose connection goes silent when one is sent.
+        self.hold: set[bytes] = set()
+        #: How many commands were held, per name.
+        self.held: dict[bytes, int] = {}
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -56,10 +65,10 @@ class CommandCutter:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _to_cut(self, chunk: bytes) -> bytes | None:
+    def _to_cut(self, chunk: bytes, names: set[bytes] | None = None) -> bytes | None:
         # A command is a RESP array of bulk strings: its name is "$<len>\r\n<NAME>\r\n".
         upper = chunk.upper()
-        for name in self.cut:
+        for name in self.cut if names is None else names:
             if f"${len(name)}\r\n".encode() + name + b"\r\n" in upper:
                 return name
         return None
@@ -77,6 +86,11 @@ class CommandCutter:
                 if name is not None:
                     self.cuts[name] = self.cuts.get(name, 0) + 1
                     break
+                held = self._to_cut(chunk, self.hold) if check else None
+                if held is not None:
+                    self.held[held] = self.held.get(held, 0) + 1
+                    # Silent until the proxy closes (its tasks are cancelled).
+                    await asyncio.Event().wait()
                 target.write(chunk)
                 await target.drain()
         except OSError:
