@@ -110,6 +110,8 @@ TARGETS: dict[str, Target] = {
             # The relay against Redis answering XADD with an error reply (its own server).
             "tests/orders/test_relay_errors.py",
             "tests/orders/test_relay_lifecycle.py",
+            # The rows a group commit hands to its process's relay (SQLite).
+            "tests/orders/test_relay_handoff.py",
         ),
         # Many relay tests set up a PostgreSQL database of their own (created, migrated)
         # before they start: more room for fixtures than the other targets'.
