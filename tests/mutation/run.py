@@ -194,15 +194,34 @@ def prepare(name: str, target: Target) -> Path:
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
         # Fastest tests first: a mutant stops at its first failing test.
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fast_first",'
-        f' "--timeout={target.timeout_s}",'
+        f' "--timeout={target.timeout_s}", "--timeout-method=thread",'
         f' "--mutation-timeout-factor={target.timeout_factor}",'
         f' "--mutation-timeout-floor={target.timeout_floor}"]\n'
         "use_git_change_detection = false\n"
         f"do_not_mutate_patterns = {_toml_list(list(target.do_not_mutate))}\n"
         f"timeout_multiplier = {target.timeout_multiplier}\n"
+        f"type_check_command = {_toml_list(_type_check(target))}\n"
     )
     (work / "pyproject.toml").write_text(pyproject)
     return work
+
+
+#: mypy's error codes that come from how mutmut lays its mutants out, not from a mutant:
+#: its ``# type: ignore`` on every mutant table, and each mutant of ``__init__``
+#: defining the instance's attributes again.
+_LAYOUT_ERRORS = ("unused-ignore", "no-redef")
+
+
+def _type_check(target: Target) -> list[str]:
+    """mypy (strict, the project's own settings) over the mutated files, as mutmut runs it.
+
+    A mutant mypy rejects could never land (``make lint`` runs mypy strict on every
+    change), so mutmut counts it caught without running a test for it.
+    """
+    command = [sys.executable, "-m", "mypy", "--output", "json", "--no-incremental"]
+    for code in _LAYOUT_ERRORS:
+        command += ["--disable-error-code", code]
+    return command + list(target.sources)
 
 
 def _function(mutant: str) -> str:
@@ -233,23 +252,35 @@ def summarise(work: Path, target: Target) -> dict[str, Any]:
             left_out[status] += 1
             continue
         counts[status] += 1
-        if status not in ("killed", "timeout"):
+        if status not in (*KILLED_BY_TESTS, TYPE_CHECKED):
             alive.append(f"{mutant}: {status}")
-    tested = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
-    killed = counts["killed"] + counts["timeout"]
+    return figures(counts) | {"counts": dict(counts), "left_out": dict(left_out), "alive": alive}
+
+
+#: mutmut's statuses of a mutant its tests failed on (a timeout: the mutant hung them).
+KILLED_BY_TESTS = ("killed", "timeout")
+#: mutmut's status of a mutant mypy rejected: no test ran for it.
+TYPE_CHECKED = "caught by type check"
+
+
+def figures(counts: Counter[str]) -> dict[str, float]:
+    """``score``: mutants killed or rejected by mypy, of all checked; ``tests_score``:
+    mutants killed, of those the tests ran against (mypy's left out of both sides)."""
+    checked = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
+    killed = sum(counts[status] for status in KILLED_BY_TESTS)
+    ran = checked - counts[TYPE_CHECKED]
     return {
-        "score": round(100.0 * killed / tested, 1) if tested else 0.0,
-        "counts": dict(counts),
-        "left_out": dict(left_out),
-        "alive": alive,
+        "score": round(100.0 * (killed + counts[TYPE_CHECKED]) / checked, 1) if checked else 0.0,
+        "tests_score": round(100.0 * killed / ran, 1) if ran else 0.0,
     }
 
 
 def table(names: list[str]) -> str:
     """The last figures of ``names`` (from their summary.json) as a Markdown table."""
     rows = [
-        "| module | mutated | tests | checked | killed | survived | no tests | figure | time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| module | mutated | tests | checked | mypy | killed | survived | no tests"
+        " | figure | by tests | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
         target = TARGETS[name]
@@ -257,7 +288,7 @@ def table(names: list[str]) -> str:
         mutated = ", ".join(s.removeprefix("src/orderflow/") for s in target.sources)
         tests = ", ".join(t.removeprefix("tests/") for t in target.tests)
         if not path.exists():
-            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | | |")
+            rows.append(f"| {name} | {mutated} | {tests} | not run | | | | | | | |")
             continue
         summary = json.loads(path.read_text())
         counts = summary["counts"]
@@ -265,9 +296,11 @@ def table(names: list[str]) -> str:
         checked = total - counts.get("not checked", 0)
         rows.append(
             f"| {name} | {mutated} | {tests} | {checked} of {total}"
-            f" | {counts.get('killed', 0) + counts.get('timeout', 0)}"
+            f" | {counts.get(TYPE_CHECKED, 0)}"
+            f" | {sum(counts.get(status, 0) for status in KILLED_BY_TESTS)}"
             f" | {counts.get('survived', 0)} | {counts.get('no tests', 0)}"
-            f" | **{summary['score']}%** | {summary['seconds']} s |"
+            f" | **{summary['score']}%** | {summary.get('tests_score', '')}%"
+            f" | {summary['seconds']} s |"
         )
     return "\n".join(rows)
 
@@ -293,21 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     pool_dir = SCRATCH / f".redis-pool-{os.getpid()}"
     env = dict(os.environ)
     servers: list[RedisServer] = []
+    # The servers of sessions stopped at their deadline come back to this process.
+    redis_pool.adopt_orphans()
     if os.environ.get("ORDERFLOW_TEST_SERVER", "redis7") == "redis7":
         if pool_dir.exists():
             shutil.rmtree(pool_dir)
         servers = redis_pool.start_pool(pool_dir, args.children + 1)
         env[redis_pool.POOL_ENV] = str(pool_dir)
     try:
-        return _run_modules(args.modules or list(TARGETS), args.children, env)
+        keep = frozenset(server.pid for server in servers if server.pid is not None)
+        return _run_modules(args.modules or list(TARGETS), args.children, env, keep)
     finally:
         redis_pool.stop_pool(servers)
         shutil.rmtree(pool_dir, ignore_errors=True)
 
 
-def _run_modules(names: list[str], children: int, env: dict[str, str]) -> int:
+def _run_modules(names: list[str], children: int, env: dict[str, str], pool: frozenset[int]) -> int:
     mutmut = str(Path(sys.executable).parent / "mutmut")
-    marker = env.get(redis_pool.POOL_ENV, "")
     failed = False
     for name in names:
         work = prepare(name, TARGETS[name])
@@ -344,7 +379,7 @@ def _run_modules(names: list[str], children: int, env: dict[str, str]) -> int:
                     )
         took = time.monotonic() - started
         # A mutant stopped at its deadline leaves the servers its tests started itself.
-        if marker and (orphans := redis_pool.kill_orphans(marker)):
+        if orphans := redis_pool.kill_orphans(pool):
             with log.open("a") as out:
                 print(f"killed {orphans} orphaned redis-server(s)", file=out)
         if run.returncode != 0:
@@ -354,7 +389,9 @@ def _run_modules(names: list[str], children: int, env: dict[str, str]) -> int:
         summary = summarise(work, TARGETS[name]) | {"seconds": round(took)}
         (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         print(
-            f"{name}: {summary['score']}% killed {summary['counts']} in {took:.0f}s"
+            f"{name}: {summary['score']}% killed or rejected by mypy"
+            f" ({summary['tests_score']}% of those the tests ran against)"
+            f" {summary['counts']} in {took:.0f}s"
             + (f"; left out {summary['left_out']}" if summary["left_out"] else ""),
             flush=True,
         )

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,33 +118,51 @@ def lent_server(directory: Path) -> Iterator[Borrowed | None]:
             give_back(borrowed)
 
 
-def orphans_of(marker: str) -> list[int]:
-    """Pids of redis-servers left behind (parent gone) by processes run with ``marker``.
+def adopt_orphans() -> bool:
+    """Make this process the child subreaper of everything it starts (Linux only).
 
-    Every process started under the mutation runner inherits ``$ORDERFLOW_TEST_REDIS_POOL``
-    with the run's own directory, so its value tells this run's orphans from any other
-    redis-server on the machine (the system's, other runs').
+    A pytest session that mutmut stops at its deadline (or that pytest-timeout ends with
+    ``os._exit``) leaves the redis-servers its tests started: they then become children
+    of this process instead of init's, so ``orphans_of`` can tell this run's from every
+    other redis-server on the machine. (The servers' environment cannot tell: redis-server
+    writes its process title over it.) False where the call does not exist.
     """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    return bool(ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+
+
+def orphans_of(parent: int, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Pids of redis-servers whose parent is now ``parent`` (its subreaper), but ``keep``."""
     found = []
-    needle = f"{POOL_ENV}={marker}".encode()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) in keep:
             continue
         try:
             status = (proc / "status").read_text()
-            if "\nPPid:\t1\n" not in status or not status.startswith(SERVER_NAMES):
-                continue
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
         except OSError:
             continue
+        if status.startswith(SERVER_NAMES) and f"\nPPid:\t{parent}\n" in status:
+            found.append(int(proc.name))
     return found
 
 
-def kill_orphans(marker: str) -> int:
-    """SIGKILL this run's orphaned redis-servers; how many there were."""
-    pids = orphans_of(marker)
+def kill_orphans(keep: set[int] | frozenset[int] = frozenset()) -> int:
+    """SIGKILL and reap the redis-servers this process adopted, but ``keep``; how many."""
+    pids = orphans_of(os.getpid(), keep)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    # Whatever else was adopted and has ended since (a test's own child process).
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) not in keep:
+            with contextlib.suppress(OSError):
+                status = (proc / "status").read_text()
+                if "\nState:\tZ" in status and f"\nPPid:\t{os.getpid()}\n" in status:
+                    os.waitpid(int(proc.name), os.WNOHANG)
     return len(pids)
