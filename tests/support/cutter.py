@@ -9,7 +9,8 @@ goes through. ``cutter.cut = set()`` heals it.
 ``cutter.hold = {b"XREADGROUP"}`` instead leaves the connection that sends one open
 but silent: the command never reaches Redis and no reply comes, as with a server that
 stopped answering (the client waits as long as its socket timeout, which the worker's
-client has not got).
+client has not got). ``cutter.release()`` lets the commands held so far through (their
+replies then come as usual); ``hold`` still holds the next ones until emptied.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class CommandCutter:
         self.hold: set[bytes] = set()
         #: How many commands were held, per name.
         self.held: dict[bytes, int] = {}
+        self._released = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -40,6 +42,11 @@ class CommandCutter:
     def url(self) -> str:
         """The Redis URL a client uses to go through the proxy."""
         return f"redis://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        """Let the commands held so far through."""
+        released, self._released = self._released, asyncio.Event()
+        released.set()
 
     async def __aenter__(self) -> CommandCutter:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -89,8 +96,9 @@ class CommandCutter:
                 held = self._to_cut(chunk, self.hold) if check else None
                 if held is not None:
                     self.held[held] = self.held.get(held, 0) + 1
-                    # Silent until the proxy closes (its tasks are cancelled).
-                    await asyncio.Event().wait()
+                    # Silent until released, or until the proxy closes (its tasks are
+                    # cancelled).
+                    await self._released.wait()
                 target.write(chunk)
                 await target.drain()
         except OSError:
