@@ -356,3 +356,38 @@ async def test_a_prune_pass_answered_with_an_error_is_waited_out(
     finally:
         task.cancel()
         await redis.aclose()
+
+
+async def test_an_ack_queued_while_a_flush_fails_is_sent_with_the_flush_put_back(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    # The ack loop's XACK of the first entry is held on its way; the second entry is
+    # handled meanwhile, its ack queued behind. The held XACK is then lost (and its
+    # retries): the flush puts its ids back in front of the queued one, and once Redis
+    # answers again one XACK acknowledges both; none is left pending.
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = aioredis.Redis.from_url(cutter.url)
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    cutter.hold = {b"XACK"}
+    task = asyncio.create_task(engine.run())
+    try:
+        await engine.wait_started()
+        await publish(aredis, 1)
+        await wait_until(lambda: cutter.held.get(b"XACK"), what="the first XACK held")
+        await publish(aredis, 1, start=1)
+        await wait_until(lambda: engine.stats.handled == 2, what="the second entry handled")
+        cutter.cut = {b"XACK"}
+        cutter.hold = set()
+        cutter.release(cut=True)
+        await wait_until(lambda: engine.stats.redis_errors, what="the flush failed")
+        cutter.cut = set()
+        await wait_until(lambda: engine.stats.acked, what="a flush after the outage")
+        assert engine.stats.acked == 2
+        assert int((await aredis.xpending(STREAM, GROUP))["pending"]) == 0
+        engine.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+        await redis.aclose()
