@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig, connect
+from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig
 from orderflow.bus.consume.engine import Engine
 from orderflow.bus.consume.policy import COMPETING, Policy
 from tests.support import wait_until
@@ -132,7 +132,7 @@ async def test_a_reader_cut_off_counts_its_failures_in_a_row_and_starts_again_af
     async def handler(delivery: Delivery) -> None:
         seen.append(delivery.message.data["n"])
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(), handler, NO_CLAIMS)
     with DownLines(engine) as lines:
         task = asyncio.create_task(engine.run())
@@ -167,7 +167,7 @@ async def test_a_claim_loop_cut_off_counts_its_failures_in_a_row_and_starts_agai
     async def handler(delivery: Delivery) -> None:
         seen.append((delivery.entry_id, delivery.deliveries))
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_idle_ms=50, claim_interval_ms=20), handler, COMPETING)
     with DownLines(engine) as lines:
         # Cut from the start: the entry cannot be claimed before the outage.
@@ -194,7 +194,7 @@ async def test_an_ack_loop_cut_off_counts_its_failures_in_a_row_and_starts_again
     async def handler(delivery: Delivery) -> None:
         handled.append(delivery.message.data["n"])
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(), handler, NO_CLAIMS)
     with DownLines(engine) as lines:
         task = asyncio.create_task(engine.run())
@@ -230,7 +230,7 @@ async def test_a_prune_pass_that_fails_is_waited_out_and_the_next_one_prunes(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     cfg = config(claim_idle_ms=100, prune_idle_ms=100)
     engine = Engine(redis, cfg, handler, NO_CLAIMS)
     # Nothing held, no claims: the prune script is the worker's only EVALSHA.
@@ -260,7 +260,7 @@ async def test_a_reader_stuck_on_a_redis_that_does_not_answer_is_cancelled_on_st
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     # The reader's XREADGROUP gets no reply: the stop waits for its BLOCK (50 ms) and a
     # second, then cancels it.
     engine = Engine(redis, config(), handler, NO_CLAIMS)
@@ -300,7 +300,7 @@ async def test_a_claim_loop_that_finds_the_group_deleted_creates_it_again(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_interval_ms=20), handler, COMPETING)
     # The reader's read gets no reply: the claim loop is the one to meet the deletion.
     cutter.hold = {b"XREADGROUP"}
@@ -333,7 +333,7 @@ async def test_a_prune_pass_answered_with_an_error_is_waited_out(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_idle_ms=100, prune_idle_ms=100), handler, NO_CLAIMS)
     # Nothing read (the read gets no reply), nothing held, no claims: once the group
     # is gone, the only command that fails is the prune pass's (every second).
@@ -368,7 +368,7 @@ async def test_an_ack_queued_while_a_flush_fails_is_sent_with_the_flush_put_back
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = aioredis.Redis.from_url(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(), handler, NO_CLAIMS)
     cutter.hold = {b"XACK"}
     task = asyncio.create_task(engine.run())

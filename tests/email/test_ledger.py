@@ -36,9 +36,8 @@ async def cutter(redis_url: str) -> AsyncIterator[CommandCutter]:
 
 @pytest.fixture
 async def cut_redis(cutter: CommandCutter) -> AsyncIterator[aioredis.Redis]:
-    """A client that talks to the shared server through ``cutter`` (not ``connect``: its
-    synchronous cluster probe would wait out its timeout on a proxy in this loop)."""
-    client = aioredis.Redis.from_url(cutter.url)
+    """A client that talks to the shared server through ``cutter``."""
+    client = cutter.client()
     yield client
     await client.aclose()
 

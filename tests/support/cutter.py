@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
+
 
 @dataclass
 class _Gate:
@@ -52,6 +54,12 @@ class CommandCutter:
     def url(self) -> str:
         """The Redis URL a client uses to go through the proxy."""
         return f"redis://127.0.0.1:{self.port}"
+
+    def client(self) -> aioredis.Redis:
+        """A client (bytes) that goes through the proxy. Not ``orderflow.bus.connect``:
+        its synchronous cluster probe blocks this event loop, so the proxy cannot answer
+        it and every client waited out the probe's 1 s timeout first."""
+        return aioredis.Redis.from_url(self.url)
 
     def release(self, *, cut: bool = False) -> None:
         """Let the commands held so far through, or with ``cut`` close their connections
