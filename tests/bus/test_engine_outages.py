@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig, connect
+from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig
 from orderflow.bus.consume.engine import Engine
 from orderflow.bus.consume.policy import COMPETING, Policy
 from tests.support import wait_until
@@ -132,7 +132,7 @@ async def test_a_reader_cut_off_counts_its_failures_in_a_row_and_starts_again_af
     async def handler(delivery: Delivery) -> None:
         seen.append(delivery.message.data["n"])
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(), handler, NO_CLAIMS)
     with DownLines(engine) as lines:
         task = asyncio.create_task(engine.run())
@@ -167,7 +167,7 @@ async def test_a_claim_loop_cut_off_counts_its_failures_in_a_row_and_starts_agai
     async def handler(delivery: Delivery) -> None:
         seen.append((delivery.entry_id, delivery.deliveries))
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_idle_ms=50, claim_interval_ms=20), handler, COMPETING)
     with DownLines(engine) as lines:
         # Cut from the start: the entry cannot be claimed before the outage.
@@ -194,7 +194,7 @@ async def test_an_ack_loop_cut_off_counts_its_failures_in_a_row_and_starts_again
     async def handler(delivery: Delivery) -> None:
         handled.append(delivery.message.data["n"])
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(), handler, NO_CLAIMS)
     with DownLines(engine) as lines:
         task = asyncio.create_task(engine.run())
@@ -230,7 +230,7 @@ async def test_a_prune_pass_that_fails_is_waited_out_and_the_next_one_prunes(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     cfg = config(claim_idle_ms=100, prune_idle_ms=100)
     engine = Engine(redis, cfg, handler, NO_CLAIMS)
     # Nothing held, no claims: the prune script is the worker's only EVALSHA.
@@ -260,7 +260,7 @@ async def test_a_reader_stuck_on_a_redis_that_does_not_answer_is_cancelled_on_st
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     # The reader's XREADGROUP gets no reply: the stop waits for its BLOCK (50 ms) and a
     # second, then cancels it.
     engine = Engine(redis, config(), handler, NO_CLAIMS)
@@ -300,7 +300,7 @@ async def test_a_claim_loop_that_finds_the_group_deleted_creates_it_again(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_interval_ms=20), handler, COMPETING)
     # The reader's read gets no reply: the claim loop is the one to meet the deletion.
     cutter.hold = {b"XREADGROUP"}
@@ -333,7 +333,7 @@ async def test_a_prune_pass_answered_with_an_error_is_waited_out(
     async def handler(delivery: Delivery) -> None:
         pass
 
-    redis = connect(cutter.url)
+    redis = cutter.client()
     engine = Engine(redis, config(claim_idle_ms=100, prune_idle_ms=100), handler, NO_CLAIMS)
     # Nothing read (the read gets no reply), nothing held, no claims: once the group
     # is gone, the only command that fails is the prune pass's (every second).
@@ -351,6 +351,41 @@ async def test_a_prune_pass_answered_with_an_error_is_waited_out(
         # Two passes answered NOGROUP: the worker went on after the first.
         await wait_until(second_pass_failed, what="two failed prune passes")
         assert not task.done()
+        engine.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+        await redis.aclose()
+
+
+async def test_an_ack_queued_while_a_flush_fails_is_sent_with_the_flush_put_back(
+    aredis: aioredis.Redis, cutter: CommandCutter
+) -> None:
+    # The ack loop's XACK of the first entry is held on its way; the second entry is
+    # handled meanwhile, its ack queued behind. The held XACK is then lost (and its
+    # retries): the flush puts its ids back in front of the queued one, and once Redis
+    # answers again one XACK acknowledges both; none is left pending.
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    redis = cutter.client()
+    engine = Engine(redis, config(), handler, NO_CLAIMS)
+    cutter.hold = {b"XACK"}
+    task = asyncio.create_task(engine.run())
+    try:
+        await engine.wait_started()
+        await publish(aredis, 1)
+        await wait_until(lambda: cutter.held.get(b"XACK"), what="the first XACK held")
+        await publish(aredis, 1, start=1)
+        await wait_until(lambda: engine.stats.handled == 2, what="the second entry handled")
+        cutter.cut = {b"XACK"}
+        cutter.hold = set()
+        cutter.release(cut=True)
+        await wait_until(lambda: engine.stats.redis_errors, what="the flush failed")
+        cutter.cut = set()
+        await wait_until(lambda: engine.stats.acked, what="a flush after the outage")
+        assert engine.stats.acked == 2
+        assert int((await aredis.xpending(STREAM, GROUP))["pending"]) == 0
         engine.stop()
         await asyncio.wait_for(task, 10)
     finally:

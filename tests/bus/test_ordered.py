@@ -195,8 +195,13 @@ async def test_an_uneven_split_gives_the_first_by_name_one_more_and_leaves_none_
     ],
 )
 async def test_a_worker_takes_its_share_of_its_own_partitions_and_leaves_the_rest_free(
-    aredis: aioredis.Redis, others: list[str], consumer: str, expected: list[int]
+    aredis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    others: list[str],
+    consumer: str,
+    expected: list[int],
 ) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.partition_workers")
     layout = PartitionLayout("orders", 3)
     # Members that hold nothing (as if just started), registered for a minute.
     now_ms = int(time.time() * 1000)
@@ -213,6 +218,10 @@ async def test_a_worker_takes_its_share_of_its_own_partitions_and_leaves_the_res
         assert [await aredis.get(lease_key(n, GROUP)) for n in layout.names] == [
             consumer.encode() if n in mine else None for n in layout.names
         ]
+    # Never one more, not even until its next rebalance gives it up again.
+    prefix = f"worker {consumer} took partition "
+    taken = [m.removeprefix(prefix) for m in caplog.messages if m.startswith(prefix)]
+    assert taken == mine
 
 
 async def test_three_workers_on_four_partitions_own_them_all(aredis: aioredis.Redis) -> None:

@@ -8,14 +8,36 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orderflow.email import ClaimState, EmailLedger, ledger_key
+from tests.support import wait_until
+from tests.support.cutter import CommandCutter
+
+#: How long a test waits for callers a broken batch would leave waiting for ever.
+HANG_S = 10.0
 
 
 @pytest.fixture
 async def text_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A client that answers ``str`` instead of ``bytes`` (``decode_responses=True``)."""
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def cutter(redis_url: str) -> AsyncIterator[CommandCutter]:
+    """A proxy to the shared (emptied) server that cuts or holds the commands a test names."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    async with CommandCutter(port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def cut_redis(cutter: CommandCutter) -> AsyncIterator[aioredis.Redis]:
+    """A client that talks to the shared server through ``cutter``."""
+    client = cutter.client()
     yield client
     await client.aclose()
 
@@ -220,3 +242,135 @@ async def test_one_call_per_order_where_batches_cannot_go(aredis: aioredis.Redis
     assert await aredis.xrange("email-events") == [(entry_id.encode(), {b"order": b"71"})]
     sent = await ledger.claim(71, "later")
     assert (sent.state, sent.message_id, sent.at) == (ClaimState.SENT, "<m71>", "now")
+
+
+async def test_marks_of_two_streams_asked_in_one_turn_each_append_to_their_own_stream(
+    aredis: aioredis.Redis,
+) -> None:
+    # One batched script call appends to one stream: a batch that names two is marked
+    # order by order, each order's email.sent going to the stream it named.
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    orders = range(80, 86)
+    streams = {order: "email-events" if order % 2 else "audit-events" for order in orders}
+    await asyncio.gather(*(ledger.claim(order, f"t{order}") for order in orders))
+    marks = await asyncio.gather(
+        *(
+            ledger.mark_sent_and_append(
+                order,
+                f"t{order}",
+                f"<m{order}>",
+                "now",
+                stream=streams[order],
+                fields=["order", str(order)],
+            )
+            for order in orders
+        )
+    )
+
+    assert [held for held, _ in marks] == [True] * 6
+    for stream in ("email-events", "audit-events"):
+        mine = [n for n, order in enumerate(orders) if streams[order] == stream]
+        entries = await aredis.xrange(stream)
+        assert [fields[b"order"] for _, fields in entries] == [
+            str(orders[n]).encode() for n in mine
+        ]
+        assert [entry_id.decode() for entry_id, _ in entries] == [marks[n][1] for n in mine]
+    for order in orders:
+        assert await aredis.hmget(ledger_key(order), "state", "message_id") == [
+            b"sent",
+            f"<m{order}>".encode(),
+        ]
+
+
+async def test_a_batched_call_that_loses_its_connection_fails_every_caller_in_it(
+    aredis: aioredis.Redis, cutter: CommandCutter, cut_redis: aioredis.Redis
+) -> None:
+    # The connection of a batch's script call is cut before Redis sees it: each caller
+    # gets the error (none waits for ever), and asks again once Redis is back.
+    ledger = EmailLedger(cut_redis, lease_ms=5000)
+    orders = range(90, 94)
+    cutter.cut = {b"EVAL"}
+    claims = await asyncio.wait_for(
+        asyncio.gather(
+            *(ledger.claim(order, f"t{order}") for order in orders), return_exceptions=True
+        ),
+        HANG_S,
+    )
+    assert [type(claim) for claim in claims] == [RedisConnectionError] * 4
+    assert not await aredis.exists(*(ledger_key(order) for order in orders))
+
+    cutter.cut = set()
+    claimed = await asyncio.gather(*(ledger.claim(order, f"t{order}") for order in orders))
+    assert [claim.state for claim in claimed] == [ClaimState.CLAIMED] * 4
+
+    async def mark(order: int) -> tuple[bool, str | None]:
+        return await ledger.mark_sent_and_append(
+            order, f"t{order}", f"<m{order}>", "now", stream="email-events", fields=["o", "x"]
+        )
+
+    cutter.cut = {b"EVAL"}
+    marks = await asyncio.wait_for(
+        asyncio.gather(*(mark(order) for order in orders), return_exceptions=True), HANG_S
+    )
+    assert [type(marked) for marked in marks] == [RedisConnectionError] * 4
+    assert await aredis.xlen("email-events") == 0
+
+    cutter.cut = set()
+    marked = await asyncio.gather(*(mark(order) for order in orders))
+    assert [held for held, _ in marked] == [True] * 4
+    assert await aredis.xlen("email-events") == 4
+
+
+async def test_a_caller_cancelled_while_its_batch_is_on_its_way_leaves_the_others_answered(
+    cutter: CommandCutter, cut_redis: aioredis.Redis
+) -> None:
+    ledger = EmailLedger(cut_redis, lease_ms=5000)
+    cutter.hold = {b"EVAL"}
+    gone = asyncio.create_task(ledger.claim(101, "gone"))
+    kept = [asyncio.create_task(ledger.claim(order, f"t{order}")) for order in (102, 103)]
+    await wait_until(lambda: cutter.held.get(b"EVAL"), what="the batch's call sent")
+    # The first caller of the batch goes while the call is out; its reply is dropped.
+    gone.cancel()
+    cutter.hold = set()
+    cutter.release()
+    claims = await asyncio.wait_for(asyncio.gather(*kept), HANG_S)
+    assert [claim.state for claim in claims] == [ClaimState.CLAIMED] * 2
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert cutter.held == {b"EVAL": 1}
+
+
+async def test_batches_leave_no_error_in_the_event_loop_and_no_task_behind(
+    aredis: aioredis.Redis,
+) -> None:
+    # A batch's flush is a task of its own, kept until it is done and let go then; an
+    # error in its done callback would go to the event loop's exception handler, which
+    # only logs it ("Exception in callback"), at every batch.
+    ledger = EmailLedger(aredis, lease_ms=5000)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        orders = range(110, 114)
+        await asyncio.gather(*(ledger.claim(order, f"t{order}") for order in orders))
+        await asyncio.gather(
+            *(
+                ledger.mark_sent_and_append(
+                    order,
+                    f"t{order}",
+                    f"<m{order}>",
+                    "now",
+                    stream="email-events",
+                    fields=["o", "x"],
+                )
+                for order in orders
+            )
+        )
+        batches = (ledger._claims, ledger._marks)
+        await wait_until(
+            lambda: errors or not any(batch._tasks for batch in batches),
+            what="the flush tasks let go",
+        )
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []

@@ -9,13 +9,26 @@ goes through. ``cutter.cut = set()`` heals it.
 ``cutter.hold = {b"XREADGROUP"}`` instead leaves the connection that sends one open
 but silent: the command never reaches Redis and no reply comes, as with a server that
 stopped answering (the client waits as long as its socket timeout, which the worker's
-client has not got).
+client has not got). ``cutter.release()`` lets the commands held so far through (their
+replies then come as usual), ``cutter.release(cut=True)`` cuts their connections
+instead (a command lost on its way); ``hold`` still holds the next ones until emptied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+
+@dataclass
+class _Gate:
+    """Where held commands wait: opened by a release, which says whether to cut them."""
+
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    cut: bool = False
 
 
 class CommandCutter:
@@ -32,6 +45,7 @@ class CommandCutter:
         self.hold: set[bytes] = set()
         #: How many commands were held, per name.
         self.held: dict[bytes, int] = {}
+        self._gate = _Gate()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -40,6 +54,19 @@ class CommandCutter:
     def url(self) -> str:
         """The Redis URL a client uses to go through the proxy."""
         return f"redis://127.0.0.1:{self.port}"
+
+    def client(self) -> aioredis.Redis:
+        """A client (bytes) that goes through the proxy. Not ``orderflow.bus.connect``:
+        its synchronous cluster probe blocks this event loop, so the proxy cannot answer
+        it and every client waited out the probe's 1 s timeout first."""
+        return aioredis.Redis.from_url(self.url)
+
+    def release(self, *, cut: bool = False) -> None:
+        """Let the commands held so far through, or with ``cut`` close their connections
+        (counted in ``cuts``)."""
+        gate, self._gate = self._gate, _Gate()
+        gate.cut = cut
+        gate.opened.set()
 
     async def __aenter__(self) -> CommandCutter:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -89,8 +116,13 @@ class CommandCutter:
                 held = self._to_cut(chunk, self.hold) if check else None
                 if held is not None:
                     self.held[held] = self.held.get(held, 0) + 1
-                    # Silent until the proxy closes (its tasks are cancelled).
-                    await asyncio.Event().wait()
+                    # Silent until released, or until the proxy closes (its tasks are
+                    # cancelled).
+                    gate = self._gate
+                    await gate.opened.wait()
+                    if gate.cut:
+                        self.cuts[held] = self.cuts.get(held, 0) + 1
+                        break
                 target.write(chunk)
                 await target.drain()
         except OSError:
