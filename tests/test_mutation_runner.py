@@ -71,7 +71,8 @@ def test_the_type_check_is_mypy_as_mutmut_recognises_it() -> None:
 def test_a_session_remembers_its_killer_and_the_next_mutant_runs_it_first(tmp_path: Path) -> None:
     (tmp_path / "test_some.py").write_text(
         "import os\n"
-        "def test_fast(): pass\n"
+        "def test_fast(tmp_path):\n"
+        "    with open('seen', 'a') as out: out.write(f'{tmp_path}\\n')\n"
         "def test_medium(): pass\n"
         "def test_killer():\n"
         "    assert not os.environ.get('MUTANT_UNDER_TEST')\n"
@@ -116,6 +117,11 @@ def test_a_session_remembers_its_killer_and_the_next_mutant_runs_it_first(tmp_pa
     assert fast_first.read_kills(tmp_path / "mutmut-kills.jsonl", FUNCTION) == Counter(
         {"test_some.py::test_killer": 1}
     )
+    # Its temporary directory was its own (no numbered ones shared with other sessions),
+    # and it is gone with the session.
+    seen = Path((tmp_path / "seen").read_text().strip())
+    assert seen.parent.parent == tmp_path / "mutmut-tmp"
+    assert not seen.parent.exists()
     # The next mutant of the same function: the killer first, and it is all that runs.
     second = session(f"{FUNCTION}__mutmut_2", "-v")
     assert second.returncode == 1, second.stdout

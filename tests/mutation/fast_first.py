@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -48,16 +49,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+#: Each session's own temporary directory, under the directory mutmut runs pytest from.
+TMP = Path("mutmut-tmp")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Leave what exists already out of the garbage collector's passes (``gc.freeze``).
+    """Leave what exists already out of the garbage collector's passes (``gc.freeze``);
+    give the session a temporary directory of its own.
 
     mutmut forks each mutant's session from its main process, which holds everything its
     stats run built; pytest collects garbage at the end of every session, and going
     through all of that took 0.2 s of a 0.6 s session. Frozen, only what the session
     itself makes is scanned.
+
+    pytest's default temporary directories are numbered ones under one directory per
+    user, each session removing the oldest: with several sessions at once (and any other
+    pytest run on the machine) one removes what another is listing, and with warnings as
+    errors that fails a session no mutant touched (seen: mutmut's forced-fail session
+    died of an unclosed ``os.scandir`` in that clean-up). A ``--basetemp`` of its own,
+    set before pytest's tmp_path plugin reads it (``tryfirst``), has no clean-up to race.
     """
     gc.freeze()
     _steady_hypothesis()
+    if config.option.basetemp is None:
+        TMP.mkdir(exist_ok=True)  # pytest makes the session's own, not its parents
+        config.option.basetemp = str((TMP / str(os.getpid())).absolute())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's own temporary directory (a session stopped at its deadline
+    leaves it: the runner removes the module's ``mutmut-tmp`` when mutmut is done)."""
+    if config.option.basetemp and Path(config.option.basetemp).parent == TMP.absolute():
+        shutil.rmtree(config.option.basetemp, ignore_errors=True)
 
 
 def _steady_hypothesis() -> None:

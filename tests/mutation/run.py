@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orderflow.embedded.redis_server import RedisServer
+from tests.mutation import fast_first
 from tests.support import redis_pool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -378,6 +379,8 @@ def _run_modules(names: list[str], children: int, env: dict[str, str], pool: fro
                         env=env,
                     )
         took = time.monotonic() - started
+        # The temporary directories of sessions stopped at their deadline (fast_first).
+        shutil.rmtree(work / "mutants" / fast_first.TMP, ignore_errors=True)
         # A mutant stopped at its deadline leaves the servers its tests started itself.
         if orphans := redis_pool.kill_orphans(pool):
             with log.open("a") as out:
