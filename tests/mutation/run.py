@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the named modules (all by default) and print one line per module."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("modules", nargs="*", help=f"any of {', '.join(TARGETS)}; all by default")
-    parser.add_argument("--children", type=int, default=3, help="mutants tested at once")
+    parser.add_argument("--children", type=int, default=4, help="mutants tested at once")
     parser.add_argument(
         "--table", action="store_true", help="print the last figures as Markdown and exit"
     )
