@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ class Target:
     #: 0.02 s test on this machine at load 8 (niced, a session can stall for seconds).
     timeout_factor: float = 4.0
     timeout_floor: float = 15.0
+    #: How long the module takes, roughly (minutes in the last whole run): the runner
+    #: starts the biggest first.
+    weight: float = 1.0
 
 
 #: module -> (files mutated, tests run). Tests that only drive subprocesses are left
@@ -64,6 +68,7 @@ TARGETS: dict[str, Target] = {
     "ledger": Target(
         ("src/orderflow/email/ledger.py",),
         ("tests/email/test_service.py", "tests/email/test_ledger.py"),
+        weight=4,
     ),
     "message": Target(
         ("src/orderflow/bus/message.py",),
@@ -117,6 +122,7 @@ TARGETS: dict[str, Target] = {
         # Many relay tests set up a PostgreSQL database of their own (created, migrated)
         # before they start: more room for fixtures than the other targets'.
         timeout_floor=20.0,
+        weight=10,
     ),
     "ordered": Target(
         (
@@ -135,6 +141,7 @@ TARGETS: dict[str, Target] = {
             # the class, so it fails only in the first of mutmut's runs in one process.
             "tests/bus/test_supervised.py",
         ),
+        weight=8,
     ),
     "engine": Target(
         (
@@ -165,6 +172,7 @@ TARGETS: dict[str, Target] = {
         # Its tests took 18 s at most per function when recorded (under load): a mutant
         # still running after 5 times that (95 s) hangs.
         timeout_multiplier=5.0,
+        weight=20,
     ),
 }
 
@@ -310,7 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run the named modules (all by default) and print one line per module."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("modules", nargs="*", help=f"any of {', '.join(TARGETS)}; all by default")
-    parser.add_argument("--children", type=int, default=4, help="mutants tested at once")
+    parser.add_argument(
+        "--children", type=int, default=3, help="mutants tested at once in each lane"
+    )
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=2,
+        help="modules run at once (each with --children mutants at a time), biggest first",
+    )
+    parser.add_argument(
+        "--second-look",
+        action="store_true",
+        help="test the survivors once more (on a loaded machine a mutant can pass by luck)",
+    )
     parser.add_argument(
         "--table", action="store_true", help="print the last figures as Markdown and exit"
     )
@@ -332,75 +353,96 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("ORDERFLOW_TEST_SERVER", "redis7") == "redis7":
         if pool_dir.exists():
             shutil.rmtree(pool_dir)
-        servers = redis_pool.start_pool(pool_dir, args.children + 1)
+        servers = redis_pool.start_pool(pool_dir, args.lanes * args.children + 1)
         env[redis_pool.POOL_ENV] = str(pool_dir)
     try:
         keep = frozenset(server.pid for server in servers if server.pid is not None)
-        return _run_modules(args.modules or list(TARGETS), args.children, env, keep)
+        names = args.modules or list(TARGETS)
+        # Biggest first, each lane taking the next when it is free: the long modules
+        # start at once, and the small ones fill in around them. Each module's own
+        # serial steps (mutmut's stats and clean runs, mypy) then overlap another's
+        # mutants instead of leaving the machine half idle.
+        queue = sorted(names, key=lambda name: -TARGETS[name].weight)
+        lock = threading.Lock()
+        results: list[bool] = []
+
+        def lane() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    name = queue.pop(0)
+                results.append(_run_module(name, args.children, env, keep, args.second_look))
+
+        lanes = [threading.Thread(target=lane) for _ in range(max(1, args.lanes))]
+        for thread in lanes:
+            thread.start()
+        for thread in lanes:
+            thread.join()
+        return 0 if all(results) else 1
     finally:
         redis_pool.stop_pool(servers)
         shutil.rmtree(pool_dir, ignore_errors=True)
 
 
-def _run_modules(names: list[str], children: int, env: dict[str, str], pool: frozenset[int]) -> int:
+def _run_module(
+    name: str, children: int, env: dict[str, str], pool: frozenset[int], second_look: bool
+) -> bool:
+    """One module's mutmut run; True when it ran to the end (its figure printed)."""
     mutmut = str(Path(sys.executable).parent / "mutmut")
-    failed = False
-    for name in names:
-        work = prepare(name, TARGETS[name])
-        started = time.monotonic()
-        log = work / "run.log"
-        with log.open("w") as out:
-            # Twice at most: mutmut stops when a test fails without a mutant (a test
-            # that is flaky under load); the second run goes on from the first's results.
-            for _ in range(2):
+    work = prepare(name, TARGETS[name])
+    started = time.monotonic()
+    log = work / "run.log"
+    with log.open("w") as out:
+        # Twice at most: mutmut stops when a test fails without a mutant (a test
+        # that is flaky under load); the second run goes on from the first's results.
+        for _ in range(2):
+            run = subprocess.run(
+                [mutmut, "run", "--max-children", str(children)],
+                cwd=work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env=env,
+            )
+            if run.returncode == 0:
+                break
+            print(f"\nmutmut exited {run.returncode}; once more", file=out, flush=True)
+    if run.returncode == 0 and second_look:
+        # On a loaded machine a mutant can pass its tests by luck of timing (a
+        # deadline met, a retry fired late): survivors are tried once more.
+        alive = [m.split(": ")[0] for m in summarise(work, TARGETS[name])["alive"]]
+        if alive:
+            with log.open("a") as out:
                 run = subprocess.run(
-                    [mutmut, "run", "--max-children", str(children)],
+                    [mutmut, "run", "--max-children", str(children), *alive],
                     cwd=work,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     check=False,
                     env=env,
                 )
-                if run.returncode == 0:
-                    break
-                print(f"\nmutmut exited {run.returncode}; once more", file=out, flush=True)
-        if run.returncode == 0:
-            # On a loaded machine a mutant can pass its tests by luck of timing (a
-            # deadline met, a retry fired late): survivors are tried once more.
-            alive = [m.split(": ")[0] for m in summarise(work, TARGETS[name])["alive"]]
-            if alive:
-                with log.open("a") as out:
-                    run = subprocess.run(
-                        [mutmut, "run", "--max-children", str(children), *alive],
-                        cwd=work,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        check=False,
-                        env=env,
-                    )
-        took = time.monotonic() - started
-        # The temporary directories of sessions stopped at their deadline (fast_first).
-        shutil.rmtree(work / "mutants" / fast_first.TMP, ignore_errors=True)
-        # A mutant stopped at its deadline leaves the servers its tests started itself.
-        if orphans := redis_pool.kill_orphans(pool):
-            with log.open("a") as out:
-                print(f"killed {orphans} orphaned redis-server(s)", file=out)
-        if run.returncode != 0:
-            print(f"{name}: mutmut exited {run.returncode}; see {log}", flush=True)
-            failed = True
-            continue
-        summary = summarise(work, TARGETS[name]) | {"seconds": round(took)}
-        (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        print(
-            f"{name}: {summary['score']}% killed or rejected by mypy"
-            f" ({summary['tests_score']}% of those the tests ran against)"
-            f" {summary['counts']} in {took:.0f}s"
-            + (f"; left out {summary['left_out']}" if summary["left_out"] else ""),
-            flush=True,
-        )
-        for mutant in summary["alive"]:
-            print(f"    {mutant}", flush=True)
-    return 1 if failed else 0
+    took = time.monotonic() - started
+    # The temporary directories of sessions stopped at their deadline (fast_first).
+    shutil.rmtree(work / "mutants" / fast_first.TMP, ignore_errors=True)
+    # A mutant stopped at its deadline leaves the servers its tests started itself.
+    if orphans := redis_pool.kill_orphans(pool):
+        with log.open("a") as out:
+            print(f"killed {orphans} orphaned redis-server(s)", file=out)
+    if run.returncode != 0:
+        print(f"{name}: mutmut exited {run.returncode}; see {log}", flush=True)
+        return False
+    summary = summarise(work, TARGETS[name]) | {"seconds": round(took)}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    lines = [
+        f"{name}: {summary['score']}% killed or rejected by mypy"
+        f" ({summary['tests_score']}% of those the tests ran against)"
+        f" {summary['counts']} in {took:.0f}s"
+        + (f"; left out {summary['left_out']}" if summary["left_out"] else ""),
+        *(f"    {mutant}" for mutant in summary["alive"]),
+    ]
+    print("\n".join(lines), flush=True)
+    return True
 
 
 if __name__ == "__main__":
