@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orderflow.bus import Delivery, Message, StreamPublisher, WorkerConfig
+from orderflow.bus.consume import ordered as ordered_module
 from orderflow.bus.consume.ordered import OrderedWorker, lease_key, members_key
 from orderflow.bus.partitions import PartitionedPublisher, PartitionLayout
 from tests.support import wait_until
@@ -90,6 +91,8 @@ def test_an_ordered_worker_reads_one_entry_at_a_time_within_a_third_of_the_lease
     assert OrderedWorker(aredis, LAYOUT, _config("w1", block_ms=50), _ignore).config.block_ms == 50
     tiny = WorkerConfig(stream="orders", group=GROUP, claim_idle_ms=15, block_ms=1000)
     assert OrderedWorker(aredis, LAYOUT, tiny, _ignore).config.block_ms == 10
+    # Given the stream's own name, the config is still the first partition's.
+    assert OrderedWorker(aredis, LAYOUT, tiny, _ignore).config.stream == LAYOUT.names[0]
 
 
 async def test_an_ordered_worker_refuses_a_burst_run(aredis: aioredis.Redis) -> None:
@@ -515,3 +518,124 @@ async def test_a_partition_worker_that_does_not_stop_in_time_is_cancelled_and_aw
     # Every partition's task is over (the stubborn one cancelled) when run() returns.
     assert left == []
     assert worker.owned == []
+
+
+class _Waits:
+    """``asyncio`` for the ordered module, recording the waits it is asked for: ``sleep``
+    (the group-creation back-off) returns at once, ``wait_for`` (the pause between
+    rebalances) and ``wait`` (for a partition given up) are the real ones, unless
+    ``time_out`` makes ``wait`` return at once as if its timeout passed."""
+
+    def __init__(self, *, time_out: bool = False) -> None:
+        self.sleeps: list[float] = []
+        self.wait_for_timeouts: list[float] = []
+        self.wait_timeouts: list[float] = []
+        self.time_out = time_out
+        self.on_sleep: Callable[[int], None] = lambda count: None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.on_sleep(len(self.sleeps))
+        if len(self.sleeps) > 1000:
+            raise AssertionError("retried without bound")
+        await asyncio.sleep(0)
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> Any:
+        self.wait_for_timeouts.append(timeout)
+        return await asyncio.wait_for(awaitable, timeout)
+
+    async def wait(self, tasks: Any, *, timeout: float) -> Any:
+        self.wait_timeouts.append(timeout)
+        if self.time_out:
+            return set(), set(tasks)
+        return await asyncio.wait(tasks, timeout=timeout)
+
+
+async def test_creating_the_groups_is_tried_101_times_backing_off_up_to_1_s_then_raises(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = FailingGroups.from_url(redis_url)
+    assert isinstance(client, FailingGroups)
+    client.failures = -1
+    waits = _Waits()
+    monkeypatch.setattr(ordered_module, "asyncio", waits)
+    try:
+        worker = OrderedWorker(client, LAYOUT, _config("w1"), _ignore)
+        with pytest.raises(RedisConnectionError, match="planted"):
+            await worker.run()
+    finally:
+        await client.aclose()
+    # 0.05 s more after each failure up to 1 s, 100 waits: the 101st failure is raised.
+    assert client.calls == 101
+    assert waits.sleeps == pytest.approx([min(1.0, 0.05 * n) for n in range(1, 101)])
+    assert waits.sleeps[-81:] == [1.0] * 81
+
+
+async def test_a_stop_while_the_groups_cannot_be_created_raises_at_the_next_failure(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = FailingGroups.from_url(redis_url)
+    assert isinstance(client, FailingGroups)
+    client.failures = -1
+    waits = _Waits()
+    monkeypatch.setattr(ordered_module, "asyncio", waits)
+    try:
+        worker = OrderedWorker(client, LAYOUT, _config("w1"), _ignore)
+        waits.on_sleep = lambda count: worker.stop() if count == 3 else None
+        with pytest.raises(RedisConnectionError, match="planted"):
+            await worker.run()
+    finally:
+        await client.aclose()
+    assert client.calls == 4
+    assert waits.sleeps == pytest.approx([0.05, 0.1, 0.15])
+
+
+async def test_the_rebalances_come_every_third_of_the_lease(
+    aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits = _Waits()
+    monkeypatch.setattr(ordered_module, "asyncio", waits)
+    worker = OrderedWorker(aredis, LAYOUT, _config("w1"), _ignore)
+    async with running(worker):
+        await wait_until(lambda: worker.owned == LAYOUT.names, what="every partition owned")
+        await wait_until(lambda: len(waits.wait_for_timeouts) >= 2, what="two rebalances")
+    assert set(waits.wait_for_timeouts) == {LEASE_MS / 3000}
+
+
+async def test_a_partition_given_up_gets_shutdown_plus_block_plus_1_s_then_is_cancelled_and_awaited(
+    aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="orderflow.bus.partition_workers")
+    # Every wait for a partition's worker "times out" at once: each is cancelled.
+    waits = _Waits(time_out=True)
+    monkeypatch.setattr(ordered_module, "asyncio", waits)
+    over: dict[str, bool] = {}
+
+    class GaveUp(logging.Handler):
+        """At each "gave partition up" line: is that partition's task over by then?"""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("worker w1 gave partition "):
+                name = str(record.args[1])
+                running_names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+                over[name] = f"orderflow-ordered-{name}" not in running_names
+
+    logger = logging.getLogger("orderflow.bus.partition_workers")
+    handler = GaveUp()
+    logger.addHandler(handler)
+    stolen = LAYOUT.names[1]
+    config = _config("w1", shutdown_timeout_s=2.0, block_ms=250)
+    try:
+        worker = OrderedWorker(aredis, LAYOUT, config, _ignore)
+        async with running(worker):
+            await wait_until(lambda: worker.owned == LAYOUT.names, what="every partition owned")
+            # One given up for a lost lease (no release), the others at the stop.
+            await aredis.set(lease_key(stolen, GROUP), "intruder", px=60_000)
+            await wait_until(lambda: stolen in over, what="the lost partition given up")
+    finally:
+        logger.removeHandler(handler)
+    assert over == dict.fromkeys(LAYOUT.names, True)
+    assert waits.wait_timeouts == pytest.approx([2.0 + 0.25 + 1] * 4, rel=1e-9)

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from orderflow.bus import Delivery, WorkerConfig
 from orderflow.bus.consume import SupervisedStreamWorker
+from orderflow.bus.consume import supervised as supervised_module
 from tests.support import wait_until
 
 CONFIG = WorkerConfig(stream="orders", group="g", block_ms=50, claim_interval_ms=10)
@@ -35,6 +36,10 @@ class FailingClaims(aioredis.Redis):
                 await self.hold.wait()
             raise AttributeError("planted")
         return await super().xautoclaim(*args, **kwargs)
+
+
+async def _ignore(delivery: Delivery) -> None:
+    pass
 
 
 def _worker_errors() -> float:
@@ -144,3 +149,39 @@ async def test_a_burst_run_returns_once_the_stream_is_drained(
     worker = SupervisedStreamWorker(aredis, CONFIG, handle)
     stats = await asyncio.wait_for(worker.run(burst=True), 10)
     assert stats.handled == 3
+
+
+class _RestartWaits:
+    """``asyncio`` for the supervised module, except that ``wait_for`` (the restart delay)
+    returns at once as if its timeout passed and records that timeout: no time waited."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> None:
+        awaitable.close()
+        self.timeouts.append(timeout)
+        raise TimeoutError
+
+
+async def test_the_default_restart_delay_is_half_a_second(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = FailingClaims.from_url(redis_url)
+    assert isinstance(client, FailingClaims)
+    waits = _RestartWaits()
+    monkeypatch.setattr(supervised_module, "asyncio", waits)
+    worker = SupervisedStreamWorker(client, CONFIG, _ignore)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.wait_started()
+        client.fail_next = True
+        await wait_until(lambda: worker.restarts == 1, what="a restart")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+    assert waits.timeouts == [0.5]
