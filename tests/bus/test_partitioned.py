@@ -13,6 +13,7 @@ from orderflow.bus.consume import PartitionedWorker
 from orderflow.bus.consume import supervised as supervised_module
 from orderflow.bus.partitions import PartitionLayout
 from tests.support import wait_until
+from tests.support.wait import TimedOutWaits
 
 LAYOUT = PartitionLayout("orders", 4)
 
@@ -123,29 +124,13 @@ async def test_a_failed_partition_worker_starts_again_after_the_restart_delay_gi
         await client.aclose()
 
 
-class _RestartWaits:
-    """``asyncio`` for the supervised module, except that ``wait_for`` (the restart delay)
-    returns at once as if its timeout passed and records that timeout: no time waited."""
-
-    def __init__(self) -> None:
-        self.timeouts: list[float] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    async def wait_for(self, awaitable: Any, timeout: float) -> None:
-        awaitable.close()
-        self.timeouts.append(timeout)
-        raise TimeoutError
-
-
 @pytest.mark.parametrize(("given", "expected"), [({}, 0.5), ({"restart_delay_s": 0.05}, 0.05)])
 async def test_the_partitions_workers_wait_the_restart_delay_given_or_half_a_second(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, given: dict[str, float], expected: float
 ) -> None:
     client = FailingClaims.from_url(redis_url)
     assert isinstance(client, FailingClaims)
-    waits = _RestartWaits()
+    waits = TimedOutWaits()
     monkeypatch.setattr(supervised_module, "asyncio", waits)
     config = WorkerConfig(stream="orders", group="g", block_ms=50, claim_interval_ms=10)
     worker = PartitionedWorker(client, LAYOUT, config, _ignore, **given)

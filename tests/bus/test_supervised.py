@@ -16,6 +16,7 @@ from orderflow.bus import Delivery, WorkerConfig
 from orderflow.bus.consume import SupervisedStreamWorker
 from orderflow.bus.consume import supervised as supervised_module
 from tests.support import wait_until
+from tests.support.wait import TimedOutWaits
 
 CONFIG = WorkerConfig(stream="orders", group="g", block_ms=50, claim_interval_ms=10)
 
@@ -151,28 +152,12 @@ async def test_a_burst_run_returns_once_the_stream_is_drained(
     assert stats.handled == 3
 
 
-class _RestartWaits:
-    """``asyncio`` for the supervised module, except that ``wait_for`` (the restart delay)
-    returns at once as if its timeout passed and records that timeout: no time waited."""
-
-    def __init__(self) -> None:
-        self.timeouts: list[float] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    async def wait_for(self, awaitable: Any, timeout: float) -> None:
-        awaitable.close()
-        self.timeouts.append(timeout)
-        raise TimeoutError
-
-
 async def test_the_default_restart_delay_is_half_a_second(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = FailingClaims.from_url(redis_url)
     assert isinstance(client, FailingClaims)
-    waits = _RestartWaits()
+    waits = TimedOutWaits()
     monkeypatch.setattr(supervised_module, "asyncio", waits)
     worker = SupervisedStreamWorker(client, CONFIG, _ignore)
     task = asyncio.create_task(worker.run())

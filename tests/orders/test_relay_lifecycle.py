@@ -28,6 +28,7 @@ from orderflow.bus.partitions import PartitionLayout, resolve_layout
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
 from orderflow.orders import relay as relay_module
 from tests.support import order_body
+from tests.support.wait import TimedOutWaits
 
 
 @pytest.fixture
@@ -63,22 +64,6 @@ def test_a_relay_config_at_its_bounds_is_accepted() -> None:
     assert RelayConfig(settle_s=0.0).settle_s == 0.0
 
 
-class _Waits:
-    """``asyncio`` for the relay module, except that ``wait_for`` returns at once (as if
-    its timeout passed) and records that timeout: the relay's idle waits, without time."""
-
-    def __init__(self) -> None:
-        self.timeouts: list[float] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    async def wait_for(self, awaitable: Any, timeout: float) -> None:
-        awaitable.close()
-        self.timeouts.append(timeout)
-        raise TimeoutError
-
-
 async def test_an_idle_relay_doubles_its_wait_up_to_max_poll_and_resets_after_work(
     database: Database, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,7 +81,7 @@ async def test_an_idle_relay_doubles_its_wait_up_to_max_poll_and_resets_after_wo
             relay.stop()
         return published
 
-    waits = _Waits()
+    waits = TimedOutWaits()
     monkeypatch.setattr(relay, "publish_pending", publish_pending)
     monkeypatch.setattr(relay_module, "asyncio", waits)
     await relay.run()

@@ -46,3 +46,21 @@ def poll_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class TimedOutWaits:
+    """A stand-in for a module's ``asyncio`` (``monkeypatch.setattr(module, "asyncio",
+    TimedOutWaits())``): everything is asyncio's own, except that ``wait_for`` returns at
+    once as if its timeout had passed (``TimeoutError``) and records that timeout. A
+    test then reads how long the code would have waited, without waiting."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> None:
+        awaitable.close()
+        self.timeouts.append(timeout)
+        raise TimeoutError
