@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
+from orderflow.bus import Message
 from orderflow.config import Settings
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
 from orderflow.orders.outbox import OutboxRow
@@ -170,6 +172,71 @@ async def test_a_failed_publish_leaves_handed_rows_to_the_outbox_in_their_order(
         assert [e["id"] for e in await stream_events(aredis)] == [1, 2, 3, 4]
         assert relay.stats.errors == 1
         assert len(looks) == 2  # the first one, and the one after the failure
+    finally:
+        relay.stop()
+        await task
+        db.close()
+
+
+async def test_the_rows_handed_over_carry_the_traces_stored_and_postgres_hands_none(
+    database_url: str,
+) -> None:
+    db = Database(database_url)
+    try:
+        await db.run(db.migrate)
+        store = OrderStore(db, stream="orders")
+        events = [Message.event("order.note", {"n": n}, source="test") for n in range(3)]
+        traced = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+        added: list[OutboxRow] = []
+
+        def enqueue() -> None:
+            with db.write() as conn:
+                now = datetime.now(UTC)
+                outbox = store.outbox
+                outbox.enqueue(conn, [(7, e) for e in events], now, [traced, None, {}], added=added)
+                # Tracing off: no traces at all.
+                outbox.enqueue(conn, [(8, events[0])], now, added=added)
+
+        await db.run(enqueue)
+        batch = await db.run(store.claim, 10)
+        store.abandon(batch)
+        stored = batch.rows
+        assert [row.trace for row in stored] == [traced, None, None, None]
+        if db.is_sqlite:
+            # Handed over as a look at the outbox reads them: with their traces.
+            assert added == stored
+        else:
+            # Relays of other processes may take them: each finds them in the outbox.
+            assert added == []
+    finally:
+        db.close()
+
+
+async def test_the_rows_handed_over_are_counted_per_batch_published(
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    relay = OutboxRelay(store, aredis, config=IDLE_POLL)
+    looks: list[int] = []
+    claim = store.claim
+
+    def counted(limit: int) -> Any:
+        looks.append(limit)
+        return claim(limit)
+
+    monkeypatch.setattr(store, "claim", counted)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: bool(looks), what="the relay's first look")
+        for batch, published in (([0], 1), ([1, 2], 3)):
+            added: list[OutboxRow] = []
+            await db.run(store.create_many, [(_request(n), None) for n in batch], added=added)
+            relay.hand_over(added)
+            await wait_until(lambda n=published: _length(aredis, n), what="the batch published")
+        assert (relay.stats.published, relay.stats.batches) == (3, 2)
+        assert looks == [IDLE_POLL.batch_size]  # all of them handed over
     finally:
         relay.stop()
         await task
