@@ -5,6 +5,8 @@ at once; the outbox stays the source of truth."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 from orderflow.bus import Message
 from orderflow.config import Settings
 from orderflow.orders import Database, OrderRequest, OrderStore, OutboxRelay, RelayConfig
+from orderflow.orders import relay as relay_module
 from orderflow.orders.outbox import OutboxRow
 from tests.support import order_body, wait_until
 
@@ -134,15 +137,20 @@ async def test_a_look_at_the_outbox_takes_handed_rows_with_it_and_publishes_them
         db.close()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionError("Redis went away"), RuntimeError("a bug")],
+    ids=["transient", "unexpected"],
+)
 async def test_a_failed_publish_leaves_handed_rows_to_the_outbox_in_their_order(
-    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     db = Database(f"sqlite:///{tmp_path}/orders.db")
     db.migrate()
     store = OrderStore(db, stream="orders")
     relay = OutboxRelay(store, aredis, config=replace(IDLE_POLL, retry_max_s=0.05))
     publish = relay._publisher.publish_many
-    failures = [ConnectionError("Redis went away")]
+    failures = [error]
 
     async def flaky(stream: str, messages: list[Any]) -> Any:
         if failures:
@@ -241,6 +249,166 @@ async def test_the_rows_handed_over_are_counted_per_batch_published(
         relay.stop()
         await task
         db.close()
+
+
+class _Script:
+    """``asyncio`` and ``time`` for the relay module: a clock held by the test, and a
+    ``wait_for`` that records each wait of the relay's loop (its timeout, and what the
+    outbox and the stream held then) and runs the test's next step instead of waiting:
+    a step moves the clock and returns True if it woke the relay (else the wait timed
+    out)."""
+
+    def __init__(self, relay: OutboxRelay, aredis: aioredis.Redis, looks: list[int]) -> None:
+        self.relay = relay
+        self.aredis = aredis
+        self.looks = looks
+        self.clock = 0.0  # an arbitrary reference, as time.monotonic's
+        self.steps: list[Callable[[], Awaitable[bool]]] = []
+        self.seen: list[tuple[float, int, int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    def monotonic(self) -> float:
+        return self.clock
+
+    def time(self) -> float:
+        return time.time()
+
+    async def wait_for(self, awaitable: Any, timeout: float) -> None:
+        awaitable.close()
+        store = self.relay.store
+        backlog = await store.db.run(store.backlog)
+        self.seen.append((timeout, len(self.looks), backlog, await _xlen(self.aredis)))
+        if not self.steps:
+            self.relay.stop()
+        elif await self.steps.pop(0)():
+            return
+        raise TimeoutError
+
+
+async def test_the_loop_publishes_handed_rows_at_once_removes_them_settled_and_keeps_its_polls(
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    config = RelayConfig(min_poll_s=1.0, max_poll_s=8.0, lease_ttl_s=60.0, settle_s=0.25)
+    relay = OutboxRelay(store, aredis, config=config)
+    looks: list[int] = []
+    claim = store.claim
+
+    def counted(limit: int) -> Any:
+        looks.append(limit)
+        return claim(limit)
+
+    monkeypatch.setattr(store, "claim", counted)
+    script = _Script(relay, aredis, looks)
+    orders = iter(range(100))
+
+    async def commit(count: int, *, hand: bool) -> None:
+        added: list[OutboxRow] = []
+        requests = [(_request(next(orders)), None) for _ in range(count)]
+        await db.run(store.create_many, requests, added=added)
+        if hand:
+            relay.hand_over(added)
+
+    async def at(clock: float, count: int = 0, *, hand: bool = True, notify: bool = False) -> bool:
+        script.clock = clock
+        if count:
+            await commit(count, hand=hand)
+        if notify:
+            relay.notify()
+        return bool(count or notify)  # woken, or the wait timed out
+
+    script.steps = [
+        # 1. Woken at 1.0 by two rows handed over.
+        lambda: at(1.0, 2),
+        # 2. The wait for them to settle (0.25) times out.
+        lambda: at(1.25),
+        # 3. The rest of the poll interval (0.75) times out.
+        lambda: at(2.0),
+        # 4. A row handed over and a notify (the reconciler) at 3.0: the look at the
+        #    outbox finds only the handed row, which does not count as work found.
+        lambda: at(3.0, 1, notify=True),
+        # 5. A row no one handed over, and a notify, at 4.0: work found.
+        lambda: at(4.0, 1, hand=False, notify=True),
+        # 6. A row handed over at 4.5; then (7.) the relay stops while it settles.
+        lambda: at(4.5, 1),
+    ]
+    monkeypatch.setattr(relay_module, "asyncio", script)
+    monkeypatch.setattr(relay_module, "time", script)
+    try:
+        await relay.run()
+        backlog = await db.run(store.backlog)
+    finally:
+        db.close()
+    # Each wait of the loop: its timeout, looks at the outbox so far, rows in the outbox,
+    # entries on the stream.
+    assert script.seen == [
+        # The first look at 0 (empty): the poll doubles from min_poll_s, to 2.0.
+        (2.0, 1, 0, 0),
+        # The two rows published at once, without a look; the wait is the settling.
+        (0.25, 1, 2, 2),
+        # Settled: removed (one transaction), then the rest of the poll interval.
+        (0.75, 1, 0, 2),
+        # At 2.0 the poll interval is over: a look (nothing found), the poll 4.0.
+        (4.0, 2, 0, 2),
+        # The notify's look publishes the handed row with it: nothing else found, 8.0.
+        (8.0, 3, 0, 3),
+        # The look after the second notify found a row: min_poll_s again.
+        (1.0, 4, 0, 4),
+        # The row handed at 4.5 published at once; waiting to settle when stopped.
+        (0.25, 4, 1, 5),
+    ]
+    assert backlog == 0  # ... and removed when the relay stopped
+    assert (relay.stats.published, relay.stats.batches) == (5, 4)
+
+
+async def test_handed_rows_go_out_a_batch_at_a_time_and_a_batch_published_is_removed_at_once(
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    config = RelayConfig(
+        batch_size=2, min_poll_s=1.0, max_poll_s=8.0, lease_ttl_s=60.0, settle_s=0.25
+    )
+    relay = OutboxRelay(store, aredis, config=config)
+    looks: list[int] = []
+    claim = store.claim
+
+    def counted(limit: int) -> Any:
+        looks.append(limit)
+        return claim(limit)
+
+    monkeypatch.setattr(store, "claim", counted)
+    script = _Script(relay, aredis, looks)
+
+    async def handed_at_1() -> bool:
+        script.clock = 1.0
+        added: list[OutboxRow] = []
+        await db.run(store.create_many, [(_request(n), None) for n in range(3)], added=added)
+        relay.hand_over(added)
+        return True
+
+    script.steps = [handed_at_1]  # then the relay stops at its next wait
+    monkeypatch.setattr(relay_module, "asyncio", script)
+    monkeypatch.setattr(relay_module, "time", script)
+    try:
+        await relay.run()
+        backlog = await db.run(store.backlog)
+    finally:
+        db.close()
+    assert script.seen == [
+        (2.0, 1, 0, 0),
+        # Two batches without a wait in between; the first, a whole batch, removed at
+        # once; the second waits to settle.
+        (0.25, 1, 1, 3),
+    ]
+    assert backlog == 0
+    assert (relay.stats.published, relay.stats.batches) == (3, 2)
+    assert [e["id"] for e in await stream_events(aredis)] == [1, 2, 3]
 
 
 async def _length(client: aioredis.Redis, n: int) -> bool:
