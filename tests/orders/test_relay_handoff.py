@@ -251,6 +251,28 @@ async def test_the_rows_handed_over_are_counted_per_batch_published(
         db.close()
 
 
+async def test_rows_handed_over_before_the_first_look_go_out_after_older_rows(
+    tmp_path: Path, aredis: aioredis.Redis
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    relay = OutboxRelay(store, aredis, config=IDLE_POLL)
+    try:
+        # An order another process committed (not handed over), then one of this one's.
+        await db.run(store.create_many, [(_request(0), None)])
+        added: list[OutboxRow] = []
+        await db.run(store.create_many, [(_request(1), None)], added=added)
+        relay.hand_over(added)
+        task = asyncio.create_task(relay.run())
+        await wait_until(lambda: _length(aredis, 2), what="both orders")
+        relay.stop()
+        await task
+        assert [e["id"] for e in await stream_events(aredis)] == [1, 2]
+    finally:
+        db.close()
+
+
 class _Script:
     """``asyncio`` and ``time`` for the relay module: a clock held by the test, and a
     ``wait_for`` that records each wait of the relay's loop (its timeout, and what the
@@ -333,8 +355,11 @@ async def test_the_loop_publishes_handed_rows_at_once_removes_them_settled_and_k
         lambda: at(3.0, 1, notify=True),
         # 5. A row no one handed over, and a notify, at 4.0: work found.
         lambda: at(4.0, 1, hand=False, notify=True),
-        # 6. A row handed over at 4.5; then (7.) the relay stops while it settles.
+        # 6. A row handed over at 4.5, and (7.) a notify while it settles.
         lambda: at(4.5, 1),
+        lambda: at(4.625, notify=True),
+        # 8. A row handed over at 5.0; then the relay stops while it settles.
+        lambda: at(5.0, 1),
     ]
     monkeypatch.setattr(relay_module, "asyncio", script)
     monkeypatch.setattr(relay_module, "time", script)
@@ -358,11 +383,15 @@ async def test_the_loop_publishes_handed_rows_at_once_removes_them_settled_and_k
         (8.0, 3, 0, 3),
         # The look after the second notify found a row: min_poll_s again.
         (1.0, 4, 0, 4),
-        # The row handed at 4.5 published at once; waiting to settle when stopped.
+        # The row handed at 4.5 published at once, waiting to settle ...
         (0.25, 4, 1, 5),
+        # ... removed before the notify's look, which does not publish it again.
+        (2.0, 5, 0, 5),
+        # The row handed at 5.0 published at once; waiting to settle when stopped.
+        (0.25, 5, 1, 6),
     ]
     assert backlog == 0  # ... and removed when the relay stopped
-    assert (relay.stats.published, relay.stats.batches) == (5, 4)
+    assert (relay.stats.published, relay.stats.batches) == (6, 5)
 
 
 async def test_handed_rows_go_out_a_batch_at_a_time_and_a_batch_published_is_removed_at_once(
@@ -385,14 +414,21 @@ async def test_handed_rows_go_out_a_batch_at_a_time_and_a_batch_published_is_rem
     monkeypatch.setattr(store, "claim", counted)
     script = _Script(relay, aredis, looks)
 
-    async def handed_at_1() -> bool:
-        script.clock = 1.0
+    orders = iter(range(100))
+
+    async def handed(clock: float, *, notify: bool = False) -> bool:
+        script.clock = clock
         added: list[OutboxRow] = []
-        await db.run(store.create_many, [(_request(n), None) for n in range(3)], added=added)
+        requests = [(_request(next(orders)), None) for _ in range(3)]
+        await db.run(store.create_many, requests, added=added)
         relay.hand_over(added)
+        if notify:
+            relay.notify()
         return True
 
-    script.steps = [handed_at_1]  # then the relay stops at its next wait
+    # Three rows handed over at 1.0; three more at 1.25 with a notify (the reconciler);
+    # then the relay stops at its next wait.
+    script.steps = [lambda: handed(1.0), lambda: handed(1.25, notify=True)]
     monkeypatch.setattr(relay_module, "asyncio", script)
     monkeypatch.setattr(relay_module, "time", script)
     try:
@@ -405,10 +441,13 @@ async def test_handed_rows_go_out_a_batch_at_a_time_and_a_batch_published_is_rem
         # Two batches without a wait in between; the first, a whole batch, removed at
         # once; the second waits to settle.
         (0.25, 1, 1, 3),
+        # The notify's look: two batches of handed rows, neither counted as work found
+        # (the poll doubles).
+        (4.0, 3, 0, 6),
     ]
     assert backlog == 0
-    assert (relay.stats.published, relay.stats.batches) == (3, 2)
-    assert [e["id"] for e in await stream_events(aredis)] == [1, 2, 3]
+    assert (relay.stats.published, relay.stats.batches) == (6, 4)
+    assert [e["id"] for e in await stream_events(aredis)] == [1, 2, 3, 4, 5, 6]
 
 
 async def _length(client: aioredis.Redis, n: int) -> bool:
