@@ -273,6 +273,46 @@ async def test_rows_handed_over_before_the_first_look_go_out_after_older_rows(
         db.close()
 
 
+async def test_a_failed_removal_is_tried_again_and_its_rows_are_not_published_again(
+    tmp_path: Path, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(f"sqlite:///{tmp_path}/orders.db")
+    db.migrate()
+    store = OrderStore(db, stream="orders")
+    relay = OutboxRelay(store, aredis, config=replace(IDLE_POLL, retry_max_s=0.05))
+    looks: list[int] = []
+    claim, complete = store.claim, store.complete
+    failures = [sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))]
+
+    def counted(limit: int) -> Any:
+        looks.append(limit)
+        return claim(limit)
+
+    def flaky(batch: Any) -> None:
+        if failures:
+            raise failures.pop()
+        complete(batch)
+
+    monkeypatch.setattr(store, "claim", counted)
+    monkeypatch.setattr(store, "complete", flaky)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_until(lambda: bool(looks), what="the relay's first look")
+        added: list[OutboxRow] = []
+        await db.run(store.create_many, [(_request(0), None)], added=added)
+        relay.hand_over(added)
+        await wait_until(lambda: relay.stats.errors == 1, what="the failed removal")
+        await wait_until(lambda: _backlog_empty(store), what="the outbox emptied")
+        # Removed before the look that follows a failure: not published again.
+        assert len(looks) == 2
+        assert await _xlen(aredis) == 1
+        assert relay.stats.published == 1
+    finally:
+        relay.stop()
+        await task
+        db.close()
+
+
 class _Script:
     """``asyncio`` and ``time`` for the relay module: a clock held by the test, and a
     ``wait_for`` that records each wait of the relay's loop (its timeout, and what the
