@@ -258,18 +258,18 @@ async def test_rows_handed_over_before_the_first_look_go_out_after_older_rows(
     db.migrate()
     store = OrderStore(db, stream="orders")
     relay = OutboxRelay(store, aredis, config=IDLE_POLL)
+    # An order another process committed (not handed over), then one of this one's.
+    await db.run(store.create_many, [(_request(0), None)])
+    added: list[OutboxRow] = []
+    await db.run(store.create_many, [(_request(1), None)], added=added)
+    relay.hand_over(added)
+    task = asyncio.create_task(relay.run())
     try:
-        # An order another process committed (not handed over), then one of this one's.
-        await db.run(store.create_many, [(_request(0), None)])
-        added: list[OutboxRow] = []
-        await db.run(store.create_many, [(_request(1), None)], added=added)
-        relay.hand_over(added)
-        task = asyncio.create_task(relay.run())
         await wait_until(lambda: _length(aredis, 2), what="both orders")
-        relay.stop()
-        await task
         assert [e["id"] for e in await stream_events(aredis)] == [1, 2]
     finally:
+        relay.stop()
+        await task
         db.close()
 
 
