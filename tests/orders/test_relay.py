@@ -376,3 +376,25 @@ async def test_relay_retries_listen_doubling_to_5_s_and_starts_again_after_a_suc
     finally:
         relay_db.close()
         writer_db.close()
+
+
+async def test_relay_listens_with_the_databases_password(
+    aredis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test server trusts every local connection, so a password left out of the
+    # LISTEN connection would go unseen there: the URL it connects with is recorded.
+    import psycopg
+
+    db = Database("postgresql+psycopg://orderflow:s3cret@127.0.0.1:5432/orders")
+    relay = OutboxRelay(OrderStore(db, stream="orders"), aredis)
+    urls: list[str] = []
+
+    async def connect(url: str, **_: Any) -> Any:
+        urls.append(url)
+        relay.stop()
+        raise OSError("not connecting")
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
+    await relay._listen()
+    assert urls == ["postgresql://orderflow:s3cret@127.0.0.1:5432/orders"]
+    db.close()

@@ -47,8 +47,6 @@ class ClaimedBatch:
 
 
 _INSERT_OUTBOX = sa.insert(outbox)
-# The ids of the new rows, in the order of the parameters (for the in-process handoff).
-_INSERT_OUTBOX_RETURNING_ID = _INSERT_OUTBOX.returning(outbox.c.id, sort_by_parameter_order=True)
 _NOTIFY = sa.text("SELECT pg_notify(:channel, '')")
 _BACKLOG = sa.select(sa.func.count()).select_from(outbox)
 _IDS: sa.BindParameter[Any] = sa.bindparam("ids", expanding=True)
@@ -83,9 +81,11 @@ class Outbox:
         """Add ``(order id, event)`` pairs inside the caller's write transaction;
         ``traces``, one per event, are their requests' trace contexts (tracing on).
 
-        With ``added``, the new rows are appended to it, with their ids and the events
-        themselves (which encode to the text stored): the caller hands them to the
-        relay once committed.
+        SQLite: with ``added``, the new rows are appended to it, with their ids and the
+        events themselves (which encode to the text stored): the caller hands them to
+        the relay once committed. PostgreSQL: ``added`` is left as it is; relays of
+        other processes may take the same rows, so each finds them in the outbox
+        (NOTIFY wakes them).
         """
         params = [
             {
@@ -104,16 +104,10 @@ class Outbox:
             ids = sqlite_hot.insert_outbox(sqlite_hot.cursor(conn), params)
             if added is not None:
                 added += self._rows(ids, events, traces)
-        elif added is None:
-            conn.execute(_INSERT_OUTBOX, params)
-        else:
-            returned = conn.execute(
-                _INSERT_OUTBOX_RETURNING_ID, params if len(params) > 1 else params[0]
-            ).scalars()
-            added += self._rows([int(i) for i in returned], events, traces)
-        if not self.db.is_sqlite:
-            # Delivered at commit: relays in other processes wake at once.
-            conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+            return
+        conn.execute(_INSERT_OUTBOX, params)
+        # Delivered at commit: relays in other processes wake at once.
+        conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
 
     def _rows(
         self,

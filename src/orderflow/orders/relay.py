@@ -291,9 +291,8 @@ class OutboxRelay:
             await self._publish(rows)
         except BaseException:
             # They stay in the outbox, and so do the ones handed meanwhile: the next
-            # look at it publishes them, oldest first.
+            # look at it (``run`` looks after a failure) publishes them, oldest first.
             self._handed.clear()
-            self._sweep = True
             raise
         if not self._published:
             self._published_since = time.monotonic()

@@ -273,7 +273,8 @@ class OrderRepository:
         or its conflict, in order. Equivalent to ``create`` for each, only faster.
 
         With ``added``, the outbox rows of the new orders are appended to it once
-        committed, with their ids (the in-process handoff to the relay).
+        committed, with their ids (the in-process handoff to the relay; SQLite only:
+        on PostgreSQL it stays as it is, see ``Outbox.enqueue``).
         """
         if len(requests) == 1:
             request, key = requests[0]
