@@ -11,6 +11,12 @@ kill finds about one message transmitted and unrecorded, not a pool's worth.
 (the pool of connections always in use, as before it): it fails the per-kill bound
 (7 to 22 duplicates in 4 kills when this was written, against 0 to 4 with the limit),
 which is how the bound was seen to test the limit.
+
+The quick run kills 8 times, not 4: the bound is on the average, and 4 kills measured
+it too roughly (one make test saw 5 duplicates in 4 kills, 1.25 per kill, among runs
+of 0 to 0.5). With 8 kills, 13 runs with the limit passed (the 7 whose figures were
+kept: 0.25 to 0.5 per kill), and two with ``fixed`` failed (5.88 and 6.88), for some
+4 s more per run.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ async def test_a_worker_sigkill_duplicates_at_most_one_email_on_average_with_a_s
     make_stack: Callable[..., Awaitable[Stack]], reliability: Record
 ) -> None:
     count = size(600, 5000)
-    kills = size(4, 20)
+    kills = size(8, 20)
     mode = os.environ.get("ORDERFLOW_CHAOS_SMTP_CONCURRENCY", "adaptive")
     reliability.scenario = "Duplicates per worker SIGKILL, slow SMTP server"
     reliability.must_hold = (
