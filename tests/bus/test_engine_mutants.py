@@ -1171,6 +1171,9 @@ async def test_a_retry_queued_behind_a_busy_lane_still_takes_its_room(
     worker = StreamWorker(aredis, cfg, handler)
     task = asyncio.create_task(worker.run())
     try:
+        # The group exists once the worker has started: polling its pending entries
+        # before that meets NOGROUP (seen on Redis 6.2 in CI).
+        await worker.wait_started()
         ids = await publish(aredis, 3)
         consumer = cfg.consumer
 
